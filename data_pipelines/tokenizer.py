@@ -1,0 +1,129 @@
+"""Text tokenizer: a HF ``tokenizers`` tokenizer.json, or a byte-level BPE trained locally.
+
+* ``load_tokenizer(path)`` loads any ``tokenizer.json`` (e.g. Qwen3-Omni's) that
+  defines ``<|endoftext|>``.
+* ``train_bpe_tokenizer(texts, vocab_size=...)`` trains a byte-level BPE
+  (ByteLevel pre-tokenizer and decoder, all 256 bytes in the base alphabet, so
+  no ``<unk>``) whose first ids are ``SPECIAL_TOKENS`` in order:
+  ``<|endoftext|>`` = 0, ``<|im_start|>`` = 1, ..., ``<|video_pad|>`` = 9.
+* ``local_tokenizer(corpus_dir, vocab_size=...)`` trains one on a corpus'
+  train split once and caches it as ``corpus_dir/bpe-{vocab_size}/tokenizer.json``.
+
+``TextTokenizer`` wraps either with the small interface the pipeline and the
+model need. It pickles (grain worker processes receive a copy).
+"""
+
+import os
+import pathlib
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from data_pipelines import records
+from data_pipelines.ops import BadRecord
+
+# Qwen3-Omni special tokens, in the id order a locally trained tokenizer uses.
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<|audio_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+EOS_TOKEN = "<|endoftext|>"
+
+
+class TextTokenizer:
+  """Minimal tokenizer interface over a ``tokenizers.Tokenizer``."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer):
+    self._tokenizer = tokenizer
+    self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    self.eos_id = self.token_id(EOS_TOKEN)
+
+  def token_id(self, name: str) -> int:
+    """Id of a (special) token; KeyError if the vocabulary lacks it."""
+    token_id = self._tokenizer.token_to_id(name)
+    if token_id is None:
+      raise KeyError(f"Token {name!r} is not in the vocabulary")
+    return token_id
+
+  def encode(self, text: str) -> np.ndarray:
+    """int32 token ids of ``text`` (no EOS/BOS added)."""
+    return np.asarray(
+        self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32
+    )
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of ``ids``, special tokens included (so decode∘encode is identity)."""
+    return self._tokenizer.decode(
+        [int(i) for i in ids], skip_special_tokens=False
+    )
+
+  def save(self, path: str | os.PathLike[str]) -> None:
+    """Atomically writes the tokenizer.json to ``path``."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    self._tokenizer.save(str(tmp))
+    os.replace(tmp, path)
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> TextTokenizer:
+  """Loads a HF ``tokenizer.json``."""
+  return TextTokenizer(tokenizers.Tokenizer.from_file(os.fspath(path)))
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], *, vocab_size: int = 4096
+) -> TextTokenizer:
+  """Trains a byte-level BPE tokenizer with ``SPECIAL_TOKENS`` at ids 0..9."""
+  min_size = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
+  if vocab_size < min_size:
+    raise ValueError(f"vocab_size must be >= {min_size}, got {vocab_size}")
+  tokenizer = tokenizers.Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(
+      add_prefix_space=False, use_regex=True
+  )
+  tokenizer.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size,
+      special_tokens=list(SPECIAL_TOKENS),
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False,
+  )
+  tokenizer.train_from_iterator(texts, trainer)
+  return TextTokenizer(tokenizer)
+
+
+def _corpus_texts(corpus_dir: str | os.PathLike[str]) -> Iterator[str]:
+  source = records.open_shards(corpus_dir, "train")
+  for i in range(len(source)):
+    try:
+      text = records.decode_example(source[i]).get("text")
+    except BadRecord:
+      continue
+    if isinstance(text, str) and text.strip():
+      yield text
+
+
+def local_tokenizer(
+    corpus_dir: str | os.PathLike[str], *, vocab_size: int = 4096
+) -> TextTokenizer:
+  """The BPE tokenizer of a local corpus, trained on its train split once.
+
+  Cached at ``corpus_dir/bpe-{vocab_size}/tokenizer.json``; later calls load it.
+  """
+  path = pathlib.Path(corpus_dir) / f"bpe-{vocab_size}" / "tokenizer.json"
+  if path.is_file():
+    return load_tokenizer(path)
+  tokenizer = train_bpe_tokenizer(_corpus_texts(corpus_dir), vocab_size=vocab_size)
+  tokenizer.save(path)
+  return tokenizer

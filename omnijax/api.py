@@ -1,0 +1,119 @@
+"""Notebook API: load a Thinker from an omnijax workdir or a transformers directory and run it.
+
+    model = omnijax.load("/path/to/workdir")   # or a directory with config.json + safetensors
+    logits = model.logits([[1, 2, 3]])           # float32 numpy (B, S, V)
+    model.save_hf("/tmp/export")                  # same writer as `python -m omnijax.export to-hf`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from omnijax.hf import convert, safetensors_io
+from omnijax.models.config import ThinkerConfig
+from omnijax.models.decoder import load_balancing_loss
+from omnijax.models.thinker import Thinker
+from omnijax.train import checkpoint as ckpt_lib
+
+MULTIMODAL_INPUTS = ("input_features", "feature_attention_mask", "audio_feature_lengths",
+                     "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                     "use_audio_in_video", "video_second_per_grid")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(config: ThinkerConfig):
+  """The jitted forward of a config, shared by every Model of that config (compiled per shape)."""
+  model = Thinker(config)
+  return jax.jit(lambda p, ids, pos: model.apply({"params": p}, ids, positions=pos))
+
+
+class Model:
+  """A Thinker's config and params with a forward pass jitted once per input shape."""
+
+  def __init__(self, config: ThinkerConfig, params: Any, step: int | None = None):
+    self.config = config
+    self.params = jax.device_put(params)
+    self.step = step  # the workdir checkpoint step loaded (None: init_params or transformers)
+
+  def _run(self, input_ids, positions, multimodal: dict[str, Any]):
+    if multimodal:
+      names = sorted(multimodal)
+      unknown = [n for n in names if n not in MULTIMODAL_INPUTS]
+      if unknown:
+        raise TypeError(f"unexpected argument(s) {unknown}; the inputs are input_ids and "
+                        "positions (3, B, S).")
+      raise NotImplementedError(f"got {names}: multimodal inputs arrive with the multimodal "
+                                "Thinker issue; for now the model takes text input_ids only.")
+    ids = _as_numpy(input_ids)
+    if ids.ndim == 1:
+      ids = ids[None]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"input_ids must be integer token ids of shape (S,) or (B, S), got "
+                       f"{ids.dtype} {ids.shape}.")
+    vocab = self.config.text.vocab_size
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+      raise ValueError(f"input_ids must lie in [0, vocab_size={vocab}); got [{ids.min()}, "
+                       f"{ids.max()}].")
+    pos = None
+    if positions is not None:
+      pos = _as_numpy(positions)
+      if pos.ndim == 2:
+        pos = pos[:, None]
+      if pos.shape != (3,) + ids.shape:
+        raise ValueError(f"positions must have shape (3, B, S) = {(3,) + ids.shape} (T, H, W "
+                         f"rows; (3, S) for 1-D input_ids), got {_as_numpy(positions).shape}.")
+      pos = jnp.asarray(pos, jnp.int32)
+    return _forward(self.config)(self.params, jnp.asarray(ids, jnp.int32), pos)
+
+  def logits(self, input_ids, positions=None, **multimodal) -> np.ndarray:
+    """float32 logits (B, S, V); input_ids (B, S) or (S,) (batch 1) as numpy, torch or lists;
+    positions: TM-RoPE ids (3, B, S), default 0..S-1 on every row."""
+    logits, _ = self._run(input_ids, positions, multimodal)
+    return np.asarray(logits, np.float32)
+
+  def aux_loss(self, input_ids, positions=None) -> float:
+    """The load-balancing loss pooled over MoE layers (transformers' `aux_loss`)."""
+    _, stats = self._run(input_ids, positions, {})
+    return float(load_balancing_loss(stats, self.config.text.num_experts))
+
+  def save_hf(self, out_dir: str | Path, *, dtype: str = "float32",
+              max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE) -> list[str]:
+    """Writes a transformers checkpoint directory (as `omnijax.export to-hf`)."""
+    return convert.save_hf(self.config, jax.device_get(self.params), out_dir, dtype=dtype,
+                           max_shard_size=max_shard_size)
+
+
+def load(path: str | Path, *, step: int | None = None, dtype: str | None = None) -> Model:
+  """A Model from an omnijax workdir (model.json + checkpoints/ or init_params/; newest step
+  unless `step`) or a transformers directory (config.json + safetensors). `dtype` overrides the
+  compute dtype (e.g. "float32" to evaluate a run trained in bfloat16)."""
+  path = Path(path)
+  if (path / ckpt_lib.MODEL_JSON).exists():
+    cfg = ckpt_lib.read_model_config(path)
+    params, step = ckpt_lib.latest_params(path, step)
+  elif convert.is_hf_dir(path):
+    if step is not None:
+      raise ValueError(f"{path} is a transformers directory, which has no steps; drop step=.")
+    cfg, params = convert.load_hf(path)
+  else:
+    raise FileNotFoundError(
+        f"{path} is neither an omnijax workdir ({ckpt_lib.MODEL_JSON}) nor a transformers "
+        f"directory ({convert.CONFIG_FILE} + {safetensors_io.SINGLE_FILE} or "
+        f"{safetensors_io.INDEX_FILE}).")
+  if dtype is not None:
+    cfg = dataclasses.replace(cfg, impl=dataclasses.replace(cfg.impl, dtype=dtype))
+    cfg.validate()
+  return Model(cfg, params, step)
+
+
+def _as_numpy(x) -> np.ndarray:
+  if hasattr(x, "detach"):  # torch.Tensor
+    x = x.detach().cpu().numpy()
+  return np.asarray(x)

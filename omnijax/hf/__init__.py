@@ -1,0 +1,1 @@
+"""Interoperability with transformers' Qwen3-Omni: config.json, key maps, safetensors I/O."""

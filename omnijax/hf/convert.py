@@ -1,0 +1,91 @@
+"""omnijax Thinker params <-> a transformers Qwen3-Omni checkpoint directory.
+
+The directory holds ``config.json`` (a ``Qwen3OmniMoeConfig`` with ``enable_audio_output``
+off) and safetensors in the released Hub layout (``thinker.model.layers.N...``, one tensor per
+expert), which ``Qwen3OmniMoeForConditionalGeneration.from_pretrained`` loads. Only the text
+decoder is written; the audio and vision towers are not trained by omnijax yet, so transformers
+initialises them randomly on load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from omnijax.hf import safetensors_io
+from omnijax.hf.hf_config import from_hf_config, to_hf_config
+from omnijax.hf.keymap import THINKER_TEXT, CheckpointError, iter_text_to_hf, text_from_hf
+from omnijax.models.config import ImplConfig, ThinkerConfig
+from omnijax.models.thinker import Thinker
+
+CONFIG_FILE = "config.json"
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+def abstract_params(cfg: ThinkerConfig):
+  """ShapeDtypeStructs of the Thinker's params (dtype: cfg.impl.param_dtype)."""
+  model = Thinker(cfg)
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), ids)["params"]))
+
+
+def check_params(cfg: ThinkerConfig, params) -> None:
+  """Raises CheckpointError unless `params` has exactly the leaves and shapes `cfg` implies."""
+  want = {k: tuple(v.shape) for k, v in
+          traverse_util.flatten_dict(abstract_params(cfg), sep="/").items()}
+  have = {k: tuple(np.shape(v)) for k, v in
+          traverse_util.flatten_dict(nn.meta.unbox(params), sep="/").items()}
+  problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+  problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+  problems += [f"{k}: shape {have[k]}, config needs {want[k]}"
+               for k in sorted(set(want) & set(have)) if have[k] != want[k]]
+  if problems:
+    raise CheckpointError("params do not match the model config: " + "; ".join(problems[:10])
+                          + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
+
+
+def hf_tensors(cfg: ThinkerConfig, params, dtype: str = "float32") -> Iterator[tuple[str, Any]]:
+  """(transformers key, numpy tensor in `dtype`) of every Thinker text tensor, lazily."""
+  np_dtype = EXPORT_DTYPES[dtype]
+  for key, w in iter_text_to_hf(nn.meta.unbox(params), cfg.text, THINKER_TEXT):
+    yield key, w.astype(np_dtype, copy=False)
+
+
+def save_hf(cfg: ThinkerConfig, params, out_dir: str | Path, *, dtype: str = "float32",
+            max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE) -> list[str]:
+  """Writes config.json + safetensors to out_dir; returns the safetensors file names."""
+  if dtype not in EXPORT_DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not one of {list(EXPORT_DTYPES)}.")
+  hf_config = to_hf_config(cfg, dtype)  # refuses unexportable configs before writing anything
+  check_params(cfg, params)
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  files = safetensors_io.write(hf_tensors(cfg, params, dtype), out_dir,
+                               safetensors_io.parse_size(max_shard_size))
+  (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+  return files
+
+
+def is_hf_dir(path: str | Path) -> bool:
+  path = Path(path)
+  return (path / CONFIG_FILE).exists() and (
+      (path / safetensors_io.SINGLE_FILE).exists() or (path / safetensors_io.INDEX_FILE).exists())
+
+
+def load_hf(hf_dir: str | Path, impl: ImplConfig = ImplConfig()) -> tuple[ThinkerConfig, Any]:
+  """(ThinkerConfig, numpy params) of the Thinker in a transformers checkpoint directory."""
+  hf_dir = Path(hf_dir)
+  if not (hf_dir / CONFIG_FILE).exists():
+    raise FileNotFoundError(f"{hf_dir / CONFIG_FILE} not found: --hf must be a transformers "
+                            "checkpoint directory (config.json + safetensors).")
+  cfg = from_hf_config(json.loads((hf_dir / CONFIG_FILE).read_text()), impl)
+  reader = safetensors_io.Reader(hf_dir)
+  return cfg, text_from_hf(reader, abstract_params(cfg), cfg.text, THINKER_TEXT)

@@ -1,0 +1,109 @@
+"""ThinkerConfig <-> transformers ``Qwen3OmniMoeConfig`` (config.json) for the released layout.
+
+Every field transformers reads is written explicitly: its per-class defaults (head_dim,
+norm_topk_prob, rope theta, M-RoPE sections) differ between the Thinker and Talker configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from omnijax.errors import ConfigError
+from omnijax.models.config import (AudioEncoderConfig, ImplConfig, TextConfig, ThinkerConfig,
+                                   VisionEncoderConfig)
+
+_TOKEN_FIELDS = ("audio_token_id", "image_token_id", "video_token_id", "audio_start_token_id",
+                 "audio_end_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+def text_config_to_hf(t: TextConfig) -> dict[str, Any]:
+  d = dataclasses.asdict(t)
+  for k in ("rope_theta", "mrope_section", "shared_expert_intermediate_size"):
+    d.pop(k)
+  d.update(
+      mlp_only_layers=list(t.mlp_only_layers),
+      hidden_act="silu",
+      attention_bias=False,
+      tie_word_embeddings=False,
+      rope_parameters=dict(rope_type="default", rope_theta=t.rope_theta,
+                           mrope_section=list(t.mrope_section), interleaved=True,
+                           mrope_interleaved=True),
+  )
+  return d
+
+
+def talker_text_config_to_hf(t: TextConfig) -> dict[str, Any]:
+  """A transformers ``Qwen3OmniMoeTalkerTextConfig`` dict for a decoder with a shared expert.
+
+  The Talker's decoder layers are all sparse-MoE with a shared expert (it ignores
+  mlp_only_layers and decoder_sparse_step), so only such decoders have this layout.
+  """
+  if not t.shared_expert_intermediate_size or not all(
+      t.is_moe_layer(i) for i in range(t.num_hidden_layers)):
+    raise ConfigError(
+        "the Qwen3-Omni Talker layout has a shared expert and sparse-MoE blocks in every layer; "
+        "set model.text.shared_expert_intermediate_size > 0, mlp_only_layers=() and "
+        "decoder_sparse_step=1.")
+  return text_config_to_hf(t) | dict(
+      model_type="qwen3_omni_moe_talker_text",
+      shared_expert_intermediate_size=t.shared_expert_intermediate_size)
+
+
+def to_hf_config(cfg: ThinkerConfig, dtype: str = "float32") -> dict[str, Any]:
+  """config.json of a Qwen3OmniMoeForConditionalGeneration holding this Thinker (no Talker),
+  with weights stored in `dtype`."""
+  if cfg.text.shared_expert_intermediate_size:
+    raise ConfigError(
+        "the Qwen3-Omni Thinker has no shared expert, so a Thinker with "
+        "model.text.shared_expert_intermediate_size > 0 cannot be exported in the released "
+        "layout; set it to 0 (shared experts belong to the Talker).")
+  audio = dataclasses.asdict(cfg.audio) | dict(activation_function="gelu")
+  vision = dataclasses.asdict(cfg.vision) | dict(
+      hidden_act="gelu_pytorch_tanh",
+      deepstack_visual_indexes=list(cfg.vision.deepstack_visual_indexes))
+  thinker = dict(
+      model_type="qwen3_omni_moe_thinker",
+      text_config=text_config_to_hf(cfg.text) | dict(model_type="qwen3_omni_moe_text"),
+      audio_config=audio | dict(model_type="qwen3_omni_moe_audio_encoder"),
+      vision_config=vision | dict(model_type="qwen3_omni_moe_vision_encoder"),
+      position_id_per_seconds=cfg.position_id_per_seconds,
+      seconds_per_chunk=cfg.seconds_per_chunk,
+      tie_word_embeddings=False,
+      **{k: getattr(cfg, k) for k in _TOKEN_FIELDS},
+  )
+  return dict(architectures=["Qwen3OmniMoeForConditionalGeneration"], model_type="qwen3_omni_moe",
+              dtype=dtype, enable_audio_output=False, thinker_config=thinker)
+
+
+def _pick(cls, d: dict[str, Any]) -> dict[str, Any]:
+  names = {f.name for f in dataclasses.fields(cls)}
+  return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+
+
+def from_hf_config(d: dict[str, Any], impl: ImplConfig = ImplConfig()) -> ThinkerConfig:
+  """The Thinker part of a transformers Qwen3-Omni config.json (full model or Thinker alone)."""
+  thinker = d.get("thinker_config", d)
+  text = dict(thinker["text_config"])
+  rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+  theta = rope.get("rope_theta", text.get("rope_theta"))
+  if theta is None:
+    raise ConfigError("config.json text_config has no rope_theta (in rope_parameters or at top).")
+  if "mrope_section" in rope and not rope.get("mrope_interleaved", rope.get("interleaved", False)):
+    raise ConfigError("config.json uses contiguous (Qwen2.5-Omni) M-RoPE sections; omnijax "
+                      "implements the interleaved Qwen3-Omni layout only.")
+  text["rope_theta"] = float(theta)
+  if "mrope_section" in rope:
+    text["mrope_section"] = rope["mrope_section"]
+  if "head_dim" not in text or text["head_dim"] is None:
+    text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+  text_cfg = TextConfig(**_pick(TextConfig, text))
+  tokens = {k: thinker[k] for k in _TOKEN_FIELDS if k in thinker}
+  extra = {k: thinker[k] for k in ("position_id_per_seconds", "seconds_per_chunk") if k in thinker}
+  cfg = ThinkerConfig(
+      text=text_cfg,
+      audio=AudioEncoderConfig(**_pick(AudioEncoderConfig, thinker.get("audio_config", {}))),
+      vision=VisionEncoderConfig(**_pick(VisionEncoderConfig, thinker.get("vision_config", {}))),
+      impl=impl, **tokens, **extra)
+  cfg.validate()
+  return cfg

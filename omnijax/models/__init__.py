@@ -1,0 +1,1 @@
+"""Model layers (attention, MoE, TM-RoPE) and their assembly into the Thinker."""

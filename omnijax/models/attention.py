@@ -1,0 +1,69 @@
+"""Grouped-query self-attention with per-head q/k RMSNorm and TM-RoPE (the Thinker/Talker layer).
+
+Attention is causal within a document: with packed rows, a token attends only to earlier
+tokens of the same segment (segment id 0 is padding).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from omnijax.models import tm_rope
+from omnijax.models.config import ImplConfig, TextConfig
+from omnijax.models.layers import RMSNorm, constrain, dtype_of, logical_param
+
+
+def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
+  """(B, 1, S, S) bool: key <= query, same segment, query not padding."""
+  s = segment_ids.shape[-1]
+  causal = jnp.tril(jnp.ones((s, s), bool))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  valid = (segment_ids != 0)[:, :, None]
+  return (causal[None] & same & valid)[:, None]
+
+
+def dot_product_attention(q, k, v, segment_ids, impl: str):
+  """q (B,S,H,D), k/v (B,S,K,D) with H a multiple of K -> (B,S,H,D)."""
+  scale = q.shape[-1] ** -0.5
+  mask = segment_causal_mask(segment_ids)
+  if impl == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+  b, s, h, d = q.shape
+  kh = k.shape[2]
+  q = q.reshape(b, s, kh, h // kh, d)
+  logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+  return out.reshape(b, s, h, d)
+
+
+class Attention(nn.Module):
+  cfg: TextConfig
+  impl: ImplConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, segment_ids):
+    cfg, dtype, pdt = self.cfg, dtype_of(self.impl.dtype), dtype_of(self.impl.param_dtype)
+    d, h, kh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    wq = logical_param(self, "q_proj", (d, h, hd), ("embed", "heads", "kv"), pdt).astype(dtype)
+    wk = logical_param(self, "k_proj", (d, kh, hd), ("embed", "kv_heads", "kv"), pdt).astype(dtype)
+    wv = logical_param(self, "v_proj", (d, kh, hd), ("embed", "kv_heads", "kv"), pdt).astype(dtype)
+    wo = logical_param(self, "o_proj", (h, hd, d), ("heads", "kv", "embed"), pdt).astype(dtype)
+
+    q = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wq), "query_proj")
+    k = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wk), "key_proj")
+    v = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wv), "value_proj")
+    q = RMSNorm(cfg.rms_norm_eps, pdt, name="q_norm")(q)
+    k = RMSNorm(cfg.rms_norm_eps, pdt, name="k_norm")(k)
+    q = tm_rope.apply(q, cos, sin)
+    k = tm_rope.apply(k, cos, sin)
+    q = constrain(q, ("batch", "seq", "act_heads", "act_kv"))
+    k = constrain(k, ("batch", "seq", "act_kv_heads", "act_kv"))
+    v = constrain(v, ("batch", "seq", "act_kv_heads", "act_kv"))
+    out = dot_product_attention(q, k, v, segment_ids, self.impl.attention_impl)
+    out = constrain(out, ("batch", "seq", "act_heads", "act_kv"))
+    return jnp.einsum("bshk,hkd->bsd", out, wo)

@@ -1,0 +1,245 @@
+"""Typed, validated model configs built from an experiment's ``config.model`` ConfigDict.
+
+Field names follow the transformers ``Qwen3OmniMoe*Config`` classes so that export is a
+rename-free copy; implementation choices (dtypes, remat, MoE kernel) live in ``ImplConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Mapping
+
+from omnijax.errors import ConfigError
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
+MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
+ATTENTION_IMPLS = ("xla", "cudnn")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """Decoder (Thinker or Talker text model) architecture."""
+
+  vocab_size: int
+  hidden_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int
+  num_experts: int
+  num_experts_per_tok: int
+  moe_intermediate_size: int
+  intermediate_size: int = 0  # width of the dense MLP in `mlp_only_layers`
+  shared_expert_intermediate_size: int = 0  # 0: no shared expert
+  norm_topk_prob: bool = True
+  decoder_sparse_step: int = 1
+  mlp_only_layers: tuple[int, ...] = ()
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 1_000_000.0
+  mrope_section: tuple[int, int, int] = (24, 20, 20)
+  router_aux_loss_coef: float = 0.001
+  max_position_embeddings: int = 65536
+
+  def is_moe_layer(self, i: int) -> bool:
+    return (
+        i not in self.mlp_only_layers
+        and self.num_experts > 0
+        and (i + 1) % self.decoder_sparse_step == 0
+    )
+
+  def layer_blocks(self) -> list[tuple[bool, int, int]]:
+    """Runs of consecutive layers of one kind: (is_moe, first_layer, count)."""
+    blocks: list[tuple[bool, int, int]] = []
+    for i in range(self.num_hidden_layers):
+      moe = self.is_moe_layer(i)
+      if blocks and blocks[-1][0] == moe:
+        blocks[-1] = (moe, blocks[-1][1], blocks[-1][2] + 1)
+      else:
+        blocks.append((moe, i, 1))
+    return blocks
+
+  def validate(self, where: str = "model.text") -> None:
+    def need(cond: bool, msg: str) -> None:
+      if not cond:
+        raise ConfigError(f"{where}: {msg}")
+
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim"):
+      need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}.")
+    need(self.num_attention_heads % self.num_key_value_heads == 0,
+         f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+         f"num_key_value_heads ({self.num_key_value_heads}); change one of them.")
+    need(self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+    half = self.head_dim // 2
+    t, h, w = self.mrope_section
+    need(t + h + w == half,
+         f"mrope_section {list(self.mrope_section)} sums to {t + h + w} but head_dim {self.head_dim} "
+         f"has {half} rotary frequency slots; set mrope_section to sum to head_dim/2 "
+         f"(e.g. {list(default_mrope_section(self.head_dim))}) or change head_dim.")
+    need(t >= max(h, w) and min(t, h, w) >= 0,
+         f"mrope_section {list(self.mrope_section)}: the interleaved T/H/W layout needs the temporal "
+         "section to be at least as large as the height and width sections.")
+    if self.num_experts > 0:
+      need(0 < self.num_experts_per_tok <= self.num_experts,
+           f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts="
+           f"{self.num_experts}].")
+      need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive for MoE layers.")
+    bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+    need(not bad, f"mlp_only_layers {bad} are outside [0, num_hidden_layers={self.num_hidden_layers}).")
+    if any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
+      need(self.intermediate_size > 0,
+           "intermediate_size must be positive when some layers are dense (mlp_only_layers / "
+           "decoder_sparse_step / num_experts=0).")
+    need(self.decoder_sparse_step >= 1, "decoder_sparse_step must be >= 1.")
+
+
+def default_mrope_section(head_dim: int) -> tuple[int, int, int]:
+  """The released 24/20/20 split scaled to another head_dim (H and W equal, T the rest)."""
+  half = head_dim // 2
+  hw = (half * 20) // 64
+  return (half - 2 * hw, hw, hw)
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioEncoderConfig:
+  """AuT audio encoder (transformers `Qwen3OmniMoeAudioEncoderConfig` field names)."""
+
+  num_mel_bins: int = 128
+  encoder_layers: int = 32
+  encoder_attention_heads: int = 20
+  encoder_ffn_dim: int = 5120
+  d_model: int = 1280
+  output_dim: int = 2048
+  n_window: int = 50
+  n_window_infer: int = 800
+  downsample_hidden_size: int = 480
+  max_source_positions: int = 1500
+  conv_chunksize: int = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionEncoderConfig:
+  """Vision/video encoder (transformers `Qwen3OmniMoeVisionEncoderConfig` field names)."""
+
+  depth: int = 27
+  hidden_size: int = 1152
+  intermediate_size: int = 4304
+  num_heads: int = 16
+  in_channels: int = 3
+  patch_size: int = 16
+  spatial_merge_size: int = 2
+  temporal_patch_size: int = 2
+  out_hidden_size: int = 2048
+  num_position_embeddings: int = 2304
+  deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImplConfig:
+  """How the model is computed; never changes the math beyond float rounding."""
+
+  dtype: str = "float32"  # compute dtype of activations and matmuls
+  param_dtype: str = "float32"
+  remat_policy: str = "none"
+  moe_impl: str = "auto"  # auto: ragged_dot on GPU/TPU, blocked on CPU
+  moe_block_size: int = 128  # row tile of the blocked grouped matmul
+  # Expert-parallel exchange: None is dropless (worst-case buffers); a float bounds each
+  # device-to-device buffer at capacity_factor x the balanced share and counts drops.
+  moe_capacity_factor: float | None = None
+  attention_impl: str = "xla"
+
+  def validate(self, where: str = "model.impl") -> None:
+    for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
+                          ("remat_policy", REMAT_POLICIES), ("moe_impl", MOE_IMPLS),
+                          ("attention_impl", ATTENTION_IMPLS)):
+      value = getattr(self, name)
+      if value not in allowed:
+        raise ConfigError(f"{where}.{name}={value!r} is not one of {list(allowed)}.")
+    if self.moe_block_size <= 0:
+      raise ConfigError(f"{where}.moe_block_size must be positive, got {self.moe_block_size}.")
+    if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+      raise ConfigError(f"{where}.moe_capacity_factor must be positive or None (dropless).")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThinkerConfig:
+  """The Thinker: text decoder plus (from the multimodal issue on) audio and vision towers."""
+
+  text: TextConfig
+  audio: AudioEncoderConfig = AudioEncoderConfig()
+  vision: VisionEncoderConfig = VisionEncoderConfig()
+  impl: ImplConfig = ImplConfig()
+  audio_token_id: int = 151675
+  image_token_id: int = 151655
+  video_token_id: int = 151656
+  audio_start_token_id: int = 151669
+  audio_end_token_id: int = 151670
+  vision_start_token_id: int = 151652
+  vision_end_token_id: int = 151653
+  position_id_per_seconds: int = 13
+  seconds_per_chunk: int = 2
+
+  def validate(self) -> None:
+    self.text.validate()
+    self.impl.validate()
+    for name in ("audio_token_id", "image_token_id", "video_token_id", "audio_start_token_id",
+                 "audio_end_token_id", "vision_start_token_id", "vision_end_token_id"):
+      value = getattr(self, name)
+      if not 0 <= value < self.text.vocab_size:
+        raise ConfigError(
+            f"model.{name}={value} is outside the vocabulary [0, {self.text.vocab_size}); set it "
+            "to the tokenizer's id for that special token or enlarge model.text.vocab_size.")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ThinkerConfig":
+    d = _to_dict(d)
+    d.pop("preset", None)
+    sub = {"text": TextConfig, "audio": AudioEncoderConfig, "vision": VisionEncoderConfig,
+           "impl": ImplConfig}
+    kwargs = {}
+    for key, value in d.items():
+      if key in sub:
+        kwargs[key] = _build(sub[key], value, f"model.{key}")
+      else:
+        kwargs[key] = value
+    if "text" not in kwargs:
+      raise ConfigError("model.text is missing: start from a preset, e.g. "
+                        "`config.model = omnijax.models.presets.get('tiny')`.")
+    cfg = _build(cls, kwargs, "model")
+    cfg.validate()
+    return cfg
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _to_dict(d: Any) -> Any:
+  if hasattr(d, "to_dict"):
+    d = d.to_dict()
+  if isinstance(d, Mapping):
+    return {k: _to_dict(v) for k, v in d.items()}
+  return d
+
+
+def _build(cls, values: Mapping[str, Any], where: str):
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = [k for k in values if k not in fields]
+  if unknown:
+    hints = []
+    for k in unknown:
+      close = difflib.get_close_matches(k, list(fields), n=1)
+      hints.append(f"{where}.{k}" + (f" (did you mean {where}.{close[0]}?)" if close else ""))
+    raise ConfigError(f"unknown config field(s): {', '.join(hints)}. Valid fields of {where}: "
+                      f"{sorted(fields)}.")
+  out = {}
+  for k, v in values.items():
+    if isinstance(v, list):
+      v = tuple(v)
+    out[k] = v
+  missing = [n for n, f in fields.items() if n not in out and f.default is dataclasses.MISSING
+             and f.default_factory is dataclasses.MISSING]
+  if missing:
+    raise ConfigError(f"{where} is missing required field(s) {missing}.")
+  return cls(**out)

@@ -1,0 +1,63 @@
+"""Building blocks shared by the decoders: parameters with logical axes, RMSNorm, SwiGLU MLP."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+INIT_STD = 0.02  # transformers' initializer_range
+
+
+def dtype_of(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def logical_param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str | None],
+                  param_dtype, init=None):
+  """A parameter whose dimensions carry logical axis names (see omnijax.sharding)."""
+  init = init or nn.initializers.normal(INIT_STD)
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape),
+                      param_dtype)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm computed in float32, cast back, then scaled (transformers' order of operations)."""
+
+  eps: float
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    weight = logical_param(self, "weight", (x.shape[-1],), ("norm",), self.param_dtype,
+                           nn.initializers.ones)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate x) * up x): the dense MLP and the shared expert."""
+
+  intermediate_size: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    gate = logical_param(self, "gate_proj", (d, self.intermediate_size), ("embed", "mlp"),
+                         self.param_dtype).astype(self.dtype)
+    up = logical_param(self, "up_proj", (d, self.intermediate_size), ("embed", "mlp"),
+                       self.param_dtype).astype(self.dtype)
+    down = logical_param(self, "down_proj", (self.intermediate_size, d), ("mlp", "embed"),
+                         self.param_dtype).astype(self.dtype)
+    h = jax.nn.silu(x @ gate) * (x @ up)
+    h = constrain(h, ("batch", "seq", "act_mlp"))
+    return h @ down

@@ -1,0 +1,263 @@
+"""Mixture-of-experts block: fp32 softmax top-k router, SwiGLU experts, optional shared expert.
+
+Expert computation paths (``ImplConfig.moe_impl``):
+- ``ragged_dot``: dropless; token slots sorted by expert, grouped matmul ``jax.lax.ragged_dot``.
+- ``blocked``: dropless; slots sorted by expert into row tiles of ``moe_block_size`` (each
+  expert's rows padded to whole tiles), one batched matmul over tiles. XLA:CPU expands
+  ``ragged_dot`` into a dense matmul per expert, so this is the fast path there.
+- ``dense``: every expert on every token, combined by the gate weights. The reference the
+  tests cross-check against; O(num_experts) compute.
+- ``auto``: ``ragged_dot`` on GPU/TPU, ``blocked`` on CPU.
+
+Under a mesh the block runs in ``shard_map``: each device routes its own tokens; when the
+logical ``exp`` axis maps to a mesh axis of size > 1, token slots travel to the devices that
+own their experts with ``all_to_all`` and back (expert parallelism). That exchange uses
+fixed-size buffers: dropless (``moe_capacity_factor=None``, buffers sized for the worst case)
+or bounded at ``capacity_factor`` x the balanced share, in which case overflowing slots are
+dropped and counted (reported as ``moe_dropped``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from omnijax.models.config import ImplConfig, TextConfig
+from omnijax.models.layers import SwiGLU, constrain, dtype_of, logical_param
+
+
+def route(x: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool):
+  """x (T, D) -> (weights (T, k) in x.dtype, expert ids (T, k) int32, probs (T, E) float32)."""
+  logits = x.astype(jnp.float32) @ router.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  top_p, top_i = jax.lax.top_k(probs, top_k)
+  if norm_topk_prob:
+    top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+  return top_p.astype(x.dtype), top_i.astype(jnp.int32), probs
+
+
+def resolve_impl(impl: str) -> str:
+  if impl != "auto":
+    return impl
+  return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+def _sorted_layout(slot_expert: jax.Array, num_experts: int):
+  """Stable sort of slots by expert id (id == num_experts marks an empty slot, sorted last)."""
+  order = jnp.argsort(slot_expert, stable=True)
+  sizes = jnp.bincount(slot_expert, length=num_experts + 1)[:num_experts]
+  starts = jnp.cumsum(sizes) - sizes
+  return order, sizes, starts
+
+
+def _swiglu_rows(gmm, x, wg, wu, wd):
+  return gmm(jax.nn.silu(gmm(x, wg)) * gmm(x, wu), wd)
+
+
+def expert_ffn(x: jax.Array, slot_token: jax.Array, slot_expert: jax.Array, wg, wu, wd,
+               impl: str, block: int) -> jax.Array:
+  """SwiGLU of expert ``slot_expert[i]`` on row ``x[slot_token[i]]`` for every slot i.
+
+  x (T, D); slot_* (N,); wg/wu (E, D, F); wd (E, F, D). Slots whose expert id is E (empty
+  buffer rows) give zeros. Returns (N, D).
+  """
+  num_experts = wg.shape[0]
+  n = slot_expert.shape[0]
+  order, sizes, starts = _sorted_layout(slot_expert, num_experts)
+  sorted_expert = slot_expert[order]
+  valid_sorted = sorted_expert < num_experts
+
+  if impl == "ragged_dot":
+    rows = jnp.where(valid_sorted[:, None], x[slot_token[order]], 0)
+    gmm = lambda a, w: jax.lax.ragged_dot(a, w, sizes)
+    y_sorted = _swiglu_rows(gmm, rows, wg, wu, wd)
+    y_sorted = jnp.where(valid_sorted[:, None], y_sorted, 0)
+    return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+
+  if impl != "blocked":
+    raise ValueError(f"unknown expert path {impl!r}")
+  # Pad each expert's rows up to whole tiles of `block` rows; tile t belongs to one expert.
+  block = min(block, max(8, 1 << (n - 1).bit_length()))
+  padded = (sizes + block - 1) // block * block
+  padded_end = jnp.cumsum(padded)
+  padded_start = padded_end - padded
+  num_rows = (n + num_experts * (block - 1) + block - 1) // block * block
+  num_tiles = num_rows // block
+  safe_expert = jnp.minimum(sorted_expert, num_experts - 1)
+  dest_sorted = padded_start[safe_expert] + jnp.arange(n) - starts[safe_expert]
+  dest_sorted = jnp.where(valid_sorted, dest_sorted, num_rows)  # empty slots fall off the end
+  dest = jnp.zeros((n,), jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))
+  buf = jnp.zeros((num_rows, x.shape[1]), x.dtype).at[dest].set(x[slot_token], mode="drop")
+  tile_expert = jnp.minimum(
+      jnp.searchsorted(padded_end, jnp.arange(num_tiles) * block, side="right"), num_experts - 1)
+  tiles = buf.reshape(num_tiles, block, -1)
+  gmm = lambda a, w: jnp.einsum("tbd,tdf->tbf", a, w[tile_expert])
+  out = _swiglu_rows(gmm, tiles, wg, wu, wd).reshape(num_rows, -1)
+  return jnp.take(out, dest, axis=0, mode="fill", fill_value=0)
+
+
+def combine(y_slots: jax.Array, weights: jax.Array) -> jax.Array:
+  """(T*k, D) slot outputs, (T, k) gate weights -> (T, D)."""
+  t, k = weights.shape
+  return jnp.einsum("tkd,tk->td", y_slots.reshape(t, k, -1), weights)
+
+
+def dense_reference(x, top_idx, top_w, wg, wu, wd):
+  """Every expert on every token, combined with a dense (T, E) gate matrix."""
+  num_experts = wg.shape[0]
+  gates = jnp.zeros((x.shape[0], num_experts), x.dtype)
+  gates = gates.at[jnp.arange(x.shape[0])[:, None], top_idx].add(top_w)
+  h = jax.nn.silu(jnp.einsum("td,edf->tef", x, wg)) * jnp.einsum("td,edf->tef", x, wu)
+  return jnp.einsum("tef,efd,te->td", h, wd, gates)
+
+
+def local_experts(x, top_idx, top_w, wg, wu, wd, impl: str, block: int):
+  """Dropless MoE over the tokens of one device: x (T, D) -> (T, D)."""
+  if impl == "dense":
+    return dense_reference(x, top_idx, top_w, wg, wu, wd)
+  k = top_idx.shape[1]
+  slot_token = jnp.arange(top_idx.size, dtype=jnp.int32) // k
+  y = expert_ffn(x, slot_token, top_idx.reshape(-1), wg, wu, wd, impl, block)
+  return combine(y, top_w)
+
+
+def exchange_capacity(num_slots: int, ep: int, capacity_factor: float | None) -> int:
+  """Rows each device reserves per destination device in the all-to-all buffers."""
+  if capacity_factor is None:
+    return num_slots
+  return min(num_slots, max(1, math.ceil(num_slots / ep * capacity_factor)))
+
+
+def expert_parallel(x, top_idx, top_w, wg, wu, wd, *, axis: str, ep: int, capacity: int,
+                    impl: str, block: int):
+  """Per-device body: send slots to their experts' devices, compute, send results back.
+
+  x (T, D) local tokens; wg/wu/wd hold this device's E/ep experts. Returns ((T, D), dropped).
+  """
+  t, k = top_idx.shape
+  n, d = t * k, x.shape[1]
+  local_e = wg.shape[0]
+  flat_e = top_idx.reshape(-1)
+  dest_dev = flat_e // local_e
+  order = jnp.argsort(flat_e, stable=True)  # sorted by expert, hence by destination device
+  sorted_dev = dest_dev[order]
+  dev_count = jnp.bincount(dest_dev, length=ep)
+  rank = jnp.arange(n) - (jnp.cumsum(dev_count) - dev_count)[sorted_dev]
+  keep = rank < capacity
+  pos = jnp.where(keep, sorted_dev * capacity + rank, ep * capacity)
+  send_x = jnp.zeros((ep * capacity, d), x.dtype).at[pos].set(x[order // k], mode="drop")
+  send_e = jnp.full((ep * capacity,), local_e, jnp.int32).at[pos].set(
+      flat_e[order] % local_e, mode="drop")
+
+  a2a = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0,
+                          tiled=True)
+  recv_x = a2a(send_x)
+  recv_e = a2a(send_e)
+  slots = jnp.arange(ep * capacity, dtype=jnp.int32)
+  if impl == "dense":
+    onehot = jax.nn.one_hot(recv_e, local_e, dtype=x.dtype)
+    y = dense_reference(recv_x, jnp.minimum(recv_e, local_e - 1)[:, None],
+                        onehot.sum(-1, keepdims=True), wg, wu, wd)
+  else:
+    y = expert_ffn(recv_x, slots, recv_e, wg, wu, wd, impl, block)
+  back = a2a(y)
+  y_sorted = jnp.take(back, pos, axis=0, mode="fill", fill_value=0)
+  y_slots = jnp.zeros((n, d), y_sorted.dtype).at[order].set(y_sorted)
+  return combine(y_slots, top_w), n - jnp.sum(keep)
+
+
+def _axes(spec_entry) -> tuple[str, ...]:
+  if spec_entry is None:
+    return ()
+  return tuple(spec_entry) if isinstance(spec_entry, (tuple, list)) else (spec_entry,)
+
+
+def moe_experts(x, top_idx, top_w, wg, wu, wd, impl: ImplConfig):
+  """Expert outputs for x (B, S, D) with routing (B, S, k); returns ((B, S, D), dropped)."""
+  path = resolve_impl(impl.moe_impl)
+  mesh = jax.sharding.get_abstract_mesh()
+  b, s, d = x.shape
+  k = top_idx.shape[-1]
+  if mesh.empty:
+    out = local_experts(x.reshape(b * s, d), top_idx.reshape(-1, k), top_w.reshape(-1, k),
+                        wg, wu, wd, path, impl.moe_block_size)
+    return out.reshape(b, s, d), jnp.zeros((), jnp.int32)
+
+  batch_spec, seq_spec = nn.logical_to_mesh_axes(("batch", "seq"))
+  exp_axes = _axes(nn.logical_to_mesh_axes(("exp",))[0])
+  mlp_axes = _axes(nn.logical_to_mesh_axes(("mlp",))[0])
+  token_axes = _axes(batch_spec) + _axes(seq_spec)
+  ep = math.prod(mesh.shape[a] for a in exp_axes)
+  if ep > 1 and not set(exp_axes) <= set(token_axes):
+    raise ValueError(f"expert parallelism over {exp_axes} needs those mesh axes to also shard the "
+                     f"tokens (logical 'batch'/'seq' map to {token_axes}).")
+  exp_spec = exp_axes or None
+  mlp_spec = mlp_axes or None
+  tok = P(batch_spec, seq_spec, None)
+  w_in, w_out = P(exp_spec, None, mlp_spec), P(exp_spec, mlp_spec, None)
+  tokens_per_shard = b * s // math.prod(mesh.shape[a] for a in token_axes)
+  capacity = exchange_capacity(tokens_per_shard * k, ep, impl.moe_capacity_factor)
+
+  def body(x, top_idx, top_w, wg, wu, wd):
+    bl, sl, _ = x.shape
+    args = (x.reshape(bl * sl, d), top_idx.reshape(-1, k), top_w.reshape(-1, k), wg, wu, wd)
+    if ep > 1:
+      out, dropped = expert_parallel(*args, axis=exp_axes, ep=ep, capacity=capacity, impl=path,
+                                     block=impl.moe_block_size)
+    else:
+      out, dropped = local_experts(*args, path, impl.moe_block_size), jnp.zeros((), jnp.int32)
+    if mlp_axes:
+      out = jax.lax.psum(out, mlp_axes)
+    if token_axes:
+      dropped = jax.lax.psum(dropped, token_axes)
+    return out.reshape(bl, sl, d), dropped
+
+  fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
+                     out_specs=(tok, P()), check_vma=False)
+  return fn(x, top_idx, top_w, wg, wu, wd)
+
+
+class SparseMoeBlock(nn.Module):
+  """Router + experts (+ sigmoid-gated shared expert). Returns (out, routing statistics)."""
+
+  cfg: TextConfig
+  impl: ImplConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, token_mask: jax.Array):
+    cfg = self.cfg
+    dtype, pdt = dtype_of(self.impl.dtype), dtype_of(self.impl.param_dtype)
+    d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    router = logical_param(self, "gate", (d, e), ("embed", "router"), pdt)
+    wg = logical_param(self, "experts_gate_proj", (e, d, f), ("exp", "embed", "mlp"), pdt)
+    wu = logical_param(self, "experts_up_proj", (e, d, f), ("exp", "embed", "mlp"), pdt)
+    wd = logical_param(self, "experts_down_proj", (e, f, d), ("exp", "mlp", "embed"), pdt)
+
+    b, s, _ = x.shape
+    top_w, top_i, probs = route(x.reshape(b * s, d), router, cfg.num_experts_per_tok,
+                                cfg.norm_topk_prob)
+    k = cfg.num_experts_per_tok
+    top_w = constrain(top_w.reshape(b, s, k), ("batch", "seq", None))
+    top_i = constrain(top_i.reshape(b, s, k), ("batch", "seq", None))
+    out, dropped = moe_experts(x, top_i, top_w, wg.astype(dtype), wu.astype(dtype),
+                               wd.astype(dtype), self.impl)
+
+    if cfg.shared_expert_intermediate_size:
+      shared = SwiGLU(cfg.shared_expert_intermediate_size, dtype, pdt, name="shared_expert")(x)
+      gate_w = logical_param(self, "shared_expert_gate", (d, 1), ("embed", "router"), pdt)
+      out = out + jax.nn.sigmoid(x @ gate_w.astype(dtype)) * shared
+
+    valid = token_mask.reshape(-1).astype(jnp.float32)
+    chosen = jax.nn.one_hot(top_i.reshape(-1, k), e, dtype=jnp.float32).sum(1)
+    stats = dict(
+        counts=jnp.einsum("te,t->e", chosen, valid),
+        prob_sum=jnp.einsum("te,t->e", probs, valid),
+        tokens=jnp.sum(valid),
+        dropped=dropped.astype(jnp.float32),
+    )
+    return out, stats

@@ -1,0 +1,117 @@
+"""Orbax checkpoints of a workdir: train state and data-iterator state in one step directory.
+
+Layout of a workdir:
+  model.json                  the ThinkerConfig (written by training and by `export from-hf`)
+  config.json                 the experiment config of the last launch
+  checkpoints/<step>/state    TrainState {step, params, opt_state}
+  checkpoints/<step>/data     the Grain iterator state (when training from a pipeline)
+  init_params/                params that initialise a fresh run (`export from-hf` writes it)
+  tensorboard/                TensorBoard event files
+Restoring onto abstract arrays with shardings reshards, so a checkpoint saved on one mesh
+restores onto another.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from omnijax.models.config import ThinkerConfig
+
+CHECKPOINTS = "checkpoints"
+INIT_PARAMS = "init_params"
+MODEL_JSON = "model.json"
+
+
+class Checkpointer:
+  def __init__(self, workdir: str | Path, *, save_interval_steps: int, max_to_keep: int,
+               async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINTS, options=options,
+                                         item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
+    items = dict(state=ocp.args.StandardSave(state))
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state, shardings, data_iter=None):
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_state, shardings)
+    items = dict(state=ocp.args.StandardRestore(target))
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def save_params(path: str | Path, params) -> None:
+  """A params-only checkpoint (what `export from-hf` writes for a run to start from)."""
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(Path(path).absolute(), params, force=True)
+
+
+def restore_params(path: str | Path, abstract_params=None, shardings=None):
+  """Params from `save_params`; onto `shardings` when given, else as host numpy arrays."""
+  path = Path(path).absolute()
+  with ocp.StandardCheckpointer() as ckpt:
+    if abstract_params is None:
+      return ckpt.restore(path)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params, shardings)
+    return ckpt.restore(path, target)
+
+
+def latest_params(workdir: str | Path, step: int | None = None) -> tuple[Any, int | None]:
+  """(params, step) of a workdir's newest (or given) train checkpoint, else its init_params
+  (step None)."""
+  workdir = Path(workdir).absolute()
+  ckpt_dir = workdir / CHECKPOINTS
+  steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) \
+      if ckpt_dir.exists() else []
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint of step {step}; steps: {steps}.")
+  if steps:
+    step = steps[-1] if step is None else step
+    with ocp.PyTreeCheckpointer() as ckpt:
+      path = ckpt_dir / str(step) / "state"
+      params_meta = ckpt.metadata(path).item_metadata.tree["params"]
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
+      state = ckpt.restore(path, args=ocp.args.PyTreeRestore(
+          item={"params": params_meta}, restore_args={"params": restore_args},
+          partial_restore=True))
+    return state["params"], step
+  if (workdir / INIT_PARAMS).exists():
+    return restore_params(workdir / INIT_PARAMS), None
+  raise FileNotFoundError(f"{workdir} holds no checkpoint ({CHECKPOINTS}/<step>) and no "
+                          f"{INIT_PARAMS}/; train there first or run `omnijax.export from-hf`.")
+
+
+def write_model_config(workdir: str | Path, cfg: ThinkerConfig) -> None:
+  path = Path(workdir) / MODEL_JSON
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(cfg.to_dict(), indent=2))
+
+
+def read_model_config(workdir: str | Path) -> ThinkerConfig:
+  path = Path(workdir) / MODEL_JSON
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: not an omnijax workdir.")
+  return ThinkerConfig.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,149 @@
+"""Train state, loss and the jitted, sharded train step (with gradient accumulation)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from omnijax import sharding as shd
+from omnijax.models.config import ThinkerConfig
+from omnijax.models.decoder import load_balancing_loss
+from omnijax.models.thinker import Thinker
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def dummy_batch(batch: int, seq: int) -> dict[str, jax.Array]:
+  return dict(inputs=jnp.zeros((batch, seq), jnp.int32),
+              targets=jnp.zeros((batch, seq), jnp.int32),
+              segment_ids=jnp.ones((batch, seq), jnp.int32),
+              positions=jnp.zeros((batch, 3, seq), jnp.int32),
+              loss_mask=jnp.ones((batch, seq), jnp.float32))
+
+
+def forward(model: Thinker, params, batch):
+  return model.apply({"params": params}, batch["inputs"],
+                     positions=jnp.swapaxes(batch["positions"], 0, 1),
+                     segment_ids=batch["segment_ids"])
+
+
+def loss_terms(model: Thinker, params, batch, num_loss_tokens, num_micro: int, z_loss: float):
+  """Loss of one microbatch, scaled so that summing over microbatches gives the batch loss.
+
+  Cross-entropy is a mean over the whole batch's labelled tokens (`num_loss_tokens`); the
+  load-balancing loss is pooled per microbatch and averaged over microbatches.
+  """
+  cfg: ThinkerConfig = model.cfg
+  logits, stats = forward(model, params, batch)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+  mask = batch["loss_mask"]
+  ce_sum = jnp.sum((logz - target_logit) * mask)
+  z_sum = jnp.sum(jnp.square(logz) * mask)
+  aux = load_balancing_loss(stats, cfg.text.num_experts)
+  loss = (ce_sum + z_loss * z_sum) / num_loss_tokens \
+      + cfg.text.router_aux_loss_coef * aux / num_micro
+  metrics = dict(ce_sum=ce_sum, aux_loss=aux / num_micro,
+                 expert_counts=stats.get("counts", jnp.zeros((0, 0))),
+                 moe_dropped=jnp.sum(stats.get("dropped", jnp.zeros((0,)))))
+  return loss, metrics
+
+
+def make_train_step(model: Thinker, tx: optax.GradientTransformation, schedule: Callable,
+                    grad_accum_steps: int, z_loss: float):
+  """state, batch -> state, metrics. The batch is split into `grad_accum_steps` microbatches."""
+
+  def train_step(state: TrainState, batch):
+    num_loss_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    micro = jax.tree.map(
+        lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
+        batch)
+    grad_fn = jax.grad(loss_terms, argnums=1, has_aux=True)
+
+    def accumulate(carry, mb):
+      grads, totals = carry
+      g, m = grad_fn(model, state.params, mb, num_loss_tokens, grad_accum_steps, z_loss)
+      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, totals, m)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    _, m0 = jax.eval_shape(lambda: grad_fn(model, state.params, jax.tree.map(lambda x: x[0], micro),
+                                           num_loss_tokens, grad_accum_steps, z_loss))
+    totals0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
+    (grads, totals), _ = jax.lax.scan(accumulate, (zeros, totals0), micro)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    counts = totals["expert_counts"]
+    ce = totals["ce_sum"] / num_loss_tokens
+    metrics = dict(
+        loss=ce + model.cfg.text.router_aux_loss_coef * totals["aux_loss"],
+        ce_loss=ce,
+        aux_loss=totals["aux_loss"],
+        grad_norm=optax.global_norm(grads),
+        param_norm=optax.global_norm(params),
+        learning_rate=schedule(state.step),
+        loss_tokens=num_loss_tokens,
+        moe_dropped=totals["moe_dropped"],
+        expert_load_max_over_mean=(
+            jnp.mean(jnp.max(counts, -1) / jnp.maximum(jnp.mean(counts, -1), 1e-9))
+            if counts.size else jnp.zeros(())),
+    )
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def state_shardings(model: Thinker, tx, mesh: Mesh, rules, seq_len: int):
+  """(init function, abstract unboxed state, state shardings): nothing is materialised."""
+
+  def init(rng):
+    ids = jnp.zeros((shd.num_batch_shards(mesh, rules), seq_len), jnp.int32)
+    variables = model.init(rng, ids)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  unboxed_init = lambda rng: nn.meta.unbox(init(rng))
+  specs = nn.get_partition_spec(jax.eval_shape(init, jax.random.PRNGKey(0)))
+  shardings = shd.logical_to_sharding(specs, mesh, rules)
+  abstract = jax.eval_shape(unboxed_init, jax.random.PRNGKey(0))
+  return unboxed_init, abstract, shardings
+
+
+def compile_train_step(model, tx, schedule, mesh: Mesh, rules, state_sharding, *,
+                       grad_accum_steps: int, z_loss: float):
+  step = make_train_step(model, tx, schedule, grad_accum_steps, z_loss)
+  batch_sharding = {k: shd.batch_sharding(mesh, rules, ndim=3 if k == "positions" else 2)
+                    for k in BATCH_KEYS}
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, NamedSharding(mesh, P())),
+                 donate_argnums=(0,)), batch_sharding
+
+
+class mesh_context:
+  """Mesh + logical axis rules, entered around tracing and calling sharded functions."""
+
+  def __init__(self, mesh: Mesh, rules):
+    self._mesh_ctx = jax.set_mesh(mesh)
+    self._rules_ctx = nn.logical_axis_rules(rules)
+
+  def __enter__(self):
+    self._mesh_ctx.__enter__()
+    self._rules_ctx.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    self._rules_ctx.__exit__(*exc)
+    return self._mesh_ctx.__exit__(*exc)

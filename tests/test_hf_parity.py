@@ -1,0 +1,189 @@
+"""omnijax logits and load-balancing loss equal transformers' Qwen3-Omni on the same weights.
+
+Tiny float32 configs, compared in both directions:
+- omnijax params -> transformers: Thinkers through `python -m omnijax.export to-hf` (main) and
+  `Qwen3OmniMoeForConditionalGeneration.from_pretrained`; the shared-expert decoder through
+  the Talker key map (`keymap.TALKER_TEXT`) into a full model's checkpoint, loaded the same way.
+- transformers params -> omnijax: `save_pretrained`, then `export from-hf` + `omnijax.load`
+  (Thinkers) or the Talker key map (shared expert).
+Each runs on plain rows with default positions and with explicit (3, B, S) TM-RoPE ids whose
+T/H/W rows differ from each other and between batch rows. `pytest -s` prints the differences.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_modeling  # noqa: E402
+
+import omnijax  # noqa: E402
+from omnijax import api, export  # noqa: E402
+from omnijax.hf import convert, hf_config, keymap, safetensors_io  # noqa: E402
+from omnijax.models import presets  # noqa: E402
+from omnijax.models.config import ThinkerConfig  # noqa: E402
+from omnijax.train import checkpoint as ckpt_lib  # noqa: E402
+
+TOL = 1e-4
+BATCH, SEQ = 2, 24
+CONFIGS = ("thinker", "thinker_dense_layers", "talker_shared_expert")
+
+
+def _config(name: str) -> ThinkerConfig:
+  cd = presets.get("tiny")
+  if name == "thinker_dense_layers":  # MoE, dense, MoE: three scanned blocks
+    cd.text.num_hidden_layers = 3
+    cd.text.mlp_only_layers = (1,)
+  elif name == "talker_shared_expert":
+    cd.text.num_experts_per_tok = 3
+    cd.text.norm_topk_prob = False
+    cd.text.shared_expert_intermediate_size = 48
+  return ThinkerConfig.from_dict(cd)
+
+
+def _inputs(cfg: ThinkerConfig):
+  ids = np.random.default_rng(0).integers(0, cfg.text.vocab_size, (BATCH, SEQ))
+  s = np.arange(SEQ)
+  positions = np.stack([
+      np.stack([s, s + 7]),  # T
+      np.stack([s // 3, (2 * s) % 11]),  # H
+      np.stack([s % 4, s // 2 + 1]),  # W
+  ])
+  return ids, positions
+
+
+def _random_omnijax_params(cfg: ThinkerConfig, seed: int = 1):
+  rng = np.random.default_rng(seed)
+  flat = traverse_util.flatten_dict(convert.abstract_params(cfg), sep="/")
+  return traverse_util.unflatten_dict({
+      k: (1 + 0.1 * rng.standard_normal(v.shape) if k.endswith("norm/weight")
+          else 0.05 * rng.standard_normal(v.shape)).astype(np.float32)
+      for k, v in flat.items()}, sep="/")
+
+
+def _randomize_torch(module, seed: int = 2):
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      p.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.05 * noise)
+
+
+def _full_config_with_talker(talker_cfg: ThinkerConfig) -> dict:
+  """A Qwen3OmniMoeConfig dict whose Talker text decoder is `talker_cfg.text` (rest tiny)."""
+  d = hf_config.to_hf_config(ThinkerConfig.from_dict(presets.get("tiny")))
+  d["enable_audio_output"] = True
+  d["talker_config"] = dict(
+      text_config=hf_config.talker_text_config_to_hf(talker_cfg.text),
+      thinker_hidden_size=d["thinker_config"]["text_config"]["hidden_size"],
+      code_predictor_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, head_dim=16, num_code_groups=2),
+      num_code_groups=2, accept_hidden_layer=1, spatial_merge_size=2)
+  d["code2wav_config"] = dict(codebook_size=64, hidden_size=32, num_attention_heads=2,
+                              num_key_value_heads=2, intermediate_size=64, num_hidden_layers=1,
+                              num_quantizers=2, decoder_dim=32, upsample_rates=[2, 2, 2, 2],
+                              upsampling_ratios=[2, 2], sliding_window=8)
+  return d
+
+
+def _hf_outputs(hf_model, cfg: ThinkerConfig, talker: bool, ids, positions):
+  """(float32 logits, aux loss) of the Thinker, or of the Talker text decoder + codec head."""
+  ids_t = torch.from_numpy(ids)
+  pos_t = None if positions is None else torch.from_numpy(positions)
+  with torch.no_grad():
+    if not talker:
+      out = hf_model.thinker(input_ids=ids_t, position_ids=pos_t, output_router_logits=True)
+      return out.logits.float().numpy(), float(out.aux_loss)
+    decoder = hf_model.talker.model
+    out = decoder(inputs_embeds=decoder.codec_embedding(ids_t), position_ids=pos_t,
+                  output_router_logits=True)
+    logits = hf_model.talker.codec_head(out.last_hidden_state)
+    aux = hf_modeling.load_balancing_loss_func(out.router_logits, cfg.text.num_experts,
+                                               cfg.text.num_experts_per_tok)
+    return logits.float().numpy(), float(aux)
+
+
+def _check_parity(label: str, model: api.Model, hf_model, talker: bool) -> None:
+  ids, positions = _inputs(model.config)
+  results = {}
+  for pos_name, pos in (("default positions", None), ("3-row positions", positions)):
+    ours = model.logits(ids, pos), model.aux_loss(ids, pos)
+    theirs = _hf_outputs(hf_model, model.config, talker, ids, pos)
+    d_logits = float(np.abs(ours[0] - theirs[0]).max())
+    d_aux = abs(ours[1] - theirs[1])
+    print(f"\n[parity] {label}, {pos_name}: max|logits diff|={d_logits:.3g} "
+          f"(|logits| max {np.abs(theirs[0]).max():.3g}), |aux diff|={d_aux:.3g} "
+          f"(aux {theirs[1]:.6f})")
+    assert ours[0].shape == (BATCH, SEQ, model.config.text.vocab_size)
+    assert d_logits <= TOL and d_aux <= TOL
+    results[pos_name] = ours[0]
+  # The explicit positions reach the rotary embedding on both sides.
+  assert np.abs(results["default positions"] - results["3-row positions"]).max() > 1e-2
+
+
+def _assert_text_weights_loaded(info, prefixes):
+  assert not info["unexpected_keys"] and not info["mismatched_keys"]
+  missing = [k for k in info["missing_keys"] if k.startswith(prefixes)]
+  assert not missing, missing
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_omnijax_to_transformers(name, tmp_path):
+  cfg = _config(name)
+  params = _random_omnijax_params(cfg)
+  out = tmp_path / "hf"
+  if name == "talker_shared_expert":
+    out.mkdir()
+    safetensors_io.write(keymap.iter_text_to_hf(params, cfg.text, keymap.TALKER_TEXT), out,
+                         safetensors_io.parse_size("2GB"))
+    (out / "config.json").write_text(json.dumps(_full_config_with_talker(cfg)))
+    hf_model, info = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True)
+    _assert_text_weights_loaded(info, ("talker.model.", "talker.codec_head"))
+  else:
+    workdir = tmp_path / "workdir"
+    ckpt_lib.write_model_config(workdir, cfg)
+    ckpt_lib.save_params(workdir / ckpt_lib.INIT_PARAMS, params)
+    shard = ["--max_shard_size=100KB"] if name == "thinker_dense_layers" else []
+    export.main(["to-hf", f"--workdir={workdir}", f"--out={out}", *shard])
+    assert (out / safetensors_io.INDEX_FILE).exists() == bool(shard)
+    hf_model, info = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+        out, enable_audio_output=False, dtype=torch.float32, output_loading_info=True)
+    _assert_text_weights_loaded(info, ("thinker.model.language_model.", "thinker.lm_head"))
+  _check_parity(f"{name}: omnijax -> transformers", api.Model(cfg, params), hf_model.eval(),
+                talker=name == "talker_shared_expert")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_transformers_to_omnijax(name, tmp_path):
+  cfg = _config(name)
+  hf_dir = tmp_path / "hf"
+  torch.manual_seed(0)
+  if name == "talker_shared_expert":
+    hf_model = transformers.Qwen3OmniMoeForConditionalGeneration(
+        transformers.Qwen3OmniMoeConfig(**_full_config_with_talker(cfg)))
+    _randomize_torch(hf_model.talker.model)
+    _randomize_torch(hf_model.talker.codec_head)
+    hf_model.save_pretrained(hf_dir)
+    params = keymap.text_from_hf(safetensors_io.Reader(hf_dir), convert.abstract_params(cfg),
+                                 cfg.text, keymap.TALKER_TEXT)
+    model = api.Model(cfg, params)
+  else:
+    hf_model = transformers.Qwen3OmniMoeForConditionalGeneration(
+        transformers.Qwen3OmniMoeConfig(**hf_config.to_hf_config(cfg)))
+    _randomize_torch(hf_model.thinker.model.language_model)
+    _randomize_torch(hf_model.thinker.lm_head)
+    shard = dict(max_shard_size="100KB") if name == "thinker_dense_layers" else {}
+    hf_model.save_pretrained(hf_dir, **shard)
+    assert (hf_dir / safetensors_io.INDEX_FILE).exists() == bool(shard)
+    workdir = tmp_path / "workdir"
+    export.main(["from-hf", f"--hf={hf_dir}", f"--workdir={workdir}"])
+    model = omnijax.load(workdir)
+    assert model.config.text == cfg.text
+  _check_parity(f"{name}: transformers -> omnijax", model, hf_model.eval(),
+                talker=name == "talker_shared_expert")

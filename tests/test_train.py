@@ -1,0 +1,117 @@
+"""Training: sharded step == single-device step; exact resume; restore onto another mesh."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from omnijax import sharding as shd
+from omnijax.models import presets
+from omnijax.models.config import ThinkerConfig
+from omnijax.models.thinker import Thinker
+from omnijax.train import optimizer, trainer
+from omnijax.train import step as st
+from tests.helpers import read_metrics, tiny_config, write_text_corpus
+
+# float32 tolerances; the sharded step reorders reductions. AdamW's first update is
+# lr * g / (|g| + eps), about +-lr, so a gradient element within rounding of zero can move its
+# parameter by up to lr (1e-2 here): updated params are compared at 2% of lr.
+LOSS_RTOL = 1e-6
+GRAD_ATOL = 1e-6
+PARAM_ATOL = 2e-4
+
+
+def _batch(b, s, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, 4096, (b, s + 1)).astype(np.int32)
+  seg = np.ones((b, s), np.int32)
+  seg[:, s // 2:] = 2
+  seg[0, -5:] = 0  # padding
+  pos = np.concatenate([np.arange(s // 2), np.arange(s - s // 2)])
+  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=seg,
+              positions=np.broadcast_to(pos, (b, 3, s)).astype(np.int32).copy(),
+              loss_mask=(seg != 0).astype(np.float32))
+
+
+def _one_step(mesh_shape, devices, cfg, batch, grad_accum=2):
+  model = Thinker(cfg)
+  ocfg = ml_collections.ConfigDict(dict(
+      learning_rate=1e-2, warmup_steps=0, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.1, weight_decay_exclude=["norm"], grad_clip_norm=1.0))
+  tx, sched = optimizer.make_optimizer(ocfg, 10)
+  mesh = shd.make_mesh(mesh_shape, devices)
+  rules = shd.DEFAULT_RULES
+  with st.mesh_context(mesh, rules):
+    init, _, shardings = st.state_shardings(model, tx, mesh, rules, batch["inputs"].shape[1])
+    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+    step, batch_sharding = st.compile_train_step(model, tx, sched, mesh, rules, shardings,
+                                                 grad_accum_steps=grad_accum, z_loss=1e-4)
+    sharded_batch = jax.device_put(batch, batch_sharding)
+    grads = jax.jit(jax.grad(lambda p, b: st.loss_terms(model, p, b, 507.0, 1, 1e-4)[0]))(
+        state.params, sharded_batch)
+    state, metrics = step(state, sharded_batch)
+    # Every parameter is laid out by the rules, e.g. experts split over the expert axis.
+    return (jax.device_get(state.params), jax.device_get(metrics), jax.device_get(grads),
+            state.params)
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(data=2, fsdp=2, expert=2),
+                                        dict(data=1, fsdp=2, expert=2, tensor=2)])
+def test_sharded_step_matches_single_device(mesh_shape):
+  cd = presets.get("tiny")
+  cd.text.shared_expert_intermediate_size = 32
+  cd.text.mlp_only_layers = (1,)
+  cd.text.num_hidden_layers = 3
+  cfg = ThinkerConfig.from_dict(cd)
+  batch = _batch(16, 32)
+  p1, m1, g1, _ = _one_step(dict(data=1), jax.devices()[:1], cfg, batch)
+  p8, m8, g8, sharded = _one_step(mesh_shape, jax.devices(), cfg, batch)
+  for k in ("loss", "ce_loss", "aux_loss", "grad_norm"):
+    assert abs(float(m1[k]) - float(m8[k])) <= LOSS_RTOL * abs(float(m1[k])), k
+  max_diff = lambda x, y: max(jax.tree.leaves(
+      jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), x, y)))
+  grad_diff, param_diff = max_diff(g1, g8), max_diff(p1, p8)
+  print(f"\nmesh {mesh_shape}: loss {float(m1['loss']):.7f} vs {float(m8['loss']):.7f}, "
+        f"max |grad diff| {grad_diff:.1e}, max |param diff| after one AdamW step {param_diff:.1e}")
+  assert grad_diff <= GRAD_ATOL
+  assert param_diff <= PARAM_ATOL
+  experts = sharded["model"]["layers_0_1"]["mlp"]["experts_gate_proj"]
+  assert experts.sharding.spec[1] == "expert"  # (layers, exp, embed, mlp)
+  assert len({s.device for s in experts.addressable_shards}) == 8
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return write_text_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _losses(workdir, steps):
+  m = read_metrics(workdir)
+  return np.array([m[s]["loss"] for s in steps])
+
+
+def test_resume_is_exact_and_restores_onto_another_mesh(corpus, tmp_path):
+  n = 4
+  straight = tmp_path / "straight"
+  trainer.train(tiny_config(corpus, steps=2 * n), straight)
+
+  resumed = tmp_path / "resumed"
+  first = tiny_config(corpus, steps=2 * n)
+  first.train.stop_at_step = n
+  trainer.train(first, resumed)
+  assert (resumed / "checkpoints" / str(n)).exists()
+  trainer.train(tiny_config(corpus, steps=2 * n), resumed)
+
+  a, b = _losses(straight, range(1, 2 * n + 1)), _losses(resumed, range(1, 2 * n + 1))
+  print(f"\nstraight {a}\nresumed  {b}")
+  np.testing.assert_array_equal(a, b)
+
+  other_mesh = tmp_path / "other_mesh"
+  first.train.stop_at_step = n
+  trainer.train(first, other_mesh)  # saved on fsdp=8
+  second = tiny_config(corpus, steps=2 * n)
+  second.mesh.update(dict(data=2, fsdp=2, expert=2))
+  trainer.train(second, other_mesh)
+  c = _losses(other_mesh, range(n + 1, 2 * n + 1))
+  np.testing.assert_allclose(c, a[n:], rtol=1e-5, atol=1e-5)
+  assert a[-1] < a[0]
