@@ -14,7 +14,6 @@ from omnijax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
-ATTENTION_IMPLS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -148,15 +147,17 @@ class ImplConfig:
   # Expert-parallel exchange: None is dropless (worst-case buffers); a float bounds each
   # device-to-device buffer at capacity_factor x the balanced share and counts drops.
   moe_capacity_factor: float | None = None
-  attention_impl: str = "xla"
+  attention_query_blocks: int = 8  # causal query blocks per sequence (1: one block)
 
   def validate(self, where: str = "model.impl") -> None:
     for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
-                          ("remat_policy", REMAT_POLICIES), ("moe_impl", MOE_IMPLS),
-                          ("attention_impl", ATTENTION_IMPLS)):
+                          ("remat_policy", REMAT_POLICIES), ("moe_impl", MOE_IMPLS)):
       value = getattr(self, name)
       if value not in allowed:
         raise ConfigError(f"{where}.{name}={value!r} is not one of {list(allowed)}.")
+    if self.attention_query_blocks < 1:
+      raise ConfigError(f"{where}.attention_query_blocks must be >= 1, got "
+                        f"{self.attention_query_blocks}.")
     if self.moe_block_size <= 0:
       raise ConfigError(f"{where}.moe_block_size must be positive, got {self.moe_block_size}.")
     if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:

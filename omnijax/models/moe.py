@@ -59,6 +59,31 @@ def _swiglu_rows(gmm, x, wg, wu, wd):
   return gmm(jax.nn.silu(gmm(x, wg)) * gmm(x, wu), wd)
 
 
+@jax.custom_vjp
+def tiled_matmul(tiles: jax.Array, w: jax.Array, tile_expert: jax.Array) -> jax.Array:
+  """tiles (T, b, K) @ w[tile_expert] (T, K, N), tile_expert sorted ascending -> (T, b, N).
+
+  The backward pass gathers the weights again instead of keeping the (T, K, N) gathered copy
+  alive until then, and sums weight gradients per expert with a sorted segment sum.
+  """
+  return jnp.einsum("tbk,tkn->tbn", tiles, w[tile_expert])
+
+
+def _tiled_matmul_fwd(tiles, w, tile_expert):
+  return tiled_matmul(tiles, w, tile_expert), (tiles, w, tile_expert)
+
+
+def _tiled_matmul_bwd(res, g):
+  tiles, w, tile_expert = res
+  d_tiles = jnp.einsum("tbn,tkn->tbk", g, w[tile_expert])
+  d_w = jax.ops.segment_sum(jnp.einsum("tbk,tbn->tkn", tiles, g), tile_expert,
+                            num_segments=w.shape[0], indices_are_sorted=True)
+  return d_tiles, d_w.astype(w.dtype), None
+
+
+tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
+
+
 def expert_ffn(x: jax.Array, slot_token: jax.Array, slot_expert: jax.Array, wg, wu, wd,
                impl: str, block: int) -> jax.Array:
   """SwiGLU of expert ``slot_expert[i]`` on row ``x[slot_token[i]]`` for every slot i.
@@ -82,23 +107,27 @@ def expert_ffn(x: jax.Array, slot_token: jax.Array, slot_expert: jax.Array, wg, 
   if impl != "blocked":
     raise ValueError(f"unknown expert path {impl!r}")
   # Pad each expert's rows up to whole tiles of `block` rows; tile t belongs to one expert.
+  # One spare tile at the end is never used by an expert: its rows stay zero, so their
+  # output is zero, and empty slots point there.
   block = min(block, max(8, 1 << (n - 1).bit_length()))
   padded = (sizes + block - 1) // block * block
   padded_end = jnp.cumsum(padded)
   padded_start = padded_end - padded
-  num_rows = (n + num_experts * (block - 1) + block - 1) // block * block
+  num_rows = (n + num_experts * (block - 1) + block - 1) // block * block + block
   num_tiles = num_rows // block
   safe_expert = jnp.minimum(sorted_expert, num_experts - 1)
   dest_sorted = padded_start[safe_expert] + jnp.arange(n) - starts[safe_expert]
-  dest_sorted = jnp.where(valid_sorted, dest_sorted, num_rows)  # empty slots fall off the end
+  dest_sorted = jnp.where(valid_sorted, dest_sorted, num_rows - 1)
   dest = jnp.zeros((n,), jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))
-  buf = jnp.zeros((num_rows, x.shape[1]), x.dtype).at[dest].set(x[slot_token], mode="drop")
+  # Empty slots carry zero rows (x is zero there), so the spare row stays zero.
+  buf = jnp.zeros((num_rows, x.shape[1]), x.dtype).at[dest].set(
+      x[slot_token], mode="promise_in_bounds")
   tile_expert = jnp.minimum(
       jnp.searchsorted(padded_end, jnp.arange(num_tiles) * block, side="right"), num_experts - 1)
   tiles = buf.reshape(num_tiles, block, -1)
-  gmm = lambda a, w: jnp.einsum("tbd,tdf->tbf", a, w[tile_expert])
+  gmm = lambda a, w: tiled_matmul(a, w, tile_expert)
   out = _swiglu_rows(gmm, tiles, wg, wu, wd).reshape(num_rows, -1)
-  return jnp.take(out, dest, axis=0, mode="fill", fill_value=0)
+  return out.at[dest].get(mode="promise_in_bounds")
 
 
 def combine(y_slots: jax.Array, weights: jax.Array) -> jax.Array:

@@ -103,5 +103,5 @@ def get(name: str) -> ml_collections.ConfigDict:
   d["impl"] = dict(dtype="float32", param_dtype="float32", remat_policy="none",
                    moe_impl="auto", moe_block_size=128,
                    moe_capacity_factor=config_dict.placeholder(float),
-                   attention_impl="xla")
+                   attention_query_blocks=8)
   return ml_collections.ConfigDict(d)

@@ -68,21 +68,20 @@ def make_train_step(model: Thinker, tx: optax.GradientTransformation, schedule: 
 
   def train_step(state: TrainState, batch):
     num_loss_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-    micro = jax.tree.map(
-        lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
-        batch)
     grad_fn = jax.grad(loss_terms, argnums=1, has_aux=True)
-
-    def accumulate(carry, mb):
-      grads, totals = carry
-      g, m = grad_fn(model, state.params, mb, num_loss_tokens, grad_accum_steps, z_loss)
-      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, totals, m)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    _, m0 = jax.eval_shape(lambda: grad_fn(model, state.params, jax.tree.map(lambda x: x[0], micro),
-                                           num_loss_tokens, grad_accum_steps, z_loss))
-    totals0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
-    (grads, totals), _ = jax.lax.scan(accumulate, (zeros, totals0), micro)
+    micro_grads = lambda mb: grad_fn(model, state.params, mb, num_loss_tokens, grad_accum_steps,
+                                     z_loss)
+    if grad_accum_steps == 1:
+      grads, totals = micro_grads(batch)
+    else:
+      micro = jax.tree.map(
+          lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
+          batch)
+      # The first microbatch initialises the sums (no zero-filled copy of the params).
+      first = micro_grads(jax.tree.map(lambda x: x[0], micro))
+      (grads, totals), _ = jax.lax.scan(
+          lambda acc, mb: (jax.tree.map(jnp.add, acc, micro_grads(mb)), None), first,
+          jax.tree.map(lambda x: x[1:], micro))
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -92,8 +91,8 @@ def make_train_step(model: Thinker, tx: optax.GradientTransformation, schedule: 
         loss=ce + model.cfg.text.router_aux_loss_coef * totals["aux_loss"],
         ce_loss=ce,
         aux_loss=totals["aux_loss"],
-        grad_norm=optax.global_norm(grads),
-        param_norm=optax.global_norm(params),
+        grad_norm=optax.tree.norm(grads),
+        param_norm=optax.tree.norm(params),
         learning_rate=schedule(state.step),
         loss_tokens=num_loss_tokens,
         moe_dropped=totals["moe_dropped"],
