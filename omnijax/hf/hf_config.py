@@ -19,7 +19,7 @@ _TOKEN_FIELDS = ("audio_token_id", "image_token_id", "video_token_id", "audio_st
 
 def text_config_to_hf(t: TextConfig) -> dict[str, Any]:
   d = dataclasses.asdict(t)
-  for k in ("rope_theta", "mrope_section", "shared_expert_intermediate_size"):
+  for k in ("rope_theta", "mrope_section", "shared_expert_intermediate_size", "modality_routers"):
     d.pop(k)
   d.update(
       mlp_only_layers=list(t.mlp_only_layers),
@@ -58,6 +58,11 @@ def to_hf_config(cfg: ThinkerConfig, dtype: str = "float32") -> dict[str, Any]:
         "the Qwen3-Omni Thinker has no shared expert, so a Thinker with "
         "model.text.shared_expert_intermediate_size > 0 cannot be exported in the released "
         "layout; set it to 0 (shared experts belong to the Talker).")
+  if cfg.text.modality_routers:
+    raise ConfigError(
+        "model.text.modality_routers=True (one router per modality) has no counterpart in "
+        "transformers' Qwen3-Omni, which routes every token with one gate; this model cannot "
+        "be exported. Train with modality_routers=False to export.")
   audio = dataclasses.asdict(cfg.audio) | dict(activation_function="gelu")
   vision = dataclasses.asdict(cfg.vision) | dict(
       hidden_act="gelu_pytorch_tanh",

@@ -40,6 +40,7 @@ class TextConfig:
   mrope_section: tuple[int, int, int] = (24, 20, 20)
   router_aux_loss_coef: float = 0.001
   max_position_embeddings: int = 65536
+  modality_routers: bool = False  # one router per modality over shared experts (not in transformers)
 
   def is_moe_layer(self, i: int) -> bool:
     return (

@@ -31,17 +31,24 @@ class DecoderLayer(nn.Module):
   moe: bool
 
   @nn.compact
-  def __call__(self, h, cos, sin, segment_ids, token_mask):
+  def __call__(self, h, layer_index, cos, sin, segment_ids, modality, deepstack):
+    """`modality` (B,S) selects the router when the config has modality routers; `deepstack`
+    (taps, B, S, D) or None is added to the output of layer i < taps (DeepStack)."""
     cfg, pdt = self.cfg, dtype_of(self.impl.param_dtype)
     x = RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(h)
     h = h + Attention(cfg, self.impl, name="self_attn")(x, cos, sin, segment_ids)
     x = RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(h)
     if self.moe:
-      y, stats = SparseMoeBlock(cfg, self.impl, name="mlp")(x, token_mask)
+      y, stats = SparseMoeBlock(cfg, self.impl, name="mlp")(x, segment_ids != 0, modality)
     else:
       y, stats = SwiGLU(cfg.intermediate_size, dtype_of(self.impl.dtype), pdt, name="mlp")(x), {}
-    h = constrain(h + y, ("batch", "seq", "act_embed"))
-    return h, stats
+    h = h + y
+    if deepstack is not None:
+      taps = deepstack.shape[0]
+      tap = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(layer_index, taps - 1), 0,
+                                         keepdims=False)
+      h = h + jnp.where(layer_index < taps, tap, 0).astype(h.dtype)
+    return constrain(h, ("batch", "seq", "act_embed")), stats
 
 
 class Decoder(nn.Module):
@@ -51,20 +58,19 @@ class Decoder(nn.Module):
   impl: ImplConfig
 
   @nn.compact
-  def __call__(self, h, positions, segment_ids):
+  def __call__(self, h, positions, segment_ids, modality=None, deepstack=None):
     cfg = self.cfg
     cos, sin = tm_rope.cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
-    token_mask = segment_ids != 0
     stats = []
-    for i, (moe, first, count) in enumerate(cfg.layer_blocks()):
+    for moe, first, count in cfg.layer_blocks():
       layer = DecoderLayer
       if self.impl.remat_policy != "none":
         layer = nn.remat(layer, policy=_POLICIES[self.impl.remat_policy], prevent_cse=False)
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * 4, length=count,
+                      in_axes=(0,) + (nn.broadcast,) * 5, length=count,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       h, block_stats = stack(cfg, self.impl, moe, name=f"layers_{first}_{first + count}")(
-          h, cos, sin, segment_ids, token_mask)
+          h, jnp.arange(first, first + count), cos, sin, segment_ids, modality, deepstack)
       if moe:
         stats.append(block_stats)
     h = RMSNorm(cfg.rms_norm_eps, dtype_of(self.impl.param_dtype), name="norm")(h)

@@ -31,14 +31,18 @@ from omnijax.models.config import ImplConfig, TextConfig
 from omnijax.models.layers import SwiGLU, constrain, dtype_of, logical_param
 
 
-def route(x: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool):
-  """x (T, D) -> (weights (T, k) in x.dtype, expert ids (T, k) int32, probs (T, E) float32)."""
-  logits = x.astype(jnp.float32) @ router.astype(jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1)
+NUM_MODALITIES = 4  # text, image, audio, video (omnijax.models.thinker.MODALITIES)
+
+
+def route(logits: jax.Array, top_k: int, norm_topk_prob: bool, dtype):
+  """Router logits (T, E) -> (weights (T, k) in dtype, expert ids (T, k) int32, probs (T, E)).
+
+  Softmax over all experts in float32, top-k, optionally renormalised to sum to 1."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   top_p, top_i = jax.lax.top_k(probs, top_k)
   if norm_topk_prob:
     top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-  return top_p.astype(x.dtype), top_i.astype(jnp.int32), probs
+  return top_p.astype(dtype), top_i.astype(jnp.int32), probs
 
 
 def resolve_impl(impl: str) -> str:
@@ -258,18 +262,29 @@ class SparseMoeBlock(nn.Module):
   impl: ImplConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, token_mask: jax.Array):
+  def __call__(self, x: jax.Array, token_mask: jax.Array, modality: jax.Array | None = None):
     cfg = self.cfg
     dtype, pdt = dtype_of(self.impl.dtype), dtype_of(self.impl.param_dtype)
     d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
-    router = logical_param(self, "gate", (d, e), ("embed", "router"), pdt)
+    b, s, _ = x.shape
+    x32 = x.reshape(b * s, d).astype(jnp.float32)
+    if cfg.modality_routers:
+      # Ming-Omni's modality-specific routers: one gate per modality (text, image, audio,
+      # video) over the shared experts; each token is routed by its modality's gate.
+      gates = logical_param(self, "modality_gates", (NUM_MODALITIES, d, e),
+                            (None, "embed", "router"), pdt)
+      if modality is None:
+        modality = jnp.zeros((b, s), jnp.int32)
+      per_gate = jnp.einsum("td,mde->tme", x32, gates.astype(jnp.float32))
+      logits = jnp.take_along_axis(per_gate, modality.reshape(-1, 1, 1), axis=1)[:, 0]
+    else:
+      router = logical_param(self, "gate", (d, e), ("embed", "router"), pdt)
+      logits = x32 @ router.astype(jnp.float32)
     wg = logical_param(self, "experts_gate_proj", (e, d, f), ("exp", "embed", "mlp"), pdt)
     wu = logical_param(self, "experts_up_proj", (e, d, f), ("exp", "embed", "mlp"), pdt)
     wd = logical_param(self, "experts_down_proj", (e, f, d), ("exp", "mlp", "embed"), pdt)
 
-    b, s, _ = x.shape
-    top_w, top_i, probs = route(x.reshape(b * s, d), router, cfg.num_experts_per_tok,
-                                cfg.norm_topk_prob)
+    top_w, top_i, probs = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob, dtype)
     k = cfg.num_experts_per_tok
     top_w = constrain(top_w.reshape(b, s, k), ("batch", "seq", None))
     top_i = constrain(top_i.reshape(b, s, k), ("batch", "seq", None))

@@ -16,8 +16,17 @@ from omnijax.models.decoder import Decoder
 from omnijax.models.layers import constrain, dtype_of, logical_param
 
 
+MODALITIES = ("text", "image", "audio", "video")
+
+
 class Thinker(nn.Module):
   cfg: ThinkerConfig
+
+  def modality(self, input_ids: jax.Array) -> jax.Array:
+    """(B, S) index into MODALITIES from the placeholder tokens (everything else is text)."""
+    c = self.cfg
+    return jnp.select([input_ids == c.image_token_id, input_ids == c.audio_token_id,
+                       input_ids == c.video_token_id], [1, 2, 3], 0).astype(jnp.int32)
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
@@ -35,7 +44,8 @@ class Thinker(nn.Module):
                           ("vocab", "embed"), pdt)
     h = jnp.take(embed, input_ids, axis=0).astype(dtype)
     h = constrain(h, ("batch", "seq", "act_embed"))
-    h, stats = Decoder(text, impl, name="model")(h, positions, segment_ids)
+    modality = self.modality(input_ids) if text.modality_routers else None
+    h, stats = Decoder(text, impl, name="model")(h, positions, segment_ids, modality)
     lm_head = logical_param(self, "lm_head", (text.hidden_size, text.vocab_size),
                             ("embed", "vocab"), pdt)
     logits = jnp.einsum("bsd,dv->bsv", h, lm_head.astype(dtype),
