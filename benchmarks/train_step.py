@@ -49,7 +49,7 @@ def omnijax_run(cfg: ThinkerConfig, batch: int, seq: int, steps: int, warmup: in
     init, _, state_sharding = step_lib.state_shardings(model, tx, mesh, rules, seq)
     state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(0))
     params0 = jax.device_get(state.params)
-    train_step, batch_sharding = step_lib.compile_train_step(
+    train_step = step_lib.compile_train_step(
         model, tx, schedule, mesh, rules, state_sharding, grad_accum_steps=1, z_loss=0.0)
     times, losses = [], []
     for i, tokens in enumerate(batches(cfg, batch, seq, warmup + steps)):
@@ -59,7 +59,8 @@ def omnijax_run(cfg: ThinkerConfig, batch: int, seq: int, steps: int, warmup: in
                       np.arange(seq, dtype=np.int32), (batch, 3, seq))),
                   loss_mask=np.ones((batch, seq), np.float32))
       start = time.perf_counter()
-      state, metrics = train_step(state, jax.device_put(host, batch_sharding))
+      batch = jax.device_put(host, step_lib.batch_shardings(host, mesh, rules))
+      state, metrics = train_step(state, batch)
       losses.append(float(metrics["loss"]))
       if i >= warmup:
         times.append(time.perf_counter() - start)

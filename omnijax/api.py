@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from omnijax.hf import convert, safetensors_io
+from omnijax.models import media as media_lib
+from omnijax.models import positions as positions_lib
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.decoder import load_balancing_loss
 from omnijax.models.thinker import Thinker
@@ -24,14 +26,16 @@ from omnijax.train import checkpoint as ckpt_lib
 
 MULTIMODAL_INPUTS = ("input_features", "feature_attention_mask", "audio_feature_lengths",
                      "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                     "use_audio_in_video", "video_second_per_grid")
+                     "use_audio_in_video", "video_second_per_grid", "attention_mask")
 
 
 @functools.lru_cache(maxsize=None)
 def _forward(config: ThinkerConfig):
-  """The jitted forward of a config, shared by every Model of that config (compiled per shape)."""
+  """The jitted forward of a config, shared by every Model of that config (compiled per shape:
+  media buffers are bucketed, so varied media sizes share compilations)."""
   model = Thinker(config)
-  return jax.jit(lambda p, ids, pos: model.apply({"params": p}, ids, positions=pos))
+  return jax.jit(lambda p, ids, pos, seg, media: model.apply(
+      {"params": p}, ids, positions=pos, segment_ids=seg, media=media))
 
 
 class Model:
@@ -43,14 +47,10 @@ class Model:
     self.step = step  # the workdir checkpoint step loaded (None: init_params or transformers)
 
   def _run(self, input_ids, positions, multimodal: dict[str, Any]):
-    if multimodal:
-      names = sorted(multimodal)
-      unknown = [n for n in names if n not in MULTIMODAL_INPUTS]
-      if unknown:
-        raise TypeError(f"unexpected argument(s) {unknown}; the inputs are input_ids and "
-                        "positions (3, B, S).")
-      raise NotImplementedError(f"got {names}: multimodal inputs arrive with the multimodal "
-                                "Thinker issue; for now the model takes text input_ids only.")
+    unknown = sorted(set(multimodal) - set(MULTIMODAL_INPUTS))
+    if unknown:
+      raise TypeError(f"unexpected argument(s) {unknown}; besides input_ids and positions the "
+                      f"model takes the transformers Thinker's {list(MULTIMODAL_INPUTS)}.")
     ids = _as_numpy(input_ids)
     if ids.ndim == 1:
       ids = ids[None]
@@ -61,7 +61,19 @@ class Model:
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
       raise ValueError(f"input_ids must lie in [0, vocab_size={vocab}); got [{ids.min()}, "
                        f"{ids.max()}].")
-    pos = None
+    mm = {k: _as_numpy(v) for k, v in multimodal.items()
+          if v is not None and k not in ("use_audio_in_video", "attention_mask")}
+    if "feature_attention_mask" in mm and "input_features" in mm:
+      mm["audio_seqlens"] = mm["feature_attention_mask"].sum(-1)
+    elif "audio_feature_lengths" in mm:
+      mm["audio_seqlens"] = mm.pop("audio_feature_lengths")
+    attention_mask = multimodal.get("attention_mask")
+    seg = None if attention_mask is None else jnp.asarray(_as_numpy(attention_mask), jnp.int32)
+    media = media_lib.from_hf_inputs(
+        self.config, ids, **{k: mm[k] for k in ("input_features", "feature_attention_mask",
+                                                "pixel_values", "image_grid_thw",
+                                                "pixel_values_videos", "video_grid_thw")
+                             if k in mm})
     if positions is not None:
       pos = _as_numpy(positions)
       if pos.ndim == 2:
@@ -69,18 +81,30 @@ class Model:
       if pos.shape != (3,) + ids.shape:
         raise ValueError(f"positions must have shape (3, B, S) = {(3,) + ids.shape} (T, H, W "
                          f"rows; (3, S) for 1-D input_ids), got {_as_numpy(positions).shape}.")
-      pos = jnp.asarray(pos, jnp.int32)
-    return _forward(self.config)(self.params, jnp.asarray(ids, jnp.int32), pos)
+    else:
+      pos, _ = positions_lib.rope_index(
+          ids, **positions_lib.rope_kwargs_from_config(self.config), dtype=np.float32,
+          attention_mask=None if attention_mask is None else _as_numpy(attention_mask),
+          **{k: mm[k] for k in ("image_grid_thw", "video_grid_thw", "video_second_per_grid",
+                                "audio_seqlens") if k in mm})
+    return _forward(self.config)(self.params, jnp.asarray(ids, jnp.int32),
+                                 jnp.asarray(pos, jnp.float32), seg, media)
 
   def logits(self, input_ids, positions=None, **multimodal) -> np.ndarray:
-    """float32 logits (B, S, V); input_ids (B, S) or (S,) (batch 1) as numpy, torch or lists;
-    positions: TM-RoPE ids (3, B, S), default 0..S-1 on every row."""
+    """float32 logits (B, S, V) for input_ids (B, S) or (S,) (batch 1) as numpy, torch or lists.
+
+    Multimodal inputs take transformers' names and layouts (`input_features`,
+    `feature_attention_mask`, `pixel_values`, `image_grid_thw`, `pixel_values_videos`,
+    `video_grid_thw`, `video_second_per_grid`, `use_audio_in_video`, `attention_mask`), with
+    the placeholder tokens already in input_ids (as the transformers processor lays them out).
+    positions: TM-RoPE ids (3, B, S); computed from the inputs (as transformers'
+    get_rope_index) when omitted."""
     logits, _ = self._run(input_ids, positions, multimodal)
     return np.asarray(logits, np.float32)
 
-  def aux_loss(self, input_ids, positions=None) -> float:
+  def aux_loss(self, input_ids, positions=None, **multimodal) -> float:
     """The load-balancing loss pooled over MoE layers (transformers' `aux_loss`)."""
-    _, stats = self._run(input_ids, positions, {})
+    _, stats = self._run(input_ids, positions, multimodal)
     return float(load_balancing_loss(stats, self.config.text.num_experts))
 
   def save_hf(self, out_dir: str | Path, *, dtype: str = "float32",

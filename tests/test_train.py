@@ -44,9 +44,9 @@ def _one_step(mesh_shape, devices, cfg, batch, grad_accum=2):
   with st.mesh_context(mesh, rules):
     init, _, shardings = st.state_shardings(model, tx, mesh, rules, batch["inputs"].shape[1])
     state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
-    step, batch_sharding = st.compile_train_step(model, tx, sched, mesh, rules, shardings,
-                                                 grad_accum_steps=grad_accum, z_loss=1e-4)
-    sharded_batch = jax.device_put(batch, batch_sharding)
+    step = st.compile_train_step(model, tx, sched, mesh, rules, shardings,
+                                 grad_accum_steps=grad_accum, z_loss=1e-4)
+    sharded_batch = jax.device_put(batch, st.batch_shardings(batch, mesh, rules))
     grads = jax.jit(jax.grad(lambda p, b: st.loss_terms(model, p, b, 507.0, 1, 1e-4)[0]))(
         state.params, sharded_batch)
     state, metrics = step(state, sharded_batch)

@@ -2,9 +2,8 @@
 
 The directory holds ``config.json`` (a ``Qwen3OmniMoeConfig`` with ``enable_audio_output``
 off) and safetensors in the released Hub layout (``thinker.model.layers.N...``, one tensor per
-expert), which ``Qwen3OmniMoeForConditionalGeneration.from_pretrained`` loads. Only the text
-decoder is written; the audio and vision towers are not trained by omnijax yet, so transformers
-initialises them randomly on load.
+expert; ``thinker.audio_tower.*``; ``thinker.visual.*``), which
+``Qwen3OmniMoeForConditionalGeneration.from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -23,8 +22,13 @@ from flax import traverse_util
 from omnijax.hf import safetensors_io
 from omnijax.hf.hf_config import from_hf_config, to_hf_config
 from omnijax.hf.keymap import THINKER_TEXT, CheckpointError, iter_text_to_hf, text_from_hf
+from omnijax.hf.keymap_audio import audio_from_hf, iter_audio_to_hf
+from omnijax.hf.keymap_vision import iter_vision_to_hf, vision_from_hf
+from omnijax.models import media
 from omnijax.models.config import ImplConfig, ThinkerConfig
 from omnijax.models.thinker import Thinker
+
+TOWERS = ("audio_tower", "visual")
 
 CONFIG_FILE = "config.json"
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -34,7 +38,8 @@ def abstract_params(cfg: ThinkerConfig):
   """ShapeDtypeStructs of the Thinker's params (dtype: cfg.impl.param_dtype)."""
   model = Thinker(cfg)
   ids = jnp.zeros((1, 1), jnp.int32)
-  return jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), ids)["params"]))
+  return jax.eval_shape(lambda: nn.meta.unbox(
+      model.init(jax.random.key(0), ids, media=media.empty_media(cfg, 1))["params"]))
 
 
 def check_params(cfg: ThinkerConfig, params) -> None:
@@ -53,9 +58,14 @@ def check_params(cfg: ThinkerConfig, params) -> None:
 
 
 def hf_tensors(cfg: ThinkerConfig, params, dtype: str = "float32") -> Iterator[tuple[str, Any]]:
-  """(transformers key, numpy tensor in `dtype`) of every Thinker text tensor, lazily."""
+  """(transformers key, numpy tensor in `dtype`) of every Thinker tensor, lazily."""
   np_dtype = EXPORT_DTYPES[dtype]
-  for key, w in iter_text_to_hf(nn.meta.unbox(params), cfg.text, THINKER_TEXT):
+  params = nn.meta.unbox(params)
+  text = {k: v for k, v in params.items() if k not in TOWERS}
+  tensors = (iter_text_to_hf(text, cfg.text, THINKER_TEXT),
+             iter_audio_to_hf(params["audio_tower"], cfg.audio),
+             iter_vision_to_hf(params["visual"], cfg.vision))
+  for key, w in (kw for part in tensors for kw in part):
     yield key, w.astype(np_dtype, copy=False)
 
 
@@ -88,4 +98,9 @@ def load_hf(hf_dir: str | Path, impl: ImplConfig = ImplConfig()) -> tuple[Thinke
                             "checkpoint directory (config.json + safetensors).")
   cfg = from_hf_config(json.loads((hf_dir / CONFIG_FILE).read_text()), impl)
   reader = safetensors_io.Reader(hf_dir)
-  return cfg, text_from_hf(reader, abstract_params(cfg), cfg.text, THINKER_TEXT)
+  abstract = abstract_params(cfg)
+  params = text_from_hf(reader, {k: v for k, v in abstract.items() if k not in TOWERS}, cfg.text,
+                        THINKER_TEXT)
+  params["audio_tower"] = audio_from_hf(reader, abstract["audio_tower"], cfg.audio)
+  params["visual"] = vision_from_hf(reader, abstract["visual"], cfg.vision)
+  return cfg, params

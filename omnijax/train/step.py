@@ -12,6 +12,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from omnijax import sharding as shd
+from omnijax.models import media as media_lib
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.decoder import load_balancing_loss
 from omnijax.models.thinker import Thinker
@@ -35,9 +36,10 @@ def dummy_batch(batch: int, seq: int) -> dict[str, jax.Array]:
 
 
 def forward(model: Thinker, params, batch):
+  media = {k: v for k, v in batch.items() if k not in BATCH_KEYS}
   return model.apply({"params": params}, batch["inputs"],
                      positions=jnp.swapaxes(batch["positions"], 0, 1),
-                     segment_ids=batch["segment_ids"])
+                     segment_ids=batch["segment_ids"], media=media)
 
 
 def loss_terms(model: Thinker, params, batch, num_loss_tokens, num_micro: int, z_loss: float):
@@ -109,8 +111,9 @@ def state_shardings(model: Thinker, tx, mesh: Mesh, rules, seq_len: int):
   """(init function, abstract unboxed state, state shardings): nothing is materialised."""
 
   def init(rng):
-    ids = jnp.zeros((shd.num_batch_shards(mesh, rules), seq_len), jnp.int32)
-    variables = model.init(rng, ids)
+    rows = shd.num_batch_shards(mesh, rules)
+    ids = jnp.zeros((rows, seq_len), jnp.int32)
+    variables = model.init(rng, ids, media=media_lib.empty_media(model.cfg, rows))
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -121,14 +124,19 @@ def state_shardings(model: Thinker, tx, mesh: Mesh, rules, seq_len: int):
   return unboxed_init, abstract, shardings
 
 
+def batch_shardings(batch, mesh: Mesh, rules):
+  """Every batch array is split over the logical `batch` axis along its leading dimension."""
+  return {k: shd.batch_sharding(mesh, rules, ndim=v.ndim) if v.ndim else shd.replicated(mesh)
+          for k, v in batch.items()}
+
+
 def compile_train_step(model, tx, schedule, mesh: Mesh, rules, state_sharding, *,
                        grad_accum_steps: int, z_loss: float):
+  """The jitted step; the batch keeps the shardings it was placed with (`batch_shardings`)."""
   step = make_train_step(model, tx, schedule, grad_accum_steps, z_loss)
-  batch_sharding = {k: shd.batch_sharding(mesh, rules, ndim=3 if k == "positions" else 2)
-                    for k in BATCH_KEYS}
-  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+  return jax.jit(step, in_shardings=(state_sharding, None),
                  out_shardings=(state_sharding, NamedSharding(mesh, P())),
-                 donate_argnums=(0,)), batch_sharding
+                 donate_argnums=(0,))
 
 
 class mesh_context:

@@ -151,7 +151,7 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   with step_lib.mesh_context(mesh, rules):
     init_fn, abstract_state, state_sharding = step_lib.state_shardings(
         model, tx, mesh, rules, seq_len)
-    train_step, batch_sharding = step_lib.compile_train_step(
+    train_step = step_lib.compile_train_step(
         model, tx, schedule, mesh, rules, state_sharding,
         grad_accum_steps=tr.grad_accum_steps, z_loss=tr.z_loss)
 
@@ -193,9 +193,10 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   interval_start, interval_steps = None, 0
   end = min(tr.total_steps, tr.stop_at_step or tr.total_steps)
   for step in range(start, end):
-    host_batch = next(data_iter)
-    batch = {k: jax.make_array_from_process_local_data(batch_sharding[k], np.asarray(host_batch[k]))
-             for k in step_lib.BATCH_KEYS}
+    host_batch = {k: np.asarray(v) for k, v in next(data_iter).items()}
+    shardings = step_lib.batch_shardings(host_batch, mesh, rules)
+    batch = {k: jax.make_array_from_process_local_data(shardings[k], v)
+             for k, v in host_batch.items()}
     with step_lib.mesh_context(mesh, rules):
       state, metrics = train_step(state, batch)
     done = step + 1
