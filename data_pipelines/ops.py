@@ -17,12 +17,17 @@ An op rejects a bad example by raising ``BadRecord(reason)`` with one of
 ``SKIP_REASONS``; the pipeline then skips the example and counts it by reason.
 Any other exception is a bug and propagates.
 
-Modality modules (``decode_image``, ``decode_audio``, ``log_mel``, ...) register
-their ops the same way; importing their module registers them.
+Modality modules register their ops the same way; ``build_ops`` imports them
+when a spec names an op not registered yet: ``data_pipelines.audio``
+(``decode_audio``, ``log_mel``), ``data_pipelines.vision`` (``decode_image``,
+``resize_image``, ``patchify_image``) and ``data_pipelines.video``
+(``decode_video``).
 """
 
 import ast
 import dataclasses
+import importlib
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,8 +35,22 @@ import numpy as np
 
 # Why a record was skipped. Generic on purpose, so that media decoders reuse
 # them: "undecodable" (bytes that do not parse: record or media), "invalid_utf8",
-# "empty" (nothing left after cleaning), "missing_field".
-SKIP_REASONS = ("undecodable", "invalid_utf8", "empty", "missing_field")
+# "empty" (nothing left after cleaning; also audio shorter than one STFT frame
+# and images of no pixels), "missing_field". Media add:
+# "missing_media" (a referenced media file does not exist), "bad_sample_rate"
+# (outside 1 kHz..384 kHz), "non_finite" (NaN/inf samples), "silent_audio"
+# (digital silence), "too_long" (longer than allowed where truncating would be
+# wrong), "bad_aspect_ratio" (an image or video side over 200x the other).
+# Append new reasons at the end (checkpointed counts are keyed by name).
+SKIP_REASONS = (
+    "undecodable", "invalid_utf8", "empty", "missing_field", "missing_media",
+    "bad_sample_rate", "non_finite", "silent_audio", "too_long",
+    "bad_aspect_ratio",
+)
+# Modules whose import registers the modality ops (imported on first use, so
+# that text-only users do not load the media libraries).
+_MODALITY_MODULES = ("data_pipelines.audio", "data_pipelines.vision",
+                     "data_pipelines.video")
 
 Example = dict[str, Any]
 Op = Callable[[Example], Example]
@@ -69,7 +88,13 @@ def register_op(name: str):
   return decorator
 
 
+def _import_modality_ops() -> None:
+  for module in _MODALITY_MODULES:
+    importlib.import_module(module)
+
+
 def registered_ops() -> list[str]:
+  _import_modality_ops()
   return sorted(_REGISTRY)
 
 
@@ -106,6 +131,8 @@ def build_ops(specs: Sequence[str], ctx: OpContext) -> list[Op]:
   for spec in specs:
     name, kwargs = parse_op_spec(spec)
     if name not in _REGISTRY:
+      _import_modality_ops()
+    if name not in _REGISTRY:
       raise ValueError(
           f"Unknown op {name!r} (spec {spec!r}). Registered ops: "
           + ", ".join(registered_ops())
@@ -117,10 +144,31 @@ def build_ops(specs: Sequence[str], ctx: OpContext) -> list[Op]:
   return ops
 
 
-def _require(example: Example, key: str) -> Any:
+def require(example: Example, key: str) -> Any:
+  """``example[key]``, or ``BadRecord("missing_field")``."""
   if key not in example:
     raise BadRecord("missing_field", key)
   return example[key]
+
+
+def read_media_bytes(value: Any, media_dir: str | None = None) -> bytes:
+  """Media given as bytes, or as a path (absolute or under ``media_dir``).
+
+  Raises:
+    BadRecord: ``missing_media`` if the path is not a readable file,
+      ``undecodable`` for a value of another type.
+  """
+  if isinstance(value, (bytes, bytearray, memoryview)):
+    return bytes(value)
+  if isinstance(value, str):
+    path = os.path.join(media_dir, value) if media_dir else value
+    try:
+      with open(path, "rb") as f:
+        return f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as e:
+      raise BadRecord("missing_media", f"{path}: {e.strerror}") from e
+  raise BadRecord("undecodable", f"media is {type(value).__name__}")
 
 
 @register_op("decode_text")
@@ -129,7 +177,7 @@ def _decode_text(ctx: OpContext, key: str = "text") -> Op:
   del ctx
 
   def op(example: Example) -> Example:
-    text = _require(example, key)
+    text = require(example, key)
     if isinstance(text, bytes):
       try:
         text = text.decode("utf-8")
@@ -156,7 +204,7 @@ def _tokenize(
   eos = np.array([tokenizer.eos_id], np.int32)
 
   def op(example: Example) -> Example:
-    tokens = tokenizer.encode(_require(example, key))
+    tokens = tokenizer.encode(require(example, key))
     if append_eos:
       tokens = np.concatenate([tokens, eos])
     return {**example, out_key: tokens}
@@ -172,7 +220,7 @@ def _truncate(ctx: OpContext, max_len: int, key: str = "tokens") -> Op:
     raise ValueError(f"truncate: max_len must be >= 1, got {max_len}")
 
   def op(example: Example) -> Example:
-    return {**example, key: _require(example, key)[:max_len]}
+    return {**example, key: require(example, key)[:max_len]}
 
   return op
 
@@ -188,7 +236,7 @@ def _lm_shift(ctx: OpContext, key: str = "tokens") -> Op:
   del ctx
 
   def op(example: Example) -> Example:
-    tokens = np.asarray(_require(example, key), np.int32)
+    tokens = np.asarray(require(example, key), np.int32)
     if len(tokens) < 2:
       raise BadRecord("empty", f"{key} has {len(tokens)} token(s)")
     out = {k: v for k, v in example.items() if k != key}

@@ -9,8 +9,9 @@ Layout of a dataset directory::
 Each ArrayRecord record is one example: a msgpack map (``use_bin_type=True``)
 with string keys. Text examples are ``{"text": str, "source": str, "id": str}``.
 The encoding is forward compatible: readers look up the keys they need and
-ignore the others, and media can be added later as msgpack ``bin`` values
-(``{"image": b"...jpeg...", "text": ...}``) without changing this module.
+ignore the others. Media are msgpack ``bin`` values holding the encoded file
+(``{"image": b"...png...", "text": ...}``); see ``data_pipelines.prepare`` for
+the fields of prepared multimodal examples.
 
 Shards are written with ``group_size:1`` so that
 ``grain.sources.ArrayRecordDataSource`` reads single records at random.
@@ -63,6 +64,46 @@ def shard_paths(directory: str | os.PathLike[str], split: str) -> list[str]:
   )))
 
 
+class ShardWriter:
+  """Writes examples of one split round-robin into ``num_shards`` ArrayRecord files.
+
+  Example ``i`` goes to shard ``i % num_shards``; existing shards of ``split``
+  in ``out_dir`` are deleted when the writer is created. ``close()`` returns
+  the split's entry for the manifest:
+  ``{"files": [basename, ...], "num_records": int, "num_bytes": int}``.
+  """
+
+  def __init__(self, out_dir: str | os.PathLike[str], split: str,
+               num_shards: int):
+    if num_shards < 1:
+      raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in shard_paths(out_dir, split):
+      os.remove(stale)
+    self._names = [
+        f"{split}{SHARD_INFIX}{i:05d}-of-{num_shards:05d}"
+        for i in range(num_shards)
+    ]
+    self._writers = [
+        array_record_module.ArrayRecordWriter(str(out_dir / n), "group_size:1")
+        for n in self._names
+    ]
+    self.num_records = self.num_bytes = 0
+
+  def write(self, example: Mapping[str, Any]) -> None:
+    record = encode_example(example)
+    self._writers[self.num_records % len(self._writers)].write(record)
+    self.num_records += 1
+    self.num_bytes += len(record)
+
+  def close(self) -> dict[str, Any]:
+    for writer in self._writers:
+      writer.close()
+    return {"files": list(self._names), "num_records": self.num_records,
+            "num_bytes": self.num_bytes}
+
+
 def write_shards(
     examples: Iterable[Mapping[str, Any]],
     out_dir: str | os.PathLike[str],
@@ -79,31 +120,13 @@ def write_shards(
     ``{"files": [basename, ...], "num_records": int, "num_bytes": int}``,
     the split's entry for the manifest.
   """
-  if num_shards < 1:
-    raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  for stale in shard_paths(out_dir, split):
-    os.remove(stale)
-  names = [
-      f"{split}{SHARD_INFIX}{i:05d}-of-{num_shards:05d}"
-      for i in range(num_shards)
-  ]
-  writers = [
-      array_record_module.ArrayRecordWriter(str(out_dir / n), "group_size:1")
-      for n in names
-  ]
-  num_records = num_bytes = 0
+  writer = ShardWriter(out_dir, split, num_shards)
   try:
-    for i, example in enumerate(examples):
-      record = encode_example(example)
-      writers[i % num_shards].write(record)
-      num_records += 1
-      num_bytes += len(record)
+    for example in examples:
+      writer.write(example)
   finally:
-    for writer in writers:
-      writer.close()
-  return {"files": names, "num_records": num_records, "num_bytes": num_bytes}
+    entry = writer.close()
+  return entry
 
 
 def open_shards(

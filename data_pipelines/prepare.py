@@ -1,0 +1,412 @@
+"""Prepares a folder of raw multimodal data into ArrayRecord shards.
+
+Usage::
+
+  python -m data_pipelines.prepare --manifest=DIR/manifest.jsonl --out=OUT \\
+      [--workers=N] [--source=NAME] [--shard_mb=256] [--max_audio_seconds=S]
+
+Manifest (JSONL, UTF-8, one JSON object per line; paths are relative to the
+manifest's folder)::
+
+  {"id": "t1", "task": "text", "text": "A document."}
+  {"id": "c1", "task": "caption", "image": "img/3.png", "text": "a red square"}
+  {"id": "s1", "task": "asr", "audio": "a/1.flac", "text": "the transcript"}
+  {"id": "a1", "task": "audio", "audio": "a/2.wav", "text": "a dog barks"}
+  {"id": "v1", "task": "video", "video": "v/2.mp4", "text": "narration"}
+
+Fields:
+
+  task     "text" | "caption" | "asr" | "audio" | "video". Optional: inferred
+           from the media present (video > image > audio with text: asr,
+           audio alone: audio > text).
+  text     the document (text), caption (caption), transcript (asr),
+           description (audio, video; optional there: a blank one is
+           dropped). ``caption`` and ``transcript`` are accepted as
+           aliases; ``text_file`` names a UTF-8 file holding it instead.
+  image / audio / video   media file paths (any format Pillow, libsndfile or
+           FFmpeg decodes). Required: image for caption, audio for asr and
+           audio, video for video.
+  id       optional, default ``"<manifest file stem>-<line number>"``.
+  split    optional, default "train" (letters, digits, "_" and "-").
+  source   optional, default ``--source`` (itself defaulting to the
+           manifest's folder name).
+  other    keys with a scalar JSON value (str, int, float, bool) are copied
+           into the record as they are (e.g. ``"speaker": "f3"``).
+
+Each line is validated in a worker process by decoding it the way the
+training ops do (``decode_text``, ``decode_image`` + ``smart_resize``,
+``decode_audio``, ``video.read_video`` + its audio track) and becomes one
+msgpack record (``data_pipelines.records``) in
+``OUT/{task}/{split}.array_record-*``, one dataset directory per task (so
+``records.open_shards(OUT / "asr", "train")`` is one source to mix, and
+``OUT/text`` is a ``make_text_dataset`` path):
+
+  id, task, source, text (if any)          str
+  modality     "text" | "image" | "audio" | "video" | "audio_video" (a video
+               whose audio track has sound)
+  image / audio / video                    the media file's bytes, unchanged
+  image_width, image_height                int
+  audio_seconds, audio_sample_rate         float, int (as stored in the file)
+  video_seconds, video_fps, video_frames,  float, float, int,
+  video_width, video_height                int, int
+  + the manifest line's extra scalar fields.
+
+A line that fails validation is skipped and counted by reason (the
+``ops.SKIP_REASONS`` of the failing op; a line that is not UTF-8 is
+``invalid_utf8``, one that is not a JSON object ``undecodable``, an unknown
+task, a bad split name or a missing required field ``missing_field``). An
+asr example longer than ``--max_audio_seconds`` is skipped as ``too_long``
+(its transcript covers the whole clip); other audio is kept
+(``decode_audio(max_seconds=...)`` truncates it at training time). The job
+never stops on bad data.
+
+The summary (counts per modality and task, skips per reason and per task,
+media and record bytes, the shards of each "task/split") goes to stdout and to
+``OUT/manifest.json`` (written last: it marks OUT complete); each skipped
+line is listed in ``OUT/skipped.jsonl`` (line, id, task, reason, detail).
+"""
+
+import argparse
+import collections
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import re
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+from data_pipelines import audio as audio_lib
+from data_pipelines import records
+from data_pipelines import video as video_lib
+from data_pipelines import vision
+from data_pipelines.ops import BadRecord, read_media_bytes
+
+KIND = "prepared_media"
+VERSION = 1
+TASKS = ("text", "caption", "asr", "audio", "video")
+_MEDIA = {"caption": "image", "asr": "audio", "audio": "audio", "video": "video"}
+_TEXT_REQUIRED = ("text", "caption", "asr")
+_TEXT_ALIASES = ("text", "caption", "transcript")
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_RESERVED = {
+    "id", "task", "modality", "source", "split", "text", "text_file",
+    "caption", "transcript", "image", "audio", "video", "image_width",
+    "image_height", "audio_seconds", "audio_sample_rate", "video_seconds",
+    "video_fps", "video_frames", "video_width", "video_height",
+}
+
+
+def infer_task(line: dict[str, Any]) -> str:
+  if "video" in line:
+    return "video"
+  if "image" in line:
+    return "caption"
+  if "audio" in line:
+    return "asr" if any(k in line for k in _TEXT_ALIASES + ("text_file",)) else "audio"
+  return "text"
+
+
+def _check_text(text: Any, what: str) -> str:
+  """A manifest string -> validated text (as the ``decode_text`` op checks)."""
+  if not isinstance(text, str):
+    raise BadRecord("undecodable", f"{what} is {type(text).__name__}")
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:  # Lone surrogates from JSON escapes.
+    raise BadRecord("invalid_utf8", f"{what}: {e}") from e
+  if not text.strip():
+    raise BadRecord("empty", what)
+  return text
+
+
+def _read_text(line: dict[str, Any], root: str) -> str | None:
+  if "text_file" in line:
+    data = read_media_bytes(line["text_file"], root)
+    try:
+      return _check_text(data.decode("utf-8"), "text_file")
+    except UnicodeDecodeError as e:
+      raise BadRecord("invalid_utf8", f"text_file: {e}") from e
+  for alias in _TEXT_ALIASES:
+    if alias in line:
+      return _check_text(line[alias], alias)
+  return None
+
+
+def _image_fields(data: bytes) -> dict[str, Any]:
+  image = vision.decode_image_bytes(data)
+  vision.smart_resize(*image.shape[:2])  # Raises bad_aspect_ratio.
+  return {"image_height": image.shape[0], "image_width": image.shape[1]}
+
+
+def _audio_fields(data: bytes, task: str,
+                  max_audio_seconds: float | None) -> dict[str, Any]:
+  samples, rate = audio_lib.decode_audio_bytes(data)
+  audio_lib.clean_waveform(samples, rate, max_seconds=max_audio_seconds,
+                           truncate=task != "asr")
+  if audio_lib.is_silent(samples):
+    raise BadRecord("silent_audio", "peak < %g" % audio_lib.SILENCE_PEAK)
+  return {"audio_seconds": len(samples) / rate, "audio_sample_rate": rate}
+
+
+def _video_fields(data: bytes) -> tuple[dict[str, Any], bool]:
+  decoded = video_lib.read_video(data)
+  has_audio = video_lib.audio_track(decoded["audio"]) is not None
+  return {
+      "video_seconds": decoded["total_frames"] / decoded["video_fps"],
+      "video_fps": decoded["video_fps"],
+      "video_frames": decoded["total_frames"],
+      "video_height": decoded["frames"].shape[1],
+      "video_width": decoded["frames"].shape[2],
+  }, has_audio
+
+
+def prepare_line(raw: bytes, line_no: int, root: str, default_id: str,
+                 default_source: str,
+                 max_audio_seconds: float | None = None) -> dict[str, Any]:
+  """One manifest line -> a record, validated; see the module doc.
+
+  Raises:
+    BadRecord: the line is skipped, with this reason.
+  """
+  try:
+    line = json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise BadRecord("invalid_utf8", f"manifest line: {e}") from e
+  except ValueError as e:
+    raise BadRecord("undecodable", f"manifest line: {e}") from e
+  if not isinstance(line, dict):
+    raise BadRecord("undecodable", f"manifest line is {type(line).__name__}")
+  task = line.get("task") or infer_task(line)
+  if task not in TASKS:
+    raise BadRecord("missing_field", f"unknown task {task!r}")
+  record = {"id": str(line.get("id", f"{default_id}-{line_no}")),
+            "task": task, "source": str(line.get("source", default_source))}
+  record.update({k: v for k, v in line.items() if k not in _RESERVED
+                 and isinstance(v, (str, int, float, bool))})
+  try:
+    text = _read_text(line, root)
+  except BadRecord as e:
+    if e.reason != "empty" or task in _TEXT_REQUIRED:
+      raise
+    text = None  # A blank optional description: the media alone.
+  if text is not None:
+    record["text"] = text
+  elif task in _TEXT_REQUIRED:
+    raise BadRecord("missing_field", f"text of a {task} example")
+  modality = "text"
+  if task in _MEDIA:
+    media = _MEDIA[task]
+    if media not in line:
+      raise BadRecord("missing_field", f"{media} of a {task} example")
+    data = read_media_bytes(line[media], root)
+    if media == "image":
+      record.update(_image_fields(data))
+      modality = "image"
+    elif media == "audio":
+      record.update(_audio_fields(data, task, max_audio_seconds))
+      modality = "audio"
+    else:
+      fields, has_audio = _video_fields(data)
+      record.update(fields)
+      modality = "audio_video" if has_audio else "video"
+    record[media] = data
+  record["modality"] = modality
+  return record
+
+
+def _work(args: tuple) -> tuple[int, str, Any]:
+  """Pool task: (line, "ok", (split, record)) or (line, "skip", (reason, detail))."""
+  line_no, raw, split, config = args
+  try:
+    if not _SPLIT_NAME.match(split):
+      raise BadRecord("missing_field", f"invalid split name {split!r}")
+    return line_no, "ok", (split, prepare_line(raw, line_no, **config))
+  except BadRecord as e:
+    return line_no, "skip", (e.reason, str(e))
+
+
+def _scan(manifest: pathlib.Path) -> list[tuple[int, bytes, str, int]]:
+  """Manifest lines with their split and media size (for shard counts)."""
+  lines = []
+  with open(manifest, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      if not raw.strip():
+        continue
+      split, size = "train", len(raw)
+      try:
+        line = json.loads(raw)
+        split = str(line.get("split", "train"))
+        for media in ("image", "audio", "video"):
+          if isinstance(line.get(media), str):
+            size += os.path.getsize(manifest.parent / line[media])
+      except (ValueError, AttributeError, OSError):
+        pass  # Counted for real (and skipped) by the worker.
+      lines.append((line_no, raw, split, size))
+  return lines
+
+
+class _Writers:
+  """One ``ShardWriter`` per (task, split), in ``OUT/{task}/``, made on use."""
+
+  def __init__(self, out: pathlib.Path, group_bytes: dict, shard_mb: float):
+    self._out, self._bytes, self._shard_mb = out, group_bytes, shard_mb
+    self._writers = {}
+
+  def write(self, task: str, split: str, record: dict[str, Any]) -> None:
+    if (task, split) not in self._writers:
+      size = self._bytes.get((task, split), 0)
+      self._writers[task, split] = records.ShardWriter(
+          self._out / task, split,
+          max(1, math.ceil(size / (self._shard_mb * 2**20))))
+    self._writers[task, split].write(record)
+
+  def close(self) -> dict[str, Any]:
+    """The manifest's ``splits``: ``{"task/split": entry}``, paths from OUT."""
+    splits = {}
+    for (task, split), writer in sorted(self._writers.items()):
+      entry = writer.close()
+      entry["files"] = [f"{task}/{name}" for name in entry["files"]]
+      splits[f"{task}/{split}"] = entry
+    return splits
+
+
+def prepare(manifest: str | os.PathLike[str], out: str | os.PathLike[str],
+            *, workers: int = 1, source: str | None = None,
+            shard_mb: float = 256, max_audio_seconds: float | None = None,
+            progress: bool = True,
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Runs the preparation; returns the summary written to ``OUT/manifest.json``.
+
+  Args:
+    manifest: the JSONL manifest.
+    out: output folder (its shards and manifest are replaced).
+    workers: validation processes (1: in this process).
+    source: default ``source`` field (default: the manifest's folder name).
+    shard_mb: target shard size; a task's split gets ceil(its bytes / this)
+      shards.
+    max_audio_seconds: asr clips longer than this are skipped as too_long.
+    progress: show a progress bar (on stderr).
+    extra: fields merged into the summary (e.g. a corpus's kind and version).
+  """
+  start = time.time()
+  manifest = pathlib.Path(manifest).resolve()
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / records.MANIFEST_NAME).unlink(missing_ok=True)  # Incomplete now.
+  for task in TASKS:
+    for stale in (out / task).glob(f"*{records.SHARD_INFIX}*"):
+      stale.unlink()
+  lines = _scan(manifest)
+  group_bytes = collections.Counter()
+  for _, raw, split, size in lines:
+    group_bytes[_describe(raw)[1], split] += size
+  writers = _Writers(out, group_bytes, shard_mb)
+  config = {"root": str(manifest.parent), "default_id": manifest.stem,
+            "default_source": source or manifest.parent.name,
+            "max_audio_seconds": max_audio_seconds}
+  tasks = [(line_no, raw, split, config) for line_no, raw, split, _ in lines]
+  counts = {"modality": collections.Counter(), "task": collections.Counter()}
+  skipped = collections.Counter()
+  skipped_by_task = collections.defaultdict(collections.Counter)
+  media_bytes = collections.Counter()
+  skip_log = []
+  raw_lines = {line_no: raw for line_no, raw, _, _ in lines}
+
+  def handle(line_no: int, status: str, payload: Any) -> None:
+    if status == "ok":
+      split, record = payload
+      writers.write(record["task"], split, record)
+      counts["modality"][record["modality"]] += 1
+      counts["task"][record["task"]] += 1
+      for media in ("image", "audio", "video"):
+        if media in record:
+          media_bytes[media] += len(record[media])
+    else:
+      reason, detail = payload
+      example_id, task = _describe(raw_lines[line_no])
+      skipped[reason] += 1
+      skipped_by_task[task][reason] += 1
+      skip_log.append({"line": line_no, "id": example_id, "task": task,
+                       "reason": reason, "detail": detail})
+
+  bar = Progress(TextColumn("prepare"), BarColumn(), MofNCompleteColumn(),
+                 TimeElapsedColumn(), TimeRemainingColumn(),
+                 console=Console(stderr=True), disable=not progress)
+  try:
+    with bar:
+      job = bar.add_task("prepare", total=len(tasks))
+      if workers <= 1:
+        for result in map(_work, tasks):
+          handle(*result)
+          bar.advance(job)
+      else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+          for result in pool.imap(_work, tasks, chunksize=4):
+            handle(*result)
+            bar.advance(job)
+  finally:
+    splits = writers.close()
+  with open(out / "skipped.jsonl", "w", encoding="utf-8") as f:
+    for entry in skip_log:
+      f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+  summary = {
+      "kind": KIND,
+      "version": VERSION,
+      "encoding": "msgpack",
+      "manifest": str(manifest),
+      "num_lines": len(lines),
+      "num_examples": sum(s["num_records"] for s in splits.values()),
+      "num_skipped": sum(skipped.values()),
+      "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
+      "skipped": dict(sorted(skipped.items())),
+      "skipped_by_task": {t: dict(sorted(c.items()))
+                          for t, c in sorted(skipped_by_task.items())},
+      "media_bytes": dict(sorted(media_bytes.items())),
+      "record_bytes": sum(s["num_bytes"] for s in splits.values()),
+      "splits": splits,
+      "seconds": round(time.time() - start, 2),
+      **(extra or {}),
+  }
+  records.write_manifest(out, summary)
+  return summary
+
+
+def _describe(raw: bytes) -> tuple[str | None, str]:
+  """(id, task) of a (possibly bad) manifest line, for skip statistics."""
+  try:
+    line = json.loads(raw)
+    task = line.get("task") or infer_task(line)
+    example_id = line.get("id")
+    return (None if example_id is None else str(example_id),
+            task if task in TASKS else "unknown")
+  except (ValueError, AttributeError):
+    return None, "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--manifest", required=True, help="JSONL manifest")
+  parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+  parser.add_argument("--source", default=None,
+                      help="default source name (default: manifest folder)")
+  parser.add_argument("--shard_mb", type=float, default=256)
+  parser.add_argument("--max_audio_seconds", type=float, default=None,
+                      help="skip asr clips longer than this (too_long)")
+  parser.add_argument("--no_progress", action="store_true")
+  args = parser.parse_args(argv)
+  summary = prepare(args.manifest, args.out, workers=args.workers,
+                    source=args.source, shard_mb=args.shard_mb,
+                    max_audio_seconds=args.max_audio_seconds,
+                    progress=not args.no_progress)
+  print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+  main()
