@@ -67,8 +67,19 @@ class Model:
       mm["audio_seqlens"] = mm["feature_attention_mask"].sum(-1)
     elif "audio_feature_lengths" in mm:
       mm["audio_seqlens"] = mm.pop("audio_feature_lengths")
+      if "input_features" in mm:  # right-padded (N, mel, T) features of these lengths
+        frames = mm["input_features"].shape[-1]
+        mm["feature_attention_mask"] = (np.arange(frames)[None]
+                                        < np.asarray(mm["audio_seqlens"]).reshape(-1, 1))
     attention_mask = multimodal.get("attention_mask")
-    seg = None if attention_mask is None else jnp.asarray(_as_numpy(attention_mask), jnp.int32)
+    if attention_mask is not None:
+      attention_mask = _as_numpy(attention_mask)
+      if attention_mask.ndim == 1:  # with 1-D input_ids: batch 1
+        attention_mask = attention_mask[None]
+      if attention_mask.shape != ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got "
+                         f"{_as_numpy(multimodal['attention_mask']).shape}.")
+    seg = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     media = media_lib.from_hf_inputs(
         self.config, ids, **{k: mm[k] for k in ("input_features", "feature_attention_mask",
                                                 "pixel_values", "image_grid_thw",
@@ -84,7 +95,7 @@ class Model:
     else:
       pos, _ = positions_lib.rope_index(
           ids, **positions_lib.rope_kwargs_from_config(self.config), dtype=np.float32,
-          attention_mask=None if attention_mask is None else _as_numpy(attention_mask),
+          attention_mask=attention_mask,
           **{k: mm[k] for k in ("image_grid_thw", "video_grid_thw", "video_second_per_grid",
                                 "audio_seqlens") if k in mm})
     return _forward(self.config)(self.params, jnp.asarray(ids, jnp.int32),

@@ -18,9 +18,9 @@ from safetensors.numpy import load_file, save_file
 import omnijax
 from omnijax import export
 from omnijax.errors import ConfigError
-from omnijax.hf import convert, hf_config, safetensors_io
+from omnijax.hf import convert, hf_config, keymap, keymap_audio, keymap_vision, safetensors_io
 from omnijax.hf.keymap import CheckpointError
-from omnijax.models import presets
+from omnijax.models import positions, presets
 from omnijax.models.config import ThinkerConfig
 from omnijax.train import checkpoint as ckpt_lib
 from omnijax.train.step import TrainState
@@ -36,11 +36,39 @@ def _config(**text) -> ThinkerConfig:
 
 
 def _random_params(cfg: ThinkerConfig, seed: int = 0):
+  """Random params of the whole Thinker: text decoder, audio_tower and visual."""
   rng = np.random.default_rng(seed)
   flat = traverse_util.flatten_dict(convert.abstract_params(cfg), sep="/")
+  assert {k.split("/")[0] for k in flat} >= set(convert.TOWERS)
   return traverse_util.unflatten_dict(
       {k: rng.standard_normal(v.shape).astype(np.float32) * 0.05 for k, v in flat.items()},
       sep="/")
+
+
+def _hf_keys(cfg: ThinkerConfig) -> set[str]:
+  """Every checkpoint key of the Thinker of `cfg`: text, audio tower, vision tower."""
+  text = {k for k, _ in keymap.iter_text_to_hf(
+      {k: v for k, v in _random_params(cfg).items() if k not in convert.TOWERS}, cfg.text,
+      keymap.THINKER_TEXT)}
+  return (text | set(keymap_audio.audio_hf_keys(cfg.audio))
+          | set(keymap_vision.vision_hf_keys(cfg.vision)))
+
+
+def _multimodal_inputs(cfg: ThinkerConfig):
+  """One row with an audio (130 mel frames) and an image (4x4 patches) as the processor lays
+  them out, and the transformers-style arguments."""
+  rng = np.random.default_rng(1)
+  n_audio = positions.audio_token_count(130)
+  n_image = positions.image_token_count((1, 4, 4))
+  ids = ([11, 12, cfg.audio_start_token_id] + [cfg.audio_token_id] * n_audio
+         + [cfg.audio_end_token_id, 13, cfg.vision_start_token_id] + [cfg.image_token_id] * n_image
+         + [cfg.vision_end_token_id, 14])
+  pixels = cfg.vision.in_channels * cfg.vision.temporal_patch_size * cfg.vision.patch_size ** 2
+  return np.array([ids]), dict(
+      input_features=rng.standard_normal((1, cfg.audio.num_mel_bins, 130)).astype(np.float32),
+      feature_attention_mask=np.ones((1, 130), np.int64),
+      pixel_values=rng.standard_normal((16, pixels)).astype(np.float32),
+      image_grid_thw=np.array([[1, 4, 4]]))
 
 
 def _assert_trees_equal(a, b):
@@ -98,6 +126,9 @@ def test_params_round_trip_exact(cfg, tmp_path, dtype):
   assert {w.dtype for w in stored.values()} == {np.dtype(convert.EXPORT_DTYPES[dtype])}
   assert "thinker.model.layers.2.mlp.experts.7.down_proj.weight" in stored
   assert "thinker.model.layers.1.mlp.gate_proj.weight" in stored
+  assert "thinker.audio_tower.layers.1.fc2.weight" in stored
+  assert "thinker.visual.merger_list.1.mlp.2.weight" in stored
+  assert set(stored) == _hf_keys(cfg)
   loaded_cfg, loaded = convert.load_hf(tmp_path)
   assert loaded_cfg == cfg
   if dtype == "bfloat16":
@@ -154,16 +185,32 @@ def test_load_workdir_and_hf_dir_same_logits(train_workdir, tmp_path):
   np.testing.assert_array_equal(from_hf.logits(ids.tolist()), logits)
   torch = pytest.importorskip("torch")
   np.testing.assert_array_equal(from_hf.logits(torch.from_numpy(ids)), logits)
-  positions = np.broadcast_to(np.arange(16), (3, 2, 16))
-  np.testing.assert_array_equal(from_hf.logits(ids, positions), logits)
+  pos = np.broadcast_to(np.arange(16), (3, 2, 16))
+  np.testing.assert_array_equal(from_hf.logits(ids, pos), logits)
+  # The towers load the same way: multimodal logits and aux loss agree too.
+  mm_ids, mm = _multimodal_inputs(from_hf.config)
+  mm_logits = from_workdir.logits(mm_ids, **mm)
+  assert mm_logits.shape == mm_ids.shape + (from_hf.config.text.vocab_size,)
+  np.testing.assert_array_equal(from_hf.logits(mm_ids, **mm), mm_logits)
+  assert from_hf.aux_loss(mm_ids, **mm) == from_workdir.aux_loss(mm_ids, **mm)
 
 
 def test_load_api_errors(train_workdir, tmp_path):
   model = omnijax.load(train_workdir)
-  with pytest.raises(NotImplementedError, match="multimodal Thinker issue"):
-    model.logits([[1, 2, 3]], pixel_values=np.zeros((4, 3)))
-  with pytest.raises(NotImplementedError, match="multimodal Thinker issue"):
-    model.logits([[1, 2, 3]], input_features=np.zeros((1, 128, 10)))
+  cfg = model.config
+  with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['pixel_value'\]"):
+    model.logits([[1, 2, 3]], pixel_value=np.zeros((4, 3)))
+  mm_ids, mm = _multimodal_inputs(cfg)
+  with pytest.raises(ValueError, match="pixel_values needs image_grid_thw"):
+    model.logits(mm_ids, **mm | dict(image_grid_thw=None))
+  with pytest.raises(ValueError, match="4 image placeholder tokens but no pixel_values"):
+    model.logits(mm_ids, **mm | dict(pixel_values=None))
+  with pytest.raises(ValueError, match="audio placeholder tokens but no input_features"):
+    model.logits(mm_ids, **mm | dict(input_features=None, feature_attention_mask=None))
+  with pytest.raises(ValueError, match=r"pixel_values has shape \(12, 1536\); image_grid_thw"):
+    model.logits(mm_ids, **mm | dict(pixel_values=mm["pixel_values"][:12]))
+  with pytest.raises(ValueError, match="1 audio input\\(s\\) have no placeholder tokens"):
+    model.logits([[1, 2, 3]], input_features=np.zeros((1, cfg.audio.num_mel_bins, 10)))
   with pytest.raises(ValueError, match=r"positions must have shape \(3, B, S\)"):
     model.logits([[1, 2, 3]], np.zeros((2, 1, 3), np.int32))
   with pytest.raises(FileNotFoundError, match="neither an omnijax workdir"):
@@ -215,11 +262,13 @@ def test_shared_expert_export_refused(tmp_path, capsys):
   assert not (tmp_path / "out").exists()
 
 
-def test_missing_tensor_names_key(cfg, tmp_path, capsys):
+@pytest.mark.parametrize("key", ["thinker.model.layers.2.mlp.experts.5.up_proj.weight",
+                                 "thinker.audio_tower.layers.1.fc1.bias",
+                                 "thinker.visual.merger_list.1.mlp.2.weight"])
+def test_missing_tensor_names_key(cfg, tmp_path, capsys, key):
   convert.save_hf(cfg, _random_params(cfg), tmp_path / "hf")
   path = tmp_path / "hf" / safetensors_io.SINGLE_FILE
   tensors = load_file(path)
-  key = "thinker.model.layers.2.mlp.experts.5.up_proj.weight"
   del tensors[key]
   save_file(tensors, path, metadata={"format": "pt"})
   with pytest.raises(CheckpointError, match=f"'{key}' is missing"):
@@ -239,4 +288,17 @@ def test_wrong_shape_names_key(cfg, tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(config))
   with pytest.raises(CheckpointError, match=r"'thinker\.model\.layers\.0\.mlp\.experts\.0\."
                                             r"gate_proj\.weight' has shape \(32, 64\)"):
+    convert.load_hf(tmp_path)
+  # The towers' shapes are checked too.
+  config["thinker_config"]["text_config"]["moe_intermediate_size"] = 32
+  config["thinker_config"]["audio_config"]["encoder_ffn_dim"] = 48
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=r"'thinker\.audio_tower\.layers\.0\.fc1\.weight' "
+                                            r"has shape \(64, 32\)"):
+    convert.load_hf(tmp_path)
+  config["thinker_config"]["audio_config"]["encoder_ffn_dim"] = 64
+  config["thinker_config"]["vision_config"]["intermediate_size"] = 48
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=r"'thinker\.visual\.blocks\.0\.mlp\.linear_fc1\."
+                                            r"weight' has shape \(64, 32\)"):
     convert.load_hf(tmp_path)

@@ -8,10 +8,14 @@ Tiny float32 configs, compared in both directions:
   (Thinkers) or the Talker key map (shared expert).
 Each runs on plain rows with default positions and with explicit (3, B, S) TM-RoPE ids whose
 T/H/W rows differ from each other and between batch rows. `pytest -s` prints the differences.
+Params are whole Thinker trees (text decoder + audio_tower + visual); the Thinker checkpoints
+carry the towers too and they are checked to load exactly (their multimodal forward is
+tests/test_thinker_multimodal.py). The Talker layout only concerns the text decoder.
 """
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -56,13 +60,41 @@ def _inputs(cfg: ThinkerConfig):
   return ids, positions
 
 
+def _is_norm_scale(path: str) -> bool:
+  """RMSNorm/LayerNorm multipliers of the text decoder and of both towers."""
+  parent, leaf = (["", ""] + path.split("/"))[-2:]
+  return leaf in ("weight", "scale") and ("norm" in parent or parent.startswith("ln_"))
+
+
 def _random_omnijax_params(cfg: ThinkerConfig, seed: int = 1):
+  """Random params of the whole Thinker (text decoder, audio_tower, visual)."""
   rng = np.random.default_rng(seed)
   flat = traverse_util.flatten_dict(convert.abstract_params(cfg), sep="/")
+  assert {k.split("/")[0] for k in flat} >= set(convert.TOWERS)
   return traverse_util.unflatten_dict({
-      k: (1 + 0.1 * rng.standard_normal(v.shape) if k.endswith("norm/weight")
+      k: (1 + 0.1 * rng.standard_normal(v.shape) if _is_norm_scale(k)
           else 0.05 * rng.standard_normal(v.shape)).astype(np.float32)
       for k, v in flat.items()}, sep="/")
+
+
+def _text(params):
+  """The text-decoder subtree (embed_tokens, model, lm_head) of a Thinker params tree."""
+  return {k: v for k, v in params.items() if k not in convert.TOWERS}
+
+
+def _towers(params):
+  return {k: v for k, v in params.items() if k in convert.TOWERS}
+
+
+def _assert_towers_match(cfg: ThinkerConfig, params, hf_model) -> None:
+  """transformers holds exactly the tower tensors of `params` (under the checkpoint keys)."""
+  ours = {k: w for k, w in convert.hf_tensors(cfg, params)
+          if k.startswith(("thinker.audio_tower.", "thinker.visual."))}
+  theirs = {f"thinker.{name}.{k}": v.numpy() for name in ("audio_tower", "visual")
+            for k, v in getattr(hf_model.thinker.model, name).state_dict().items()}
+  assert ours and sorted(ours) == sorted(theirs)
+  for k, w in ours.items():
+    np.testing.assert_array_equal(w, theirs[k], err_msg=k)
 
 
 def _randomize_torch(module, seed: int = 2):
@@ -126,7 +158,7 @@ def _check_parity(label: str, model: api.Model, hf_model, talker: bool) -> None:
   assert np.abs(results["default positions"] - results["3-row positions"]).max() > 1e-2
 
 
-def _assert_text_weights_loaded(info, prefixes):
+def _assert_weights_loaded(info, prefixes):
   assert not info["unexpected_keys"] and not info["mismatched_keys"]
   missing = [k for k in info["missing_keys"] if k.startswith(prefixes)]
   assert not missing, missing
@@ -139,12 +171,12 @@ def test_omnijax_to_transformers(name, tmp_path):
   out = tmp_path / "hf"
   if name == "talker_shared_expert":
     out.mkdir()
-    safetensors_io.write(keymap.iter_text_to_hf(params, cfg.text, keymap.TALKER_TEXT), out,
-                         safetensors_io.parse_size("2GB"))
+    safetensors_io.write(keymap.iter_text_to_hf(_text(params), cfg.text, keymap.TALKER_TEXT),
+                         out, safetensors_io.parse_size("2GB"))
     (out / "config.json").write_text(json.dumps(_full_config_with_talker(cfg)))
     hf_model, info = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(
         out, dtype=torch.float32, output_loading_info=True)
-    _assert_text_weights_loaded(info, ("talker.model.", "talker.codec_head"))
+    _assert_weights_loaded(info, ("talker.model.", "talker.codec_head"))
   else:
     workdir = tmp_path / "workdir"
     ckpt_lib.write_model_config(workdir, cfg)
@@ -154,7 +186,8 @@ def test_omnijax_to_transformers(name, tmp_path):
     assert (out / safetensors_io.INDEX_FILE).exists() == bool(shard)
     hf_model, info = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(
         out, enable_audio_output=False, dtype=torch.float32, output_loading_info=True)
-    _assert_text_weights_loaded(info, ("thinker.model.language_model.", "thinker.lm_head"))
+    _assert_weights_loaded(info, ("thinker.",))  # text decoder and both towers
+    _assert_towers_match(cfg, params, hf_model)
   _check_parity(f"{name}: omnijax -> transformers", api.Model(cfg, params), hf_model.eval(),
                 talker=name == "talker_shared_expert")
 
@@ -170,8 +203,10 @@ def test_transformers_to_omnijax(name, tmp_path):
     _randomize_torch(hf_model.talker.model)
     _randomize_torch(hf_model.talker.codec_head)
     hf_model.save_pretrained(hf_dir)
-    params = keymap.text_from_hf(safetensors_io.Reader(hf_dir), convert.abstract_params(cfg),
-                                 cfg.text, keymap.TALKER_TEXT)
+    text = keymap.text_from_hf(safetensors_io.Reader(hf_dir),
+                               _text(convert.abstract_params(cfg)), cfg.text, keymap.TALKER_TEXT)
+    params = text | _towers(_random_omnijax_params(cfg))  # towers: unused by text-only inputs
+    convert.check_params(cfg, params)
     model = api.Model(cfg, params)
   else:
     hf_model = transformers.Qwen3OmniMoeForConditionalGeneration(
@@ -184,6 +219,8 @@ def test_transformers_to_omnijax(name, tmp_path):
     workdir = tmp_path / "workdir"
     export.main(["from-hf", f"--hf={hf_dir}", f"--workdir={workdir}"])
     model = omnijax.load(workdir)
-    assert model.config.text == cfg.text
+    assert model.config == cfg
+    convert.check_params(cfg, model.params)
+    _assert_towers_match(cfg, jax.device_get(model.params), hf_model)
   _check_parity(f"{name}: transformers -> omnijax", model, hf_model.eval(),
                 talker=name == "talker_shared_expert")

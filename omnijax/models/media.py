@@ -92,6 +92,9 @@ def from_hf_inputs(cfg: ThinkerConfig, input_ids: np.ndarray, *, input_features=
   """transformers-style multimodal arguments -> per-row media buffers for `Thinker`."""
   ids = np.asarray(input_ids)
   media: dict[str, np.ndarray] = {}
+  if input_features is None and np.any(ids == cfg.audio_token_id):
+    raise ValueError(f"input_ids has {int(np.sum(ids == cfg.audio_token_id))} audio placeholder "
+                     "tokens but no input_features were given.")
   if input_features is not None:
     feats = np.asarray(input_features, np.float32)
     if feature_attention_mask is None:
@@ -103,13 +106,23 @@ def from_hf_inputs(cfg: ThinkerConfig, input_ids: np.ndarray, *, input_features=
     per_row = _split_by_rows((ids == cfg.audio_token_id).sum(1).tolist(), tokens, "audio")
     media |= audio_buffers(cfg, [[feats[i, :, :lengths[i]] for i in row] for row in per_row])
   merge2 = cfg.vision.spatial_merge_size ** 2
-  for kind, pixels, grids, token_id in (
-      ("image", pixel_values, image_grid_thw, cfg.image_token_id),
-      ("video", pixel_values_videos, video_grid_thw, cfg.video_token_id)):
+  for kind, pixels, grids, token_id, names in (
+      ("image", pixel_values, image_grid_thw, cfg.image_token_id,
+       ("pixel_values", "image_grid_thw")),
+      ("video", pixel_values_videos, video_grid_thw, cfg.video_token_id,
+       ("pixel_values_videos", "video_grid_thw"))):
     if pixels is None:
+      if np.any(ids == token_id):
+        raise ValueError(f"input_ids has {int(np.sum(ids == token_id))} {kind} placeholder "
+                         f"tokens but no {names[0]} were given.")
       continue
+    if grids is None:
+      raise ValueError(f"{names[0]} needs {names[1]} (the (t, h, w) patch grid of each {kind}).")
     pixels, grids = np.asarray(pixels, np.float32), np.asarray(grids, np.int64).reshape(-1, 3)
     patches = grids.prod(-1)
+    if pixels.ndim != 2 or len(pixels) != patches.sum():
+      raise ValueError(f"{names[0]} has shape {pixels.shape}; {names[1]} {grids.tolist()} "
+                       f"describes {int(patches.sum())} patches (rows).")
     starts = np.concatenate([[0], np.cumsum(patches)])
     per_row = _split_by_rows((ids == token_id).sum(1).tolist(),
                              (patches // merge2).tolist(), kind)
