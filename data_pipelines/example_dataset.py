@@ -34,7 +34,7 @@ from data_pipelines.ops import SKIP_REASONS, BadRecord, Example, Op
 SKIPPED_KEY = "__skipped__"
 
 
-class _ApplyOps:
+class ApplyOps:
   """Decodes a raw record (bytes) if needed and applies the ops."""
 
   def __init__(self, ops: Sequence[Op]):
@@ -86,7 +86,7 @@ def make_example_dataset(
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if shuffle:
     ds = ds.seed(seed).shuffle()
-  ds = ds.repeat(num_epochs).map(_ApplyOps(ops))
+  ds = ds.repeat(num_epochs).map(ApplyOps(ops))
   it = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
   if worker_count > 0:

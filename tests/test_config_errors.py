@@ -22,8 +22,10 @@ def _fails(capsys, *args) -> str:
 
 
 def _local(corpus, *args):
-  return (LOCAL, f"--config.data.path={corpus}", "--config.data.local_corpus=False",
-          "--config.data.tokenizer_vocab_size=512", *args)
+  return (LOCAL, "--config.data.kind=text", f"--config.data.path={corpus}",
+          "--config.data.local_text=", "--config.data.local_media=",
+          f"--config.data.tokenizer_corpus={corpus}", "--config.data.tokenizer_vocab_size=512",
+          *args)
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -55,9 +57,16 @@ def test_config_error_messages(capsys, args, expected):
 
 
 def test_data_errors(capsys, corpus, tmp_path):
-  err = _fails(capsys, LOCAL, "--config.data.local_corpus=False",
-               f"--config.data.path={tmp_path / 'missing'}")
-  assert "does not exist" in err and "local_corpus=True" in err
+  err = _fails(capsys, *_local(corpus, f"--config.data.path={tmp_path / 'missing'}"))
+  assert "does not exist" in err and "data_pipelines.prepare" in err
+  err = _fails(capsys, *_local(corpus, "--config.data.kind=omni",
+                               f"--config.data.mixture.text.path={tmp_path / 'missing'}"))
+  assert "data.mixture.text.path" in err and "does not exist" in err
+  all_sources = [f"--config.data.mixture.{n}.path={corpus}"
+                 for n in ("text", "image", "audio", "video_audio")]
+  err = _fails(capsys, *_local(corpus, "--config.data.kind=omni", *all_sources,
+                               "--config.data.mixture.text.task=poetry"))
+  assert "data.mixture.text.task='poetry' is not one of" in err
   err = _fails(capsys, *_local(corpus, "--config.model.text.vocab_size=256"))
   assert "the tokenizer has" in err and "--config.model.text.vocab_size=" in err
   err = _fails(capsys, *_local(corpus, "--config.model.image_token_id=11"))

@@ -30,6 +30,9 @@ def _check_run(workdir: Path, last_step: int, log_every: int) -> None:
   assert last["loss"] < first["loss"] - 0.5
   assert {"tokens_per_sec", "mfu", "step_time_s", "grad_norm", "aux_loss", "learning_rate",
           "expert_load_max_over_mean"} <= set(last)
+  for modality in ("image", "audio", "video"):  # every modality trained, per-source losses logged
+    assert sum(m.get(f"tokens/{modality}", 0) for m in metrics.values()) > 0, modality
+  assert {"loss/text", "loss/image", "loss/audio", "loss/video_audio"} <= set(last)
   assert (workdir / "checkpoints" / str(last_step) / "state").is_dir()
   events = EventAccumulator(str(workdir / "tensorboard"))
   events.Reload()
@@ -39,9 +42,9 @@ def _check_run(workdir: Path, last_step: int, log_every: int) -> None:
 
 
 def test_local_default_short(tmp_path):
-  _launch(tmp_path / "run", tmp_path / "cache", "--config.train.total_steps=80",
-          "--config.train.log_every=20", "--config.optim.warmup_steps=10")
-  _check_run(tmp_path / "run", 80, 20)
+  _launch(tmp_path / "run", tmp_path / "cache", "--config.train.total_steps=50",
+          "--config.train.log_every=10", "--config.optim.warmup_steps=10")
+  _check_run(tmp_path / "run", 50, 10)
 
 
 @pytest.mark.slow

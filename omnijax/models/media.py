@@ -51,8 +51,25 @@ def vision_buffers(cfg: ThinkerConfig, kind: str,
   """Per-row (pixel_values (n, C*T*p*p), grid_thw (k, 3)) -> `{kind}_patches` etc. (B, P, ...)."""
   merge = cfg.vision.spatial_merge_size
   bucket = bucket or vision_lib.bucket_patches(max((len(p) for p, _ in rows), default=0))
-  packed = [vision_lib.pack_patches(p, g, bucket, merge) for p, g in rows]
-  return {f"{kind}_{f}": np.stack([p[f] for p in packed]) for f in VISION_FIELDS}
+  in_dim = cfg.vision.in_channels * cfg.vision.temporal_patch_size * cfg.vision.patch_size ** 2
+  # One buffer per field, filled in place (pack_patches' layout: zero patches, segment 0 and
+  # a 1x1 grid on padding): a copy per row would double the memory traffic.
+  out = {f"{kind}_patches": np.zeros((len(rows), bucket, in_dim), np.float32)}
+  for f, fill in (("segment_ids", 0), ("rows", 0), ("cols", 0), ("heights", 1), ("widths", 1)):
+    out[f"{kind}_{f}"] = np.full((len(rows), bucket), fill, np.int32)
+  for b, (pixels, grids) in enumerate(rows):
+    n = len(pixels)
+    if n > bucket or bucket % merge ** 2:
+      raise ValueError(f"row {b} has {n} {kind} patches; the bucket holds {bucket} (a "
+                       f"multiple of {merge ** 2}).")
+    meta = vision_lib.patch_metadata(grids, merge)
+    if len(meta["segment_ids"]) != n:
+      raise ValueError(f"row {b}: {kind} grid_thw describes {len(meta['segment_ids'])} patches "
+                       f"but pixel_values has {n} rows.")
+    out[f"{kind}_patches"][b, :n] = pixels
+    for f, v in meta.items():
+      out[f"{kind}_{f}"][b, :n] = v
+  return out
 
 
 def empty_media(cfg: ThinkerConfig, batch: int) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ from omnijax import sharding as shd
 from omnijax.models import media as media_lib
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.decoder import load_balancing_loss
-from omnijax.models.thinker import Thinker
+from omnijax.models.thinker import MODALITIES, Thinker
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -27,52 +27,59 @@ class TrainState:
   opt_state: Any
 
 
-def dummy_batch(batch: int, seq: int) -> dict[str, jax.Array]:
-  return dict(inputs=jnp.zeros((batch, seq), jnp.int32),
-              targets=jnp.zeros((batch, seq), jnp.int32),
-              segment_ids=jnp.ones((batch, seq), jnp.int32),
-              positions=jnp.zeros((batch, 3, seq), jnp.int32),
-              loss_mask=jnp.ones((batch, seq), jnp.float32))
+MEDIA_PREFIXES = ("audio_", "image_", "video_")
 
 
 def forward(model: Thinker, params, batch):
-  media = {k: v for k, v in batch.items() if k not in BATCH_KEYS}
+  media = {k: v for k, v in batch.items() if k.startswith(MEDIA_PREFIXES)}
   return model.apply({"params": params}, batch["inputs"],
                      positions=jnp.swapaxes(batch["positions"], 0, 1),
                      segment_ids=batch["segment_ids"], media=media)
 
 
-def loss_terms(model: Thinker, params, batch, num_loss_tokens, num_micro: int, z_loss: float):
+def loss_terms(model: Thinker, params, batch, num_loss_tokens, num_micro: int, z_loss: float,
+               num_tasks: int = 0):
   """Loss of one microbatch, scaled so that summing over microbatches gives the batch loss.
 
   Cross-entropy is a mean over the whole batch's labelled tokens (`num_loss_tokens`); the
-  load-balancing loss is pooled per microbatch and averaged over microbatches.
+  load-balancing loss is pooled per microbatch and averaged over microbatches. With
+  `num_tasks` (and `task_ids` in the batch) the metrics split the cross-entropy and token
+  counts by task (mixture source); token counts by modality come from the placeholders.
   """
   cfg: ThinkerConfig = model.cfg
   logits, stats = forward(model, params, batch)
   logz = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
   mask = batch["loss_mask"]
-  ce_sum = jnp.sum((logz - target_logit) * mask)
+  nll = (logz - target_logit) * mask
+  ce_sum = jnp.sum(nll)
   z_sum = jnp.sum(jnp.square(logz) * mask)
   aux = load_balancing_loss(stats, cfg.text.num_experts)
   loss = (ce_sum + z_loss * z_sum) / num_loss_tokens \
       + cfg.text.router_aux_loss_coef * aux / num_micro
+  valid = (batch["segment_ids"] != 0).astype(jnp.float32)
+  modality = jax.nn.one_hot(model.modality(batch["inputs"]), len(MODALITIES))
   metrics = dict(ce_sum=ce_sum, aux_loss=aux / num_micro,
                  expert_counts=stats.get("counts", jnp.zeros((0, 0))),
-                 moe_dropped=jnp.sum(stats.get("dropped", jnp.zeros((0,)))))
+                 moe_dropped=jnp.sum(stats.get("dropped", jnp.zeros((0,)))),
+                 modality_tokens=jnp.einsum("bs,bsm->m", valid, modality))
+  if num_tasks:
+    task = jax.nn.one_hot(batch["task_ids"], num_tasks)  # -1 (padding) -> zeros
+    metrics.update(task_ce_sum=jnp.einsum("bs,bst->t", nll, task),
+                   task_loss_tokens=jnp.einsum("bs,bst->t", mask, task),
+                   task_tokens=jnp.einsum("bs,bst->t", valid, task))
   return loss, metrics
 
 
 def make_train_step(model: Thinker, tx: optax.GradientTransformation, schedule: Callable,
-                    grad_accum_steps: int, z_loss: float):
+                    grad_accum_steps: int, z_loss: float, num_tasks: int = 0):
   """state, batch -> state, metrics. The batch is split into `grad_accum_steps` microbatches."""
 
   def train_step(state: TrainState, batch):
     num_loss_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     grad_fn = jax.grad(loss_terms, argnums=1, has_aux=True)
     micro_grads = lambda mb: grad_fn(model, state.params, mb, num_loss_tokens, grad_accum_steps,
-                                     z_loss)
+                                     z_loss, num_tasks)
     if grad_accum_steps == 1:
       grads, totals = micro_grads(batch)
     else:
@@ -98,10 +105,14 @@ def make_train_step(model: Thinker, tx: optax.GradientTransformation, schedule: 
         learning_rate=schedule(state.step),
         loss_tokens=num_loss_tokens,
         moe_dropped=totals["moe_dropped"],
+        modality_tokens=totals["modality_tokens"],
         expert_load_max_over_mean=(
             jnp.mean(jnp.max(counts, -1) / jnp.maximum(jnp.mean(counts, -1), 1e-9))
             if counts.size else jnp.zeros(())),
     )
+    if num_tasks:
+      metrics.update(task_loss=totals["task_ce_sum"] / jnp.maximum(totals["task_loss_tokens"], 1),
+                     task_tokens=totals["task_tokens"])
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
@@ -131,9 +142,9 @@ def batch_shardings(batch, mesh: Mesh, rules):
 
 
 def compile_train_step(model, tx, schedule, mesh: Mesh, rules, state_sharding, *,
-                       grad_accum_steps: int, z_loss: float):
+                       grad_accum_steps: int, z_loss: float, num_tasks: int = 0):
   """The jitted step; the batch keeps the shardings it was placed with (`batch_shardings`)."""
-  step = make_train_step(model, tx, schedule, grad_accum_steps, z_loss)
+  step = make_train_step(model, tx, schedule, grad_accum_steps, z_loss, num_tasks)
   return jax.jit(step, in_shardings=(state_sharding, None),
                  out_shardings=(state_sharding, NamedSharding(mesh, P())),
                  donate_argnums=(0,))

@@ -21,7 +21,7 @@ import numpy as np
 from omnijax import sharding as shd
 from omnijax.errors import ConfigError
 from omnijax.models.config import ThinkerConfig
-from omnijax.models.thinker import Thinker
+from omnijax.models.thinker import MODALITIES, Thinker
 from omnijax.train import checkpoint as ckpt_lib
 from omnijax.train import flops as flops_lib
 from omnijax.train import optimizer as optim_lib
@@ -105,29 +105,64 @@ class SyntheticBatches:
 
 
 def make_data(config, model_cfg: ThinkerConfig):
-  """(host batch iterator, whether that iterator's state goes into checkpoints)."""
+  """(host batch iterator, whether its state goes into checkpoints, mixture task names)."""
   d = config.data
   host_batch = config.train.global_batch_size // jax.process_count()
   if d.kind == "synthetic":
-    return SyntheticBatches(config.seed, host_batch, d.seq_len, model_cfg.text.vocab_size), False
-  if d.kind != "text":
-    raise ConfigError(f"data.kind={d.kind!r} is not one of ['text', 'synthetic'].")
-  from data_pipelines import local_corpus, pipeline, tokenizer as tok_lib
-  if not d.path:
-    raise ConfigError("data.path is empty: point it at a directory of shards, or set "
-                      "data.local_corpus=True to build the local corpus there.")
-  if d.local_corpus:
-    local_corpus.build_local_text_corpus(d.path)
-  elif not Path(d.path).exists():
-    raise ConfigError(f"data.path={d.path} does not exist; prepare shards there or set "
-                      "--config.data.local_corpus=True.")
+    return (SyntheticBatches(config.seed, host_batch, d.seq_len, model_cfg.text.vocab_size),
+            False, [])
+  if d.kind not in ("text", "omni"):
+    raise ConfigError(f"data.kind={d.kind!r} is not one of ['text', 'omni', 'synthetic'].")
+  from data_pipelines import local_corpus, local_media_corpus, omni, pipeline
+  from data_pipelines import tokenizer as tok_lib
+  if d.local_text:
+    local_corpus.build_local_text_corpus(d.local_text)
+  if d.local_media:
+    local_media_corpus.build_local_media_corpus(d.local_media)
+  paths = ({"data.path": d.path} if d.kind == "text" else
+           {f"data.mixture.{n}.path": s.path for n, s in d.mixture.items()})
+  if not paths:
+    raise ConfigError("data.mixture is empty: name at least one source "
+                      "(--config.data.mixture.NAME.path/task/weight).")
+  for name, path in paths.items():
+    if not path or not Path(path).exists():
+      raise ConfigError(f"{name}={path!r} does not exist; prepare shards there (python -m "
+                        "data_pipelines.prepare) or set data.local_text / data.local_media to "
+                        "build the local corpora.")
+  corpus = d.tokenizer_corpus or d.path
+  if not d.tokenizer and not corpus:
+    raise ConfigError("set data.tokenizer (a tokenizer.json) or data.tokenizer_corpus (text "
+                      "shards to train a BPE on).")
   tokenizer = (tok_lib.load_tokenizer(d.tokenizer) if d.tokenizer
-               else tok_lib.local_tokenizer(d.path, vocab_size=d.tokenizer_vocab_size))
+               else tok_lib.local_tokenizer(corpus, vocab_size=d.tokenizer_vocab_size))
   check_tokenizer(tokenizer, model_cfg)
-  ds = pipeline.make_text_dataset(d, tokenizer=tokenizer, seq_len=d.seq_len, batch_size=host_batch,
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count(), seed=config.seed)
-  return iter(ds), True
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+               seed=config.seed)
+  if d.kind == "text":
+    ds = pipeline.make_text_dataset(d, tokenizer=tokenizer, seq_len=d.seq_len,
+                                    batch_size=host_batch, **hosts)
+    return iter(ds), True, []
+  try:
+    ds = omni.make_omni_dataset(d, tokenizer=tokenizer, model_cfg=model_cfg, seq_len=d.seq_len,
+                                batch_size=host_batch, **hosts)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  return iter(ds), True, omni.task_names(d)
+
+
+def vector_scalars(metrics: dict, task_names: list[str]) -> dict[str, float]:
+  """Per-modality and per-task metric vectors as named scalars."""
+  out = {}
+  for k, v in metrics.items():
+    if k == "modality_tokens":
+      out.update({f"tokens/{m}": float(x) for m, x in zip(MODALITIES, v)})
+    elif k == "task_loss":
+      out.update({f"loss/{t}": float(x) for t, x in zip(task_names, v)})
+    elif k == "task_tokens":
+      out.update({f"tokens/task/{t}": float(x) for t, x in zip(task_names, v)})
+    else:
+      out[k] = float(v)
+  return out
 
 
 def train(config, workdir: str | Path) -> dict[str, float]:
@@ -145,6 +180,9 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   tr = config.train
   seq_len = config.data.seq_len
 
+  # ------------------------------------------------------------------ data
+  data_iter, checkpointable, task_names = make_data(config, model_cfg)
+
   # ------------------------------------------------------------------ model & optimizer
   model = Thinker(model_cfg)
   tx, schedule = optim_lib.make_optimizer(config.optim, tr.total_steps)
@@ -153,10 +191,7 @@ def train(config, workdir: str | Path) -> dict[str, float]:
         model, tx, mesh, rules, seq_len)
     train_step = step_lib.compile_train_step(
         model, tx, schedule, mesh, rules, state_sharding,
-        grad_accum_steps=tr.grad_accum_steps, z_loss=tr.z_loss)
-
-  # ------------------------------------------------------------------ data
-  data_iter, checkpointable = make_data(config, model_cfg)
+        grad_accum_steps=tr.grad_accum_steps, z_loss=tr.z_loss, num_tasks=len(task_names))
 
   # ------------------------------------------------------------------ state
   ckpt = ckpt_lib.Checkpointer(workdir, save_interval_steps=tr.checkpoint_every,
@@ -208,7 +243,7 @@ def train(config, workdir: str | Path) -> dict[str, float]:
     if done % tr.log_every == 0 or done == end:
       metrics = jax.device_get(metrics)
       now = time.perf_counter()
-      scalars = {k: float(v) for k, v in metrics.items()}
+      scalars = vector_scalars(metrics, task_names)
       if interval_steps:
         step_time = (now - interval_start) / interval_steps
         scalars.update(step_time_s=step_time,

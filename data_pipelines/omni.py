@@ -1,0 +1,424 @@
+"""Mixed-modality pretraining batches for the Thinker (text, image, audio, video, audio-video).
+
+``make_omni_dataset`` builds, per host::
+
+  per source (config.data.mixture.NAME: path, task, weight):
+    MapDataset.source(shards)[process_index::process_count].seed().shuffle().repeat()
+      .map(decode + task ops)          e.g. decode_audio, log_mel; bad inputs -> skip markers
+      .map(ToSequence)                 prompt template, placeholders, TM-RoPE positions
+  IterDataset.mix({name: source}, weights)     weights = token ratio / mean tokens per example
+  pack                                 greedy first-fit into rows of seq_len (checkpointable)
+  batch(batch_fn=assemble)             per-row bucketed media buffers (omnijax.models.media)
+  [mp_prefetch]                        worker processes (config.data.worker_count)
+  count skips                          iterator.skipped_records (reason -> count)
+
+A sequence never crosses a row: attention, positions and labels stay within their document
+(segment ids). Multimodal sequences longer than a row are skipped (``too_long``); text longer
+than a row is split into row-sized documents. Labels: the response of multimodal tasks (the
+caption, transcript or description after a varied natural-language prompt), every token of
+text. ``task_ids`` (B, S) says which mixture source each token came from (-1: padding), so the
+trainer logs per-source losses and token counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+from absl import flags
+
+from data_pipelines import records
+from data_pipelines.example_dataset import SKIPPED_KEY, ApplyOps
+from data_pipelines.ops import SKIP_REASONS, OpContext, build_ops
+
+# Prompts per task (the seed: varied natural-language prompts); one is drawn per example.
+PROMPTS = {
+    "caption": ("Describe the image.", "What is shown in this picture?",
+                "Write a caption for this image.", "What do you see?",
+                "Give a short description of the image."),
+    "asr": ("Transcribe the audio.", "What is being said?", "Write down what you hear.",
+            "Transcribe this speech into text.", "Repeat what the speaker says."),
+    "audio": ("Describe the sound.", "What can you hear?", "Caption this audio clip."),
+    "video": ("Describe the video.", "What happens in this video?",
+              "Summarize what you see and hear.", "Narrate this clip."),
+}
+TASK_OPS = {
+    "text": ("decode_text",),
+    "caption": ("decode_text", "decode_image", "resize_image", "patchify_image"),
+    "asr": ("decode_text", "decode_audio(truncate=False, max_seconds=30)", "log_mel"),
+    "audio": ("decode_text", "decode_audio(max_seconds=30)", "log_mel"),
+    "video": ("decode_text", "decode_video(fps=2.0, max_seconds=20)"),
+}
+TASK_MODALITY = {"text": "text", "caption": "image", "asr": "audio", "audio": "audio",
+                 "video": "video"}
+_REASON_INDEX = {r: i for i, r in enumerate(SKIP_REASONS)}
+_SKIPS = "skipped"  # per-row/per-batch skip counts (len(SKIP_REASONS),)
+
+
+def _skip(reason: str) -> dict[str, Any]:
+  return {SKIPPED_KEY: reason}
+
+
+class ToSequence:
+  """An op-processed example -> a model sequence (or a skip marker).
+
+  Output: inputs/targets (L,) int32, loss_mask (L,) float32, positions (3, L) float32, and
+  media lists audio [(mel, T)], image [(pixels, grid)], video [(pixels, grid)] with the
+  per-video seconds per grid in video_spg.
+  """
+
+  def __init__(self, task: str, task_id: int, tokenizer, model_cfg, seq_len: int, seed: int):
+    from omnijax.models import positions  # pylint: disable=import-outside-toplevel
+    if task not in TASK_MODALITY:
+      raise ValueError(f"unknown task {task!r}; tasks: {sorted(TASK_MODALITY)}")
+    self.task, self.task_id, self.tok, self.cfg = task, task_id, tokenizer, model_cfg
+    self.seq_len, self.seed = seq_len, seed
+    self._positions = positions
+    self._rope_kwargs = positions.rope_kwargs_from_config(model_cfg)
+    self._ids = {name: tokenizer.token_id(name) for name in (
+        "<|im_start|>", "<|im_end|>", "<|endoftext|>")}
+    self._newline = tokenizer.encode("\n")
+
+  def _rng(self, example) -> np.random.Generator:
+    key = str(example.get("id", example.get("text", "")))[:256]
+    return np.random.default_rng((self.seed, zlib.crc32(key.encode())))
+
+  def _media_span(self, example) -> tuple[list[int], dict[str, Any]]:
+    c, pos = self.cfg, self._positions
+    merge = c.vision.spatial_merge_size
+    if self.task == "caption":
+      grid = np.asarray(example["image_grid_thw"]).reshape(3)
+      n = int(pos.image_token_count(grid, merge))
+      span = [c.vision_start_token_id] + [c.image_token_id] * n + [c.vision_end_token_id]
+      return span, dict(image=[(example["pixel_values"], grid[None])], image_grid=[grid])
+    if self.task in ("asr", "audio"):
+      mel = example["audio_features"]
+      n = int(pos.audio_token_count(mel.shape[1], c.audio.n_window))
+      span = [c.audio_start_token_id] + [c.audio_token_id] * n + [c.audio_end_token_id]
+      return span, dict(audio=[mel], audio_frames=[mel.shape[1]])
+    grid = np.asarray(example["video_grid_thw"]).reshape(3)
+    spg = float(example["video_second_per_grid"])
+    media = dict(video=[(example["pixel_values_videos"], grid[None])], video_grid=[grid],
+                 video_spg=[spg])
+    if example.get("audio_in_video"):
+      from data_pipelines import audio as audio_ops  # pylint: disable=import-outside-toplevel
+      mel = audio_ops.log_mel_spectrogram(example["audio"], c.audio.num_mel_bins)
+      n_audio = int(pos.audio_token_count(mel.shape[1], c.audio.n_window))
+      span = pos.audio_in_video_layout(grid, spg, n_audio, tokens=self._rope_kwargs["tokens"],
+                                       spatial_merge_size=merge,
+                                       position_id_per_seconds=c.position_id_per_seconds)
+      media |= dict(audio=[mel], audio_frames=[mel.shape[1]])
+      return list(np.asarray(span)), media
+    n = int(pos.image_token_count(grid, merge))
+    return [c.vision_start_token_id] + [c.video_token_id] * n + [c.vision_end_token_id], media
+
+  def __call__(self, example):
+    if SKIPPED_KEY in example:
+      return example
+    if self.task == "text":
+      tokens = np.concatenate([self.tok.encode(example["text"]),
+                               [self._ids["<|endoftext|>"]]]).astype(np.int32)
+      labelled = np.ones(len(tokens), bool)
+      media: dict[str, Any] = {}
+    else:
+      span, media = self._media_span(example)
+      prompt = PROMPTS[self.task][self._rng(example).integers(len(PROMPTS[self.task]))]
+      ims, ime, eos = self._ids["<|im_start|>"], self._ids["<|im_end|>"], self._ids["<|endoftext|>"]
+      user = np.concatenate([[ims], self.tok.encode("user\n"), span, self.tok.encode(prompt),
+                             [ime], self._newline, [ims], self.tok.encode("assistant\n")])
+      answer = np.concatenate([self.tok.encode(example["text"].strip()), [ime], [eos]])
+      tokens = np.concatenate([user, answer]).astype(np.int32)
+      labelled = np.concatenate([np.zeros(len(user), bool), np.ones(len(answer), bool)])
+      if len(tokens) - 1 > self.seq_len:
+        return _skip("too_long")
+    pos, _ = self._positions.rope_index(
+        tokens, **self._rope_kwargs, dtype=np.float32,
+        image_grid_thw=np.array(media.get("image_grid", np.zeros((0, 3)))).reshape(-1, 3),
+        video_grid_thw=np.array(media.get("video_grid", np.zeros((0, 3)))).reshape(-1, 3),
+        video_second_per_grid=np.array(media.get("video_spg", [])),
+        audio_seqlens=np.array(media.get("audio_frames", []), np.int64))
+    out = dict(inputs=tokens[:-1], targets=tokens[1:], loss_mask=labelled[1:].astype(np.float32),
+               positions=pos[:, :-1], task_id=self.task_id)
+    for k in ("audio", "image", "video"):
+      out[k] = media.get(k, [])
+    return out
+
+
+def _text_chunks(seq: dict[str, Any], seq_len: int) -> list[dict[str, Any]]:
+  """Splits a text sequence into documents of at most seq_len tokens (positions restart)."""
+  n = len(seq["inputs"])
+  if n <= seq_len:
+    return [seq]
+  out = []
+  for start in range(0, n, seq_len):
+    end = min(start + seq_len, n)
+    chunk = {k: (v[start:end] if k in ("inputs", "targets", "loss_mask") else v)
+             for k, v in seq.items()}
+    chunk["positions"] = np.broadcast_to(np.arange(end - start, dtype=np.float32),
+                                         (3, end - start)).copy()
+    out.append(chunk)
+  return out
+
+
+def _pack_row(docs: list[dict[str, Any]], seq_len: int, skips: np.ndarray) -> dict[str, Any]:
+  row = dict(inputs=np.zeros(seq_len, np.int32), targets=np.zeros(seq_len, np.int32),
+             loss_mask=np.zeros(seq_len, np.float32), segment_ids=np.zeros(seq_len, np.int32),
+             positions=np.zeros((3, seq_len), np.float32),
+             task_ids=np.full(seq_len, -1, np.int32), audio=[], image=[], video=[])
+  at = 0
+  for i, d in enumerate(docs, start=1):
+    n = len(d["inputs"])
+    sl = slice(at, at + n)
+    for k in ("inputs", "targets", "loss_mask"):
+      row[k][sl] = d[k]
+    row["segment_ids"][sl] = i
+    row["positions"][:, sl] = d["positions"]
+    row["task_ids"][sl] = d["task_id"]
+    for k in ("audio", "image", "video"):
+      row[k].extend(d[k])
+    at += n
+  row[_SKIPS] = skips
+  return row
+
+
+class RowCapacity:
+  """What one packed row holds: tokens, audios, frames per audio, image and video patches."""
+
+  def __init__(self, seq_len: int, buckets):
+    self.seq_len = seq_len
+    self.audios = int(buckets.audios_per_row)
+    self.frames = max(buckets.audio_frames)
+    self.image_patches = max(buckets.image_patches)
+    self.video_patches = max(buckets.video_patches)
+
+  def usage(self, doc: dict[str, Any]) -> np.ndarray:
+    return np.array([len(doc["inputs"]), len(doc["audio"]),
+                     sum(len(p) for p, _ in doc["image"]), sum(len(p) for p, _ in doc["video"])])
+
+  def limits(self) -> np.ndarray:
+    return np.array([self.seq_len, self.audios, self.image_patches, self.video_patches])
+
+  def fits_alone(self, doc: dict[str, Any]) -> bool:
+    return (all(m.shape[1] <= self.frames for m in doc["audio"])
+            and (self.usage(doc) <= self.limits()).all())
+
+
+class _PackIterDataset(grain.IterDataset):
+  def __init__(self, parent: grain.IterDataset, capacity: RowCapacity):
+    super().__init__(parent)
+    self._capacity = capacity
+
+  def __iter__(self):
+    return _PackIterator(self._parent.__iter__(), self._capacity)
+
+
+class _PackIterator(grain.DatasetIterator):
+  """Greedy packing of whole sequences (text: row-sized chunks) into rows; skip markers are
+  counted into the rows.
+
+  State: the parent's state before the sequence that will start the next row, and how many of
+  its chunks earlier rows already hold, so a restore re-reads it and continues exactly.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, capacity: RowCapacity):
+    super().__init__(parent)
+    self._capacity = capacity
+    self._seq_len = capacity.seq_len
+    self._pending: list[dict[str, Any]] = []  # chunks of the sequence read but not yet packed
+    self._pending_state = None
+    self._consumed = 0  # chunks of the pending sequence already packed
+    self._skips = np.zeros(len(SKIP_REASONS), np.int64)
+
+  def _fill_pending(self) -> None:
+    while not self._pending:
+      state = self._parent.get_state()
+      el = next(self._parent)
+      if SKIPPED_KEY in el:
+        self._skips[_REASON_INDEX[el[SKIPPED_KEY]]] += 1
+        continue
+      if not self._capacity.fits_alone(el | {"inputs": el["inputs"][:self._seq_len]}):
+        self._skips[_REASON_INDEX["too_long"]] += 1  # more media than a row holds
+        continue
+      self._pending = _text_chunks(el, self._seq_len)[self._consumed:]
+      self._pending_state = state
+
+  def __next__(self) -> dict[str, Any]:
+    docs, used = [], np.zeros(4, np.int64)
+    limits = self._capacity.limits()
+    while True:
+      try:
+        self._fill_pending()
+      except StopIteration:
+        if docs:
+          break
+        raise
+      need = self._capacity.usage(self._pending[0])
+      if (used + need > limits).any():
+        break
+      docs.append(self._pending.pop(0))
+      used += need
+      self._consumed += 1
+      if not self._pending:
+        self._pending_state, self._consumed = None, 0
+    skips, self._skips = self._skips, np.zeros_like(self._skips)
+    return _pack_row(docs, self._seq_len, skips)
+
+  def get_state(self) -> dict[str, Any]:
+    parent = self._pending_state if self._pending_state is not None else self._parent.get_state()
+    return {"parent": parent, "consumed": self._consumed, "skips": self._skips.tolist()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._pending, self._pending_state = [], None
+    self._consumed = int(state["consumed"])
+    self._skips = np.asarray(state["skips"], np.int64)
+
+
+def _bucket(sizes: Sequence[int], need: int) -> int:
+  return min(b for b in sizes if b >= need)
+
+
+def assemble_batch(rows: Sequence[dict[str, Any]], model_cfg, modalities: frozenset,
+                   buckets) -> dict:
+  """Rows -> the trainer's batch: stacked token arrays + per-row media buffers whose sizes are
+  the smallest configured buckets that fit (so the train step compiles once per bucket)."""
+  from omnijax.models import media  # pylint: disable=import-outside-toplevel
+  batch = {k: np.stack([r[k] for r in rows])
+           for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions", "task_ids",
+                     _SKIPS)}
+  if "audio" in modalities or "video" in modalities:
+    frames = max((m.shape[1] for r in rows for m in r["audio"]), default=1)
+    batch |= media.audio_buffers(model_cfg, [r["audio"] for r in rows],
+                                 frames=_bucket(buckets.audio_frames, frames),
+                                 audios=int(buckets.audios_per_row))
+  in_dim = model_cfg.vision.in_channels * model_cfg.vision.temporal_patch_size * \
+      model_cfg.vision.patch_size ** 2
+  for kind, wanted in (("image", "image"), ("video", "video")):
+    if wanted not in modalities:
+      continue
+    per_row = []
+    for r in rows:
+      items = r[kind]
+      pixels = (np.concatenate([p for p, _ in items]) if items
+                else np.zeros((0, in_dim), np.float32))
+      grids = np.concatenate([g for _, g in items]) if items else np.zeros((0, 3), np.int64)
+      per_row.append((pixels, grids))
+    need = max(len(p) for p, _ in per_row)
+    batch |= media.vision_buffers(model_cfg, kind, per_row,
+                                  bucket=_bucket(buckets[f"{kind}_patches"], need))
+  return batch
+
+
+class _CountSkipsIterDataset(grain.IterDataset):
+  def __iter__(self):
+    return _CountSkipsIterator(self._parent.__iter__())
+
+
+class _CountSkipsIterator(grain.DatasetIterator):
+  """Main-process end of the pipeline: accumulates the batches' skip counts."""
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+    self._counts = np.zeros(len(SKIP_REASONS), np.int64)
+
+  @property
+  def skipped_records(self) -> dict[str, int]:
+    return {r: int(c) for r, c in zip(SKIP_REASONS, self._counts)}
+
+  def __next__(self):
+    batch = dict(next(self._parent))
+    self._counts += np.asarray(batch.pop(_SKIPS)).sum(0)
+    return batch
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(), "skipped": self._counts.tolist()}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._counts = np.asarray(state["skipped"], np.int64)
+
+
+def _source_dataset(name: str, spec, task_id: int, *, tokenizer, model_cfg, seq_len: int,
+                    seed: int, shuffle: bool, process_index: int, process_count: int,
+                    num_epochs: int | None = None):
+  task = spec.task
+  ops = build_ops(list(spec.get("ops", None) or TASK_OPS[task]), OpContext(tokenizer=tokenizer))
+  ds = grain.MapDataset.source(records.open_shards(spec.path, spec.get("split", "train")))
+  ds = ds[process_index::process_count]
+  if shuffle:
+    ds = ds.seed(seed + zlib.crc32(name.encode())).shuffle()
+  return ds.repeat(num_epochs).map(ApplyOps(ops)).map(
+      ToSequence(task, task_id, tokenizer, model_cfg, seq_len, seed))
+
+
+def estimate_tokens_per_example(ds: grain.MapDataset, samples: int) -> float:
+  """Mean sequence length over the first `samples` good examples of a source."""
+  lengths = []
+  for i in range(min(samples * 4, len(ds))):
+    el = ds[i]
+    if SKIPPED_KEY not in el:
+      lengths.append(len(el["inputs"]))
+    if len(lengths) == samples:
+      break
+  if not lengths:
+    raise ValueError("no decodable example among the first ones of the source")
+  return float(np.mean(lengths))
+
+
+def mixture_weights(token_ratios: Mapping[str, float],
+                    tokens_per_example: Mapping[str, float]) -> dict[str, float]:
+  """Per-example sampling weights that give the configured token ratios."""
+  w = {k: float(token_ratios[k]) / tokens_per_example[k] for k in token_ratios}
+  total = sum(w.values())
+  return {k: v / total for k, v in w.items()}
+
+
+def make_omni_dataset(cfg, *, tokenizer, model_cfg, seq_len: int, batch_size: int,
+                      process_index: int, process_count: int, seed: int) -> grain.IterDataset:
+  """Packed mixed-modality batches for this host (see the module doc).
+
+  `cfg` is config.data: `mixture` {name: {path, task, weight (token ratio)[, ops, split]}},
+  `shuffle`, `num_epochs` (None: forever; the mixture ends when a source does),
+  `worker_count`, `estimate_samples` (examples per source used to turn token
+  ratios into sampling weights), `buckets` (audio_frames, audios_per_row, image_patches,
+  video_patches: the media buffer sizes a batch may take; the largest are a row's capacity).
+  """
+  names = sorted(cfg.mixture)
+  if not names:
+    raise ValueError("data.mixture is empty: name at least one source.")
+  sources, per_example = {}, {}
+  for task_id, name in enumerate(names):
+    spec = cfg.mixture[name]
+    if spec.task not in TASK_OPS:
+      raise ValueError(f"data.mixture.{name}.task={spec.task!r} is not one of "
+                       f"{sorted(TASK_OPS)}.")
+    ds = _source_dataset(name, spec, task_id, tokenizer=tokenizer, model_cfg=model_cfg,
+                         seq_len=seq_len, seed=seed, shuffle=cfg.shuffle,
+                         process_index=process_index, process_count=process_count,
+                         num_epochs=cfg.get("num_epochs"))
+    per_example[name] = estimate_tokens_per_example(ds, cfg.estimate_samples)
+    sources[name] = ds.to_iter_dataset()
+  weights = mixture_weights({n: cfg.mixture[n].weight for n in names}, per_example)
+  logging.info("mixture: tokens/example %s -> sampling weights %s", per_example, weights)
+  modalities = frozenset(TASK_MODALITY[cfg.mixture[n].task] for n in names)
+  it = grain.IterDataset.mix(sources, weights)
+  it = _PackIterDataset(it, RowCapacity(seq_len, cfg.buckets))
+  it = it.batch(batch_size, drop_remainder=cfg.get("num_epochs") is None,
+                batch_fn=lambda rows: assemble_batch(rows, model_cfg, modalities, cfg.buckets))
+  if cfg.worker_count > 0:
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+  return _CountSkipsIterDataset(it)
+
+
+def task_names(cfg) -> list[str]:
+  """Mixture source names in task-id order (task_ids index this list)."""
+  return sorted(cfg.mixture)
+
+
+# Qwen3-Omni stage-2 ("general") token budget by modality (seed 004), in trillions of tokens.
+STAGE2_TOKEN_RATIOS = dict(text=0.57, audio=0.77, image=0.82, video=0.05, video_audio=0.05)
