@@ -7,6 +7,7 @@ Modules:
   tokenizer           tokenizer.json loading and local byte-level BPE training
   ops                 registry of named per-example preprocessing ops
   pipeline            ``make_text_dataset``: packed, checkpointable LM batches
+  omni                ``make_omni_dataset``: mixed-modality packed batches for the Thinker
   audio               ops ``decode_audio``, ``log_mel`` (Qwen3-Omni features)
   vision              ops ``decode_image``, ``resize_image``, ``patchify_image``
   video               op ``decode_video`` (frames, timing, audio in video)

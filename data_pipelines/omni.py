@@ -389,17 +389,21 @@ def make_omni_dataset(cfg, *, tokenizer, model_cfg, seq_len: int, batch_size: in
   names = sorted(cfg.mixture)
   if not names:
     raise ValueError("data.mixture is empty: name at least one source.")
+  for name in names:
+    if cfg.mixture[name].task not in TASK_OPS:
+      raise ValueError(f"data.mixture.{name}.task={cfg.mixture[name].task!r} is not one of "
+                       f"{sorted(TASK_OPS)}.")
   sources, per_example = {}, {}
   for task_id, name in enumerate(names):
     spec = cfg.mixture[name]
-    if spec.task not in TASK_OPS:
-      raise ValueError(f"data.mixture.{name}.task={spec.task!r} is not one of "
-                       f"{sorted(TASK_OPS)}.")
     ds = _source_dataset(name, spec, task_id, tokenizer=tokenizer, model_cfg=model_cfg,
                          seq_len=seq_len, seed=seed, shuffle=cfg.shuffle,
                          process_index=process_index, process_count=process_count,
                          num_epochs=cfg.get("num_epochs"))
-    per_example[name] = estimate_tokens_per_example(ds, cfg.estimate_samples)
+    try:
+      per_example[name] = estimate_tokens_per_example(ds, cfg.estimate_samples)
+    except ValueError as e:
+      raise ValueError(f"data.mixture.{name} ({spec.path}, task {spec.task}): {e}") from e
     sources[name] = ds.to_iter_dataset()
   weights = mixture_weights({n: cfg.mixture[n].weight for n in names}, per_example)
   logging.info("mixture: tokens/example %s -> sampling weights %s", per_example, weights)

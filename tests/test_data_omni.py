@@ -173,3 +173,29 @@ def test_bad_inputs_are_counted_and_good_examples_all_arrive(corpora, tmp_path):
   it = iter(_dataset(cfg, tok, batch=1))
   assert len(list(it)) == 1
   assert it.skipped_records["silent_audio"] == 1 and it.skipped_records["non_finite"] == 1
+
+
+def test_restore_after_changing_the_mixture_weights(corpora):
+  """Stages change weights: a state saved under one mixture restores under another."""
+  media, text, tok = corpora
+  it = iter(_dataset(_cfg(media, text), tok))
+  for _ in range(2):
+    next(it)
+  state = copy.deepcopy(it.get_state())
+  stage = _cfg(media, text)
+  stage.mixture.video.weight = 0.9
+  stage.mixture.text.weight = 0.1
+  resumed = iter(_dataset(stage, tok))
+  resumed.set_state(state)
+  batch = next(resumed)
+  assert batch["inputs"].shape == (4, SEQ) and (batch["segment_ids"] > 0).any()
+
+
+def test_worker_processes_give_the_same_batches(corpora):
+  media, text, tok = corpora
+  inline = iter(_dataset(_cfg(media, text, worker_count=0), tok))
+  workers = iter(_dataset(_cfg(media, text, worker_count=1), tok))
+  for _ in range(2):
+    a, b = next(inline), next(workers)
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
