@@ -41,7 +41,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from omnijax.models.config import AudioEncoderConfig, ImplConfig
 from omnijax.models.decoder import _POLICIES
-from omnijax.models.layers import constrain, dtype_of, logical_param
+from omnijax.models.layers import LayerNorm, constrain, dtype_of, logical_param
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by every reference LayerNorm
 MAX_WINDOW_CHUNKS = 8  # the seed's dynamic windows: 1 s .. 8 s
@@ -146,24 +146,6 @@ class Linear(nn.Module):
     return y
 
 
-class LayerNorm(nn.Module):
-  """torch.nn.LayerNorm (biased variance, eps 1e-5) computed in float32, cast back."""
-
-  eps: float = LN_EPS
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    d = x.shape[-1]
-    scale = logical_param(self, "scale", (d,), ("norm",), self.param_dtype, nn.initializers.ones)
-    bias = logical_param(self, "bias", (d,), ("norm",), self.param_dtype, nn.initializers.zeros)
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
-
-
 class Conv(nn.Module):
   """Conv2d 3x3, stride 2, padding 1 on NHWC = (chunks, freq, time, channels); kernel HWIO."""
 
@@ -244,9 +226,9 @@ class AudioEncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, h, mask):
     cfg, dtype, pdt = self.cfg, dtype_of(self.impl.dtype), dtype_of(self.impl.param_dtype)
-    x = LayerNorm(param_dtype=pdt, name="self_attn_layer_norm")(h)
+    x = LayerNorm(LN_EPS, pdt, "scale", name="self_attn_layer_norm")(h)
     h = h + AudioAttention(cfg, self.impl, self.block, name="self_attn")(x, mask)
-    x = LayerNorm(param_dtype=pdt, name="final_layer_norm")(h)
+    x = LayerNorm(LN_EPS, pdt, "scale", name="final_layer_norm")(h)
     x = Linear((cfg.encoder_ffn_dim,), ("embed", "mlp"), ("mlp",), 1, dtype, pdt, name="fc1")(x)
     x = constrain(jax.nn.gelu(x, approximate=False), ("batch", "seq", "act_mlp"))
     x = Linear((cfg.d_model,), ("mlp", "embed"), ("norm",), 1, dtype, pdt, name="fc2")(x)
@@ -369,7 +351,7 @@ class AudioEncoder(nn.Module):
     h, _ = stack(cfg, impl, block, name="layers")(h, mask)
     h = h[:, :seq]
 
-    h = LayerNorm(param_dtype=pdt, name="ln_post")(h)
+    h = LayerNorm(LN_EPS, pdt, "scale", name="ln_post")(h)
     h = Linear((cfg.d_model,), ("embed", "mlp"), ("mlp",), 1, dtype, pdt, name="proj1")(h)
     h = constrain(jax.nn.gelu(h, approximate=False), ("batch", "seq", "act_mlp"))
     h = Linear((cfg.output_dim,), ("mlp", "embed"), ("norm",), 1, dtype, pdt, name="proj2")(h)

@@ -42,6 +42,29 @@ class RMSNorm(nn.Module):
     return weight.astype(x.dtype) * x32.astype(x.dtype)
 
 
+class LayerNorm(nn.Module):
+  """torch.nn.LayerNorm (biased variance, eps inside the sqrt) computed in float32, cast back.
+
+  `scale_name` is the scale parameter's name ("weight" as in torch, or "scale").
+  """
+
+  eps: float
+  param_dtype: jnp.dtype = jnp.float32
+  scale_name: str = "weight"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = logical_param(self, self.scale_name, (d,), ("norm",), self.param_dtype,
+                          nn.initializers.ones)
+    bias = logical_param(self, "bias", (d,), ("norm",), self.param_dtype, nn.initializers.zeros)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
 class SwiGLU(nn.Module):
   """down(silu(gate x) * up x): the dense MLP and the shared expert."""
 

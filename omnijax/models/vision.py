@@ -38,7 +38,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from omnijax.models.config import ImplConfig, VisionEncoderConfig
 from omnijax.models.decoder import _POLICIES as REMAT_POLICIES
-from omnijax.models.layers import constrain, dtype_of, logical_param
+from omnijax.models.layers import LayerNorm, constrain, dtype_of, logical_param
 
 LAYER_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and mergers
 DEFAULT_ROPE_THETA = 10_000.0  # transformers' default rope_parameters for the vision config
@@ -240,24 +240,6 @@ def frame_attention(q, k, v, segment_ids, query_block: int = DEFAULT_QUERY_BLOCK
 # ----------------------------------------------------------------------------------------------
 
 
-class LayerNorm(nn.Module):
-  """torch.nn.LayerNorm (biased variance, eps inside the sqrt), computed in float32."""
-
-  eps: float = LAYER_NORM_EPS
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    d = x.shape[-1]
-    w = logical_param(self, "weight", (d,), ("norm",), self.param_dtype, nn.initializers.ones)
-    b = logical_param(self, "bias", (d,), ("norm",), self.param_dtype, nn.initializers.zeros)
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
-
-
 class Dense(nn.Module):
   """x @ kernel + bias; kernel (*in_shape, *out_shape) with logical axes, bias (*out_shape)."""
 
@@ -294,7 +276,7 @@ class VisionBlock(nn.Module):
     hd = d // nh
     act = _ACTS[getattr(cfg, "hidden_act", DEFAULT_HIDDEN_ACT)]
 
-    x = LayerNorm(param_dtype=pdt, name="norm1")(h)
+    x = LayerNorm(LAYER_NORM_EPS, pdt, name="norm1")(h)
     qkv = Dense((d,), (3, nh, hd), ("embed", None, "heads", "kv"), dt, pdt,
                 name="attn_qkv")(x)
     q = checkpoint_name(qkv[..., 0, :, :], "query_proj")
@@ -309,7 +291,7 @@ class VisionBlock(nn.Module):
     h = h + Dense((nh, hd), (d,), ("heads", "kv", "embed"), dt, pdt, name="attn_proj")(o)
     h = constrain(h, ("batch", "seq", "act_embed"))
 
-    x = LayerNorm(param_dtype=pdt, name="norm2")(h)
+    x = LayerNorm(LAYER_NORM_EPS, pdt, name="norm2")(h)
     y = act(Dense((d,), (cfg.intermediate_size,), ("embed", "mlp"), dt, pdt,
                   name="mlp_linear_fc1")(x))
     y = constrain(y, ("batch", "seq", "act_mlp"))
@@ -335,9 +317,9 @@ class PatchMerger(nn.Module):
     d4 = cfg.hidden_size * unit
     group = lambda x: x.reshape(*x.shape[:-2], x.shape[-2] // unit, d4)
     if self.postshuffle:
-      x = LayerNorm(param_dtype=pdt, name="ln_q")(group(h))
+      x = LayerNorm(LAYER_NORM_EPS, pdt, name="ln_q")(group(h))
     else:
-      x = group(LayerNorm(param_dtype=pdt, name="ln_q")(h))
+      x = group(LayerNorm(LAYER_NORM_EPS, pdt, name="ln_q")(h))
     x = Dense((d4,), (d4,), ("embed", "mlp"), dt, pdt, name="mlp_0")(x)
     x = constrain(jax.nn.gelu(x, approximate=False), ("batch", "seq", "act_mlp"))
     x = Dense((d4,), (cfg.out_hidden_size,), ("mlp", "embed"), dt, pdt, name="mlp_2")(x)
