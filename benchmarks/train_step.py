@@ -59,8 +59,8 @@ def omnijax_run(cfg: ThinkerConfig, batch: int, seq: int, steps: int, warmup: in
                       np.arange(seq, dtype=np.int32), (batch, 3, seq))),
                   loss_mask=np.ones((batch, seq), np.float32))
       start = time.perf_counter()
-      batch = jax.device_put(host, step_lib.batch_shardings(host, mesh, rules))
-      state, metrics = train_step(state, batch)
+      device_batch = jax.device_put(host, step_lib.batch_shardings(host, mesh, rules))
+      state, metrics = train_step(state, device_batch)
       losses.append(float(metrics["loss"]))
       if i >= warmup:
         times.append(time.perf_counter() - start)

@@ -3,8 +3,8 @@
 Expert computation paths (``ImplConfig.moe_impl``):
 - ``ragged_dot``: dropless; token slots sorted by expert, grouped matmul ``jax.lax.ragged_dot``.
 - ``blocked``: dropless; slots sorted by expert into row tiles of ``moe_block_size`` (each
-  expert's rows padded to whole tiles), one batched matmul over tiles. XLA:CPU expands
-  ``ragged_dot`` into a dense matmul per expert, so this is the fast path there.
+  expert's rows padded to whole tiles), a scan of per-tile SwiGLUs (``tiled_swiglu``).
+  XLA:CPU expands ``ragged_dot`` into a dense matmul per expert, so this is the fast path there.
 - ``dense``: every expert on every token, combined by the gate weights. The reference the
   tests cross-check against; O(num_experts) compute.
 - ``auto``: ``ragged_dot`` on GPU/TPU, ``blocked`` on CPU.
@@ -59,33 +59,57 @@ def _sorted_layout(slot_expert: jax.Array, num_experts: int):
   return order, sizes, starts
 
 
-def _swiglu_rows(gmm, x, wg, wu, wd):
-  return gmm(jax.nn.silu(gmm(x, wg)) * gmm(x, wu), wd)
+def _expert_weight(w: jax.Array, e: jax.Array) -> jax.Array:
+  return jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
 
 
 @jax.custom_vjp
-def tiled_matmul(tiles: jax.Array, w: jax.Array, tile_expert: jax.Array) -> jax.Array:
-  """tiles (T, b, K) @ w[tile_expert] (T, K, N), tile_expert sorted ascending -> (T, b, N).
+def tiled_swiglu(tiles: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
+                 tile_expert: jax.Array) -> jax.Array:
+  """SwiGLU of expert ``tile_expert[t]`` on row tile t: tiles (T, b, D) -> (T, b, D).
 
-  The backward pass gathers the weights again instead of keeping the (T, K, N) gathered copy
-  alive until then, and sums weight gradients per expert with a sorted segment sum.
+  A scan over tiles, each reading its expert's weights in place and keeping the (b, F)
+  intermediates in cache: on XLA:CPU a batched matmul over gathered weights runs at about
+  half the speed, and unfused intermediates cost more memory traffic than the matmuls
+  (benchmarks/train_step.py). Saves the gate and up pre-activations for the backward pass,
+  which accumulates each expert's weight gradients in the scan carry.
   """
-  return jnp.einsum("tbk,tkn->tbn", tiles, w[tile_expert])
+  return _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert)[0]
 
 
-def _tiled_matmul_fwd(tiles, w, tile_expert):
-  return tiled_matmul(tiles, w, tile_expert), (tiles, w, tile_expert)
+def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert):
+  def body(_, xs):
+    tile, e = xs
+    gate, up = tile @ _expert_weight(wg, e), tile @ _expert_weight(wu, e)
+    return None, ((jax.nn.silu(gate) * up) @ _expert_weight(wd, e), gate, up)
+
+  y, gate, up = jax.lax.scan(body, None, (tiles, tile_expert))[1]
+  return y, (tiles, gate, up, wg, wu, wd, tile_expert)
 
 
-def _tiled_matmul_bwd(res, g):
-  tiles, w, tile_expert = res
-  d_tiles = jnp.einsum("tbn,tkn->tbk", g, w[tile_expert])
-  d_w = jax.ops.segment_sum(jnp.einsum("tbk,tbn->tkn", tiles, g), tile_expert,
-                            num_segments=w.shape[0], indices_are_sorted=True)
-  return d_tiles, d_w.astype(w.dtype), None
+def _tiled_swiglu_bwd(res, g):
+  tiles, gate, up, wg, wu, wd, tile_expert = res
+
+  def body(d_ws, xs):
+    tile, gate, up, g_tile, e = xs
+    sig = jax.nn.sigmoid(gate)
+    act = gate * sig
+    d_h = g_tile @ _expert_weight(wd, e).T
+    d_gate = d_h * up * sig * (1 + gate * (1 - sig))
+    d_up = d_h * act
+    add = lambda d_w, v: jax.lax.dynamic_update_index_in_dim(
+        d_w, _expert_weight(d_w, e) + v.astype(d_w.dtype), e, 0)
+    d_wg, d_wu, d_wd = d_ws
+    d_ws = (add(d_wg, tile.T @ d_gate), add(d_wu, tile.T @ d_up), add(d_wd, (act * up).T @ g_tile))
+    d_tile = d_gate @ _expert_weight(wg, e).T + d_up @ _expert_weight(wu, e).T
+    return d_ws, d_tile
+
+  zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (wg, wu, wd))
+  d_ws, d_tiles = jax.lax.scan(body, zeros, (tiles, gate, up, g, tile_expert))
+  return (d_tiles, *(d.astype(w.dtype) for d, w in zip(d_ws, (wg, wu, wd))), None)
 
 
-tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
+tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
 
 
 def expert_ffn(x: jax.Array, slot_token: jax.Array, slot_expert: jax.Array, wg, wu, wd,
@@ -104,34 +128,32 @@ def expert_ffn(x: jax.Array, slot_token: jax.Array, slot_expert: jax.Array, wg, 
   if impl == "ragged_dot":
     rows = jnp.where(valid_sorted[:, None], x[slot_token[order]], 0)
     gmm = lambda a, w: jax.lax.ragged_dot(a, w, sizes)
-    y_sorted = _swiglu_rows(gmm, rows, wg, wu, wd)
+    y_sorted = gmm(jax.nn.silu(gmm(rows, wg)) * gmm(rows, wu), wd)
     y_sorted = jnp.where(valid_sorted[:, None], y_sorted, 0)
     return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
 
   if impl != "blocked":
     raise ValueError(f"unknown expert path {impl!r}")
   # Pad each expert's rows up to whole tiles of `block` rows; tile t belongs to one expert.
-  # One spare tile at the end is never used by an expert: its rows stay zero, so their
-  # output is zero, and empty slots point there.
+  # Buffer rows are gathered from x (padding rows read zeros) and slot outputs gathered
+  # back, so both backward passes are plain scatter-adds.
   block = min(block, max(8, 1 << (n - 1).bit_length()))
   padded = (sizes + block - 1) // block * block
   padded_end = jnp.cumsum(padded)
   padded_start = padded_end - padded
-  num_rows = (n + num_experts * (block - 1) + block - 1) // block * block + block
+  num_rows = (n + num_experts * (block - 1) + block - 1) // block * block
   num_tiles = num_rows // block
   safe_expert = jnp.minimum(sorted_expert, num_experts - 1)
   dest_sorted = padded_start[safe_expert] + jnp.arange(n) - starts[safe_expert]
-  dest_sorted = jnp.where(valid_sorted, dest_sorted, num_rows - 1)
+  dest_sorted = jnp.where(valid_sorted, dest_sorted, num_rows)  # empty slots get no row
   dest = jnp.zeros((n,), jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))
-  # Empty slots carry zero rows (x is zero there), so the spare row stays zero.
-  buf = jnp.zeros((num_rows, x.shape[1]), x.dtype).at[dest].set(
-      x[slot_token], mode="promise_in_bounds")
+  row_token = jnp.full((num_rows,), x.shape[0], jnp.int32).at[dest].set(slot_token, mode="drop")
+  buf = jnp.take(x, row_token, axis=0, mode="fill", fill_value=0)
   tile_expert = jnp.minimum(
       jnp.searchsorted(padded_end, jnp.arange(num_tiles) * block, side="right"), num_experts - 1)
   tiles = buf.reshape(num_tiles, block, -1)
-  gmm = lambda a, w: tiled_matmul(a, w, tile_expert)
-  out = _swiglu_rows(gmm, tiles, wg, wu, wd).reshape(num_rows, -1)
-  return out.at[dest].get(mode="promise_in_bounds")
+  out = tiled_swiglu(tiles, wg, wu, wd, tile_expert).reshape(num_rows, -1)
+  return out.at[dest].get(mode="fill", fill_value=0)
 
 
 def combine(y_slots: jax.Array, weights: jax.Array) -> jax.Array:
