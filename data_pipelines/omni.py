@@ -33,6 +33,7 @@ from absl import flags
 from data_pipelines import records
 from data_pipelines.example_dataset import SKIPPED_KEY, ApplyOps
 from data_pipelines.ops import SKIP_REASONS, OpContext, build_ops
+from data_pipelines.pipeline import CountSkippedIterDataset
 
 # Prompts per task (the seed: varied natural-language prompts); one is drawn per example.
 PROMPTS = {
@@ -312,35 +313,6 @@ def assemble_batch(rows: Sequence[dict[str, Any]], model_cfg, modalities: frozen
   return batch
 
 
-class _CountSkipsIterDataset(grain.IterDataset):
-  def __iter__(self):
-    return _CountSkipsIterator(self._parent.__iter__())
-
-
-class _CountSkipsIterator(grain.DatasetIterator):
-  """Main-process end of the pipeline: accumulates the batches' skip counts."""
-
-  def __init__(self, parent: grain.DatasetIterator):
-    super().__init__(parent)
-    self._counts = np.zeros(len(SKIP_REASONS), np.int64)
-
-  @property
-  def skipped_records(self) -> dict[str, int]:
-    return {r: int(c) for r, c in zip(SKIP_REASONS, self._counts)}
-
-  def __next__(self):
-    batch = dict(next(self._parent))
-    self._counts += np.asarray(batch.pop(_SKIPS)).sum(0)
-    return batch
-
-  def get_state(self):
-    return {"parent": self._parent.get_state(), "skipped": self._counts.tolist()}
-
-  def set_state(self, state):
-    self._parent.set_state(state["parent"])
-    self._counts = np.asarray(state["skipped"], np.int64)
-
-
 def _source_dataset(name: str, spec, task_id: int, *, tokenizer, model_cfg, seq_len: int,
                     seed: int, shuffle: bool, process_index: int, process_count: int,
                     num_epochs: int | None = None):
@@ -416,7 +388,7 @@ def make_omni_dataset(cfg, *, tokenizer, model_cfg, seq_len: int, batch_size: in
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-  return _CountSkipsIterDataset(it)
+  return CountSkippedIterDataset(it)
 
 
 def task_names(cfg) -> list[str]:

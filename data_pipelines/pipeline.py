@@ -140,7 +140,7 @@ def make_text_dataset(
         num_workers=cfg.worker_count,
         per_worker_buffer_size=_optional(cfg, "worker_buffer_size"),
     ))
-  return _CountSkippedIterDataset(it)
+  return CountSkippedIterDataset(it)
 
 
 def _optional(cfg: ml_collections.ConfigDict, name: str) -> Any:
@@ -235,8 +235,9 @@ def _row_layout(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
-class _CountSkippedIterDataset(grain.IterDataset):
-  """Outermost stage (main process): pops ``skipped`` and accumulates it."""
+class CountSkippedIterDataset(grain.IterDataset):
+  """Outermost stage (main process): pops each batch's ``skipped`` (rows, len(SKIP_REASONS))
+  counts and accumulates them by reason, in the iterator state; used by every pipeline."""
 
   def __iter__(self):
     return _CountSkippedIterator(self._parent.__iter__())
