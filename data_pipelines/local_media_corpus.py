@@ -48,6 +48,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import tempfile
 import time
 
@@ -90,6 +91,21 @@ def _group_phrase(count: int, color: str, shape: str) -> str:
   if count == 1:
     return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}"
   return f"{NUMBERS[count - 1]} {color} {shape}s"
+
+
+_GROUP = re.compile(r"\b(an?|one|two|three|four) (" + "|".join(COLORS) + r") ("
+                    + "|".join(SHAPES) + r")s?\b")
+
+
+def parse_scene(text: str) -> dict:
+  """The facts a scene description states, in the corpus's words: {"groups": {(count, colour,
+  shape)}, "direction": str | None}; what is not in its vocabulary is ignored (inverse of the
+  sentences `make_facts` writes, applied to a model's output too)."""
+  text = text.lower()
+  groups = {(1 if n in ("a", "an") else NUMBERS.index(n) + 1, c, sh)
+            for n, c, sh in _GROUP.findall(text)}
+  direction = next((d for d in DIRECTIONS if d in text), None)
+  return {"groups": groups, "direction": direction}
 
 
 def make_facts(num_facts: int, seed: int = SEED) -> list[dict]:

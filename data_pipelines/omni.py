@@ -2,13 +2,13 @@
 
 ``make_omni_dataset`` builds, per host::
 
-  per source (config.data.mixture.NAME: path, task, weight):
-    MapDataset.source(shards)[process_index::process_count].seed().shuffle().repeat()
+  per source (config.data.mixture.NAME: path or tfds, task, weight):
+    MapDataset.source(shards or TFDS)[process_index::process_count].seed().shuffle().repeat()
       .map(decode + task ops)          e.g. decode_audio, log_mel; bad inputs -> skip markers
       .map(ToSequence)                 prompt template, placeholders, TM-RoPE positions
   IterDataset.mix({name: source}, weights)     weights = token ratio / mean tokens per example
   pack                                 greedy first-fit into rows of seq_len (checkpointable)
-  batch(batch_fn=assemble)             per-row bucketed media buffers (omnijax.models.media)
+  batch(batch_fn=assemble)             per-row bucketed media buffers (omnijax.processing.media)
   [mp_prefetch]                        worker processes (config.data.worker_count)
   count skips                          iterator.skipped_records (reason -> count)
 
@@ -72,7 +72,7 @@ class ToSequence:
   """
 
   def __init__(self, task: str, task_id: int, tokenizer, model_cfg, seq_len: int, seed: int):
-    from omnijax.models import positions  # pylint: disable=import-outside-toplevel
+    from omnijax.processing import positions  # pylint: disable=import-outside-toplevel
     if task not in TASK_MODALITY:
       raise ValueError(f"unknown task {task!r}; tasks: {sorted(TASK_MODALITY)}")
     self.task, self.task_id, self.tok, self.cfg = task, task_id, tokenizer, model_cfg
@@ -116,6 +116,16 @@ class ToSequence:
     n = int(pos.image_token_count(grid, merge))
     return [c.vision_start_token_id] + [c.video_token_id] * n + [c.vision_end_token_id], media
 
+  def prompt(self, example) -> tuple[np.ndarray, dict[str, Any]]:
+    """A multimodal example's chat prompt up to the assistant's turn, and its media (what
+    decoding continues from; the training sequence appends the answer)."""
+    span, media = self._media_span(example)
+    prompt = PROMPTS[self.task][self._rng(example).integers(len(PROMPTS[self.task]))]
+    ims, ime = self._ids["<|im_start|>"], self._ids["<|im_end|>"]
+    user = np.concatenate([[ims], self.tok.encode("user\n"), span, self.tok.encode(prompt),
+                           [ime], self._newline, [ims], self.tok.encode("assistant\n")])
+    return user.astype(np.int32), media
+
   def __call__(self, example):
     if SKIPPED_KEY in example:
       return example
@@ -125,11 +135,8 @@ class ToSequence:
       labelled = np.ones(len(tokens), bool)
       media: dict[str, Any] = {}
     else:
-      span, media = self._media_span(example)
-      prompt = PROMPTS[self.task][self._rng(example).integers(len(PROMPTS[self.task]))]
-      ims, ime, eos = self._ids["<|im_start|>"], self._ids["<|im_end|>"], self._ids["<|endoftext|>"]
-      user = np.concatenate([[ims], self.tok.encode("user\n"), span, self.tok.encode(prompt),
-                             [ime], self._newline, [ims], self.tok.encode("assistant\n")])
+      user, media = self.prompt(example)
+      ime, eos = self._ids["<|im_end|>"], self._ids["<|endoftext|>"]
       answer = np.concatenate([self.tok.encode(example["text"].strip()), [ime], [eos]])
       tokens = np.concatenate([user, answer]).astype(np.int32)
       labelled = np.concatenate([np.zeros(len(user), bool), np.ones(len(answer), bool)])
@@ -286,7 +293,7 @@ def assemble_batch(rows: Sequence[dict[str, Any]], model_cfg, modalities: frozen
                    buckets) -> dict:
   """Rows -> the trainer's batch: stacked token arrays + per-row media buffers whose sizes are
   the smallest configured buckets that fit (so the train step compiles once per bucket)."""
-  from omnijax.models import media  # pylint: disable=import-outside-toplevel
+  from omnijax.processing import media  # pylint: disable=import-outside-toplevel
   batch = {k: np.stack([r[k] for r in rows])
            for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions", "task_ids",
                      _SKIPS)}
@@ -295,8 +302,6 @@ def assemble_batch(rows: Sequence[dict[str, Any]], model_cfg, modalities: frozen
     batch |= media.audio_buffers(model_cfg, [r["audio"] for r in rows],
                                  frames=_bucket(buckets.audio_frames, frames),
                                  audios=int(buckets.audios_per_row))
-  in_dim = model_cfg.vision.in_channels * model_cfg.vision.temporal_patch_size * \
-      model_cfg.vision.patch_size ** 2
   for kind, wanted in (("image", "image"), ("video", "video")):
     if wanted not in modalities:
       continue
@@ -304,7 +309,7 @@ def assemble_batch(rows: Sequence[dict[str, Any]], model_cfg, modalities: frozen
     for r in rows:
       items = r[kind]
       pixels = (np.concatenate([p for p, _ in items]) if items
-                else np.zeros((0, in_dim), np.float32))
+                else np.zeros((0, media.patch_dim(model_cfg)), np.float32))
       grids = np.concatenate([g for _, g in items]) if items else np.zeros((0, 3), np.int64)
       per_row.append((pixels, grids))
     need = max(len(p) for p, _ in per_row)
@@ -313,17 +318,31 @@ def assemble_batch(rows: Sequence[dict[str, Any]], model_cfg, modalities: frozen
   return batch
 
 
+def open_source(spec) -> grain.sources.RandomAccessDataSource:
+  """A mixture source's split: prepared shards (`path`) or a TFDS builder (`tfds`, optionally
+  `tfds_data_dir`)."""
+  split = spec.get("split", "train")
+  if spec.get("tfds"):
+    from data_pipelines import tfds_source  # pylint: disable=import-outside-toplevel
+    return tfds_source.TfdsSource(spec.tfds, split, data_dir=spec.get("tfds_data_dir") or None)
+  return records.open_shards(spec.path, split)
+
+
 def _source_dataset(name: str, spec, task_id: int, *, tokenizer, model_cfg, seq_len: int,
                     seed: int, shuffle: bool, process_index: int, process_count: int,
-                    num_epochs: int | None = None):
+                    num_epochs: int | None = None) -> tuple[grain.MapDataset, int]:
+  """(sequences of a source for this host, its number of examples on this host)."""
   task = spec.task
   ops = build_ops(list(spec.get("ops", None) or TASK_OPS[task]), OpContext(tokenizer=tokenizer))
-  ds = grain.MapDataset.source(records.open_shards(spec.path, spec.get("split", "train")))
+  ds = grain.MapDataset.source(open_source(spec))
   ds = ds[process_index::process_count]
+  if spec.get("max_examples"):
+    ds = ds[:-(-spec.max_examples // process_count)]
+  examples = len(ds)
   if shuffle:
     ds = ds.seed(seed + zlib.crc32(name.encode())).shuffle()
   return ds.repeat(num_epochs).map(ApplyOps(ops)).map(
-      ToSequence(task, task_id, tokenizer, model_cfg, seq_len, seed))
+      ToSequence(task, task_id, tokenizer, model_cfg, seq_len, seed)), examples
 
 
 def estimate_tokens_per_example(ds: grain.MapDataset, samples: int) -> float:
@@ -340,10 +359,17 @@ def estimate_tokens_per_example(ds: grain.MapDataset, samples: int) -> float:
   return float(np.mean(lengths))
 
 
-def mixture_weights(token_ratios: Mapping[str, float],
-                    tokens_per_example: Mapping[str, float]) -> dict[str, float]:
-  """Per-example sampling weights that give the configured token ratios."""
-  w = {k: float(token_ratios[k]) / tokens_per_example[k] for k in token_ratios}
+def mixture_weights(weights: Mapping[str, float], tokens_per_example: Mapping[str, float],
+                    examples: Mapping[str, int], by: str = "tokens") -> dict[str, float]:
+  """Per-example sampling weights: by="tokens" gives the configured token ratios; by="epochs"
+  reads each source `weight` times per pass over the mixture (every example of a weight-1
+  source as often as every other's)."""
+  if by == "tokens":
+    w = {k: float(weights[k]) / tokens_per_example[k] for k in weights}
+  elif by == "epochs":
+    w = {k: float(weights[k]) * examples[k] for k in weights}
+  else:
+    raise ValueError(f"data.mixture_by={by!r} is not one of ['tokens', 'epochs'].")
   total = sum(w.values())
   return {k: v / total for k, v in w.items()}
 
@@ -352,7 +378,9 @@ def make_omni_dataset(cfg, *, tokenizer, model_cfg, seq_len: int, batch_size: in
                       process_index: int, process_count: int, seed: int) -> grain.IterDataset:
   """Packed mixed-modality batches for this host (see the module doc).
 
-  `cfg` is config.data: `mixture` {name: {path, task, weight (token ratio)[, ops, split]}},
+  `cfg` is config.data: `mixture` {name: {path | tfds [+ tfds_data_dir], task, weight[, ops,
+  split, max_examples, estimate_samples]}}, `mixture_by` ("tokens": weights are token ratios; "epochs": passes
+  over each source),
   `shuffle`, `num_epochs` (None: forever; the mixture ends when a source does),
   `worker_count`, `estimate_samples` (examples per source used to turn token
   ratios into sampling weights), `buckets` (audio_frames, audios_per_row, image_patches,
@@ -365,19 +393,22 @@ def make_omni_dataset(cfg, *, tokenizer, model_cfg, seq_len: int, batch_size: in
     if cfg.mixture[name].task not in TASK_OPS:
       raise ValueError(f"data.mixture.{name}.task={cfg.mixture[name].task!r} is not one of "
                        f"{sorted(TASK_OPS)}.")
-  sources, per_example = {}, {}
+  sources, per_example, examples = {}, {}, {}
   for task_id, name in enumerate(names):
     spec = cfg.mixture[name]
-    ds = _source_dataset(name, spec, task_id, tokenizer=tokenizer, model_cfg=model_cfg,
-                         seq_len=seq_len, seed=seed, shuffle=cfg.shuffle,
-                         process_index=process_index, process_count=process_count,
-                         num_epochs=cfg.get("num_epochs"))
+    ds, examples[name] = _source_dataset(
+        name, spec, task_id, tokenizer=tokenizer, model_cfg=model_cfg, seq_len=seq_len,
+        seed=seed, shuffle=cfg.shuffle, process_index=process_index,
+        process_count=process_count, num_epochs=cfg.get("num_epochs"))
     try:
-      per_example[name] = estimate_tokens_per_example(ds, cfg.estimate_samples)
+      per_example[name] = estimate_tokens_per_example(
+          ds, spec.get("estimate_samples") or cfg.estimate_samples)
     except ValueError as e:
-      raise ValueError(f"data.mixture.{name} ({spec.path}, task {spec.task}): {e}") from e
+      raise ValueError(f"data.mixture.{name} ({spec.get('path') or spec.get('tfds')}, task "
+                       f"{spec.task}): {e}") from e
     sources[name] = ds.to_iter_dataset()
-  weights = mixture_weights({n: cfg.mixture[n].weight for n in names}, per_example)
+  weights = mixture_weights({n: cfg.mixture[n].weight for n in names}, per_example, examples,
+                            cfg.get("mixture_by", "tokens"))
   logging.info("mixture: tokens/example %s -> sampling weights %s", per_example, weights)
   modalities = frozenset(TASK_MODALITY[cfg.mixture[n].task] for n in names)
   it = grain.IterDataset.mix(sources, weights)
@@ -388,13 +419,13 @@ def make_omni_dataset(cfg, *, tokenizer, model_cfg, seq_len: int, batch_size: in
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-  return CountSkippedIterDataset(it)
+  it = CountSkippedIterDataset(it)
+  # What a pass over the mixture holds on this host (by="epochs": each source `weight` times).
+  it.sources = {n: dict(examples=examples[n], tokens_per_example=per_example[n],
+                        sampling_weight=weights[n]) for n in names}
+  return it
 
 
 def task_names(cfg) -> list[str]:
   """Mixture source names in task-id order (task_ids index this list)."""
   return sorted(cfg.mixture)
-
-
-# Qwen3-Omni stage-2 ("general") token budget by modality (seed 004), in trillions of tokens.
-STAGE2_TOKEN_RATIOS = dict(text=0.57, audio=0.77, image=0.82, video=0.05, video_audio=0.05)

@@ -18,7 +18,7 @@ Batches are dicts of numpy arrays, leading dim ``batch_size`` (per host):
   inputs       int32   [B, S]     token ids, 0 on padding
   targets      int32   [B, S]     next token of the same document, 0 on padding
   segment_ids  int32   [B, S]     1..n = n-th document piece in the row, 0 = pad
-  positions    int32   [B, 3, S]  TM-RoPE ids; for text the 3 rows are equal
+  positions    float32 [B, 3, S]  TM-RoPE ids; for text the 3 rows are equal
   loss_mask    float32 [B, S]     1.0 where segment_ids > 0
 
 Each document is tokenised with ``<|endoftext|>`` appended and shifted by one
@@ -51,7 +51,6 @@ restore with the same ``worker_count``.
 """
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 from absl import flags
@@ -61,7 +60,8 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import records
-from data_pipelines.ops import BadRecord, OpContext, Op, SKIP_REASONS, build_ops
+from data_pipelines.example_dataset import SKIPPED_KEY, ApplyOps
+from data_pipelines.ops import OpContext, SKIP_REASONS, build_ops
 
 DEFAULT_TEXT_OPS = ("decode_text", "tokenize", "lm_shift")
 # Tuning fields a config may leave out.
@@ -120,7 +120,7 @@ def make_text_dataset(
   if cfg.shuffle:
     ds = ds.seed(seed).shuffle()
   ds = ds.repeat(cfg.num_epochs)
-  ds = ds.map(_ApplyOps(ops))
+  ds = ds.map(ApplyOps(ops)).map(_text_element)
   it = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=_optional(cfg, "read_threads"),
       prefetch_buffer_size=_optional(cfg, "read_buffer_size"),
@@ -147,15 +147,14 @@ def _optional(cfg: ml_collections.ConfigDict, name: str) -> Any:
   return cfg.get(name, _OPTIONAL_DEFAULTS[name])
 
 
-class _ApplyOps:
-  """Decodes a raw record and applies the ops.
+def _text_element(example: dict[str, Any]) -> dict[str, np.ndarray]:
+  """An op-processed example -> ``{"inputs", "targets", "skipped"}``.
 
-  Returns ``{"inputs", "targets", "skipped"}``: a good record has int32
-  inputs/targets and all-zero ``skipped`` (int32 [1, len(SKIP_REASONS)]); a
-  bad record has empty inputs/targets and a one-hot ``skipped`` for its
-  reason. Packing puts such an empty element into a row like a document with
-  no tokens (never split: it has nothing to split), so each bad record is
-  counted in exactly one row.
+  A good example has int32 inputs/targets and all-zero ``skipped`` (int32 [1,
+  len(SKIP_REASONS)]); a skip marker becomes empty inputs/targets and a one-hot
+  ``skipped`` for its reason. Packing puts such an empty element into a row
+  like a document with no tokens (never split: it has nothing to split), so
+  each bad record is counted in exactly one row.
 
   Counts are not attached to the next document instead: grain 0.2.18's
   ConcatThenSplit mis-slices an unsplit feature of an already split element
@@ -163,28 +162,18 @@ class _ApplyOps:
   them once per piece of a long document. The zeros that documents carry are
   harmless to duplicate.
   """
-
-  def __init__(self, ops: Sequence[Op]):
-    self._ops = list(ops)
-
-  def __call__(self, record: bytes) -> dict[str, np.ndarray]:
-    skipped = np.zeros((1, len(SKIP_REASONS)), np.int32)
-    try:
-      example = records.decode_example(record)
-      for op in self._ops:
-        example = op(example)
-    except BadRecord as e:
-      logging.debug("Skipping bad record: %s", e)
-      skipped[0, SKIP_REASONS.index(e.reason)] = 1
-      return {"inputs": _EMPTY, "targets": _EMPTY, "skipped": skipped}
-    if "inputs" not in example or "targets" not in example:
-      raise ValueError(
-          "The ops must produce 'inputs' and 'targets' (e.g. end with "
-          f"'lm_shift'); got keys {sorted(example)}"
-      )
-    return {"inputs": np.asarray(example["inputs"], np.int32),
-            "targets": np.asarray(example["targets"], np.int32),
-            "skipped": skipped}
+  skipped = np.zeros((1, len(SKIP_REASONS)), np.int32)
+  if SKIPPED_KEY in example:
+    skipped[0, SKIP_REASONS.index(example[SKIPPED_KEY])] = 1
+    return {"inputs": _EMPTY, "targets": _EMPTY, "skipped": skipped}
+  if "inputs" not in example or "targets" not in example:
+    raise ValueError(
+        "The ops must produce 'inputs' and 'targets' (e.g. end with "
+        f"'lm_shift'); got keys {sorted(example)}"
+    )
+  return {"inputs": np.asarray(example["inputs"], np.int32),
+          "targets": np.asarray(example["targets"], np.int32),
+          "skipped": skipped}
 
 
 class _JsonSafeStateIterDataset(grain.IterDataset):
@@ -224,7 +213,7 @@ def _row_layout(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   real = packed_ids > 0
   starts = real & (packed_ids != np.concatenate([[0], packed_ids[:-1]]))
   segment_ids = (np.cumsum(starts, dtype=np.int32) * real).astype(np.int32)
-  positions = row["inputs_positions"].astype(np.int32)
+  positions = row["inputs_positions"].astype(np.float32)
   return {
       "inputs": row["inputs"],
       "targets": row["targets"],

@@ -61,10 +61,11 @@ class TextTokenizer:
         self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32
     )
 
-  def decode(self, ids: Iterable[int]) -> str:
-    """Text of ``ids``, special tokens included (so decode∘encode is identity)."""
+  def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+    """Text of ``ids``, special tokens included unless ``skip_special_tokens``
+    (so by default decode∘encode is identity)."""
     return self._tokenizer.decode(
-        [int(i) for i in ids], skip_special_tokens=False
+        [int(i) for i in ids], skip_special_tokens=skip_special_tokens
     )
 
   def save(self, path: str | os.PathLike[str]) -> None:

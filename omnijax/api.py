@@ -3,6 +3,8 @@
     model = omnijax.load("/path/to/workdir")   # or a directory with config.json + safetensors
     logits = model.logits([[1, 2, 3]])           # float32 numpy (B, S, V)
     model.save_hf("/tmp/export")                  # same writer as `python -m omnijax.export to-hf`
+    ids = model.tokenizer.encode("a red cube")    # its tokenizer.json (tokenizer None: none)
+    out = model.generate([ids], max_new_tokens=32)  # prompt + new token ids (KV-cache decoding)
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omnijax import decode
 from omnijax.hf import convert, safetensors_io
-from omnijax.models import media as media_lib
-from omnijax.models import positions as positions_lib
+from omnijax.processing import media as media_lib
+from omnijax.processing import positions as positions_lib
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.decoder import load_balancing_loss
 from omnijax.models.thinker import Thinker
@@ -41,12 +44,22 @@ def _forward(config: ThinkerConfig):
 class Model:
   """A Thinker's config and params with a forward pass jitted once per input shape."""
 
-  def __init__(self, config: ThinkerConfig, params: Any, step: int | None = None):
+  def __init__(self, config: ThinkerConfig, params: Any, step: int | None = None,
+               tokenizer=None):
     self.config = config
     self.params = jax.device_put(params)
     self.step = step  # the workdir checkpoint step loaded (None: init_params or transformers)
+    self.tokenizer = tokenizer  # a data_pipelines TextTokenizer, or None
 
   def _run(self, input_ids, positions, multimodal: dict[str, Any]):
+    ids, pos, seg, media = self._prepare(input_ids, positions, multimodal)
+    return _forward(self.config)(self.params, jnp.asarray(ids, jnp.int32),
+                                 jnp.asarray(pos, jnp.float32),
+                                 None if seg is None else jnp.asarray(seg), media)
+
+  def _prepare(self, input_ids, positions, multimodal: dict[str, Any]):
+    """Checked forward inputs: ids (B, S), positions (3, B, S), segment ids (B, S) int32 (None
+    without attention_mask), media buffers; all numpy."""
     unknown = sorted(set(multimodal) - set(MULTIMODAL_INPUTS))
     if unknown:
       raise TypeError(f"unexpected argument(s) {unknown}; besides input_ids and positions the "
@@ -79,7 +92,7 @@ class Model:
       if attention_mask.shape != ids.shape:
         raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got "
                          f"{_as_numpy(multimodal['attention_mask']).shape}.")
-    seg = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    seg = None if attention_mask is None else np.asarray(attention_mask, np.int32)
     media = media_lib.from_hf_inputs(
         self.config, ids, **{k: mm[k] for k in ("input_features", "feature_attention_mask",
                                                 "pixel_values", "image_grid_thw",
@@ -98,8 +111,7 @@ class Model:
           attention_mask=attention_mask,
           **{k: mm[k] for k in ("image_grid_thw", "video_grid_thw", "video_second_per_grid",
                                 "audio_seqlens") if k in mm})
-    return _forward(self.config)(self.params, jnp.asarray(ids, jnp.int32),
-                                 jnp.asarray(pos, jnp.float32), seg, media)
+    return ids, pos, seg, media
 
   def logits(self, input_ids, positions=None, **multimodal) -> np.ndarray:
     """float32 logits (B, S, V) for input_ids (B, S) or (S,) (batch 1) as numpy, torch or lists.
@@ -118,17 +130,26 @@ class Model:
     _, stats = self._run(input_ids, positions, multimodal)
     return float(load_balancing_loss(stats, self.config.text.num_experts))
 
+  def generate(self, input_ids, max_new_tokens: int = 32, **kwargs) -> np.ndarray:
+    """Token ids (B, S + new) as int64 numpy: the prompt and up to max_new_tokens new tokens,
+    decoded with a KV cache (`omnijax.decode.generate`: greedy unless temperature / top_k /
+    top_p; seed; eos_token_id, pad_token_id; left-padded batches via attention_mask). Takes the
+    multimodal arguments of `logits`."""
+    return decode.generate(self, input_ids, max_new_tokens, **kwargs)
+
   def save_hf(self, out_dir: str | Path, *, dtype: str = "float32",
               max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE) -> list[str]:
-    """Writes a transformers checkpoint directory (as `omnijax.export to-hf`)."""
+    """Writes a transformers checkpoint directory (as `omnijax.export to-hf`), with the
+    tokenizer and processor files when the model has a tokenizer."""
     return convert.save_hf(self.config, jax.device_get(self.params), out_dir, dtype=dtype,
-                           max_shard_size=max_shard_size)
+                           max_shard_size=max_shard_size, tokenizer=self.tokenizer)
 
 
 def load(path: str | Path, *, step: int | None = None, dtype: str | None = None) -> Model:
   """A Model from an omnijax workdir (model.json + checkpoints/ or init_params/; newest step
-  unless `step`) or a transformers directory (config.json + safetensors). `dtype` overrides the
-  compute dtype (e.g. "float32" to evaluate a run trained in bfloat16)."""
+  unless `step`) or a transformers directory (config.json + safetensors), with the directory's
+  tokenizer.json as `tokenizer` (None without one). `dtype` overrides the compute dtype (e.g.
+  "float32" to evaluate a run trained in bfloat16)."""
   path = Path(path)
   if (path / ckpt_lib.MODEL_JSON).exists():
     cfg = ckpt_lib.read_model_config(path)
@@ -145,7 +166,7 @@ def load(path: str | Path, *, step: int | None = None, dtype: str | None = None)
   if dtype is not None:
     cfg = dataclasses.replace(cfg, impl=dataclasses.replace(cfg.impl, dtype=dtype))
     cfg.validate()
-  return Model(cfg, params, step)
+  return Model(cfg, params, step, ckpt_lib.load_tokenizer(path))
 
 
 def _as_numpy(x) -> np.ndarray:

@@ -3,9 +3,12 @@
     python -m omnijax.export to-hf --workdir=W --out=DIR [--step=N] [--dtype=bfloat16]
         W's model.json and newest (or step N) checkpoint -> DIR/config.json + safetensors in
         the released layout (sharded above --max_shard_size), loadable with
-        `Qwen3OmniMoeForConditionalGeneration.from_pretrained(DIR, enable_audio_output=False)`.
+        `Qwen3OmniMoeForConditionalGeneration.from_pretrained(DIR, enable_audio_output=False)`;
+        with W's tokenizer.json, also the tokenizer and processor files (`AutoTokenizer`,
+        `AutoProcessor`; see omnijax/hf/tokenizer_files.py).
     python -m omnijax.export from-hf --hf=DIR --workdir=W
-        a transformers checkpoint -> W/model.json + W/init_params, from which training starts.
+        a transformers checkpoint -> W/model.json + W/init_params (+ W/tokenizer.json when DIR
+        has one), from which training starts.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 from pathlib import Path
 
 from omnijax.errors import ConfigError
-from omnijax.hf import convert, safetensors_io
+from omnijax.hf import convert, safetensors_io, tokenizer_files
 from omnijax.hf.keymap import CheckpointError
 from omnijax.train import checkpoint as ckpt_lib
 
@@ -23,19 +26,21 @@ from omnijax.train import checkpoint as ckpt_lib
 def to_hf(workdir: str | Path, out: str | Path, *, step: int | None = None,
           dtype: str = "float32",
           max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE) -> int | None:
-  """Exports a workdir's checkpoint to a transformers directory; returns the step exported
-  (None: the workdir's init_params)."""
+  """Exports a workdir's checkpoint (and its tokenizer, when it has one) to a transformers
+  directory; returns the step exported (None: the workdir's init_params)."""
   workdir = Path(workdir)
   if not workdir.is_dir():
     raise FileNotFoundError(f"workdir {workdir} does not exist.")
   cfg = ckpt_lib.read_model_config(workdir)
   params, step = ckpt_lib.latest_params(workdir, step)
-  convert.save_hf(cfg, params, out, dtype=dtype, max_shard_size=max_shard_size)
+  convert.save_hf(cfg, params, out, dtype=dtype, max_shard_size=max_shard_size,
+                  tokenizer=ckpt_lib.load_tokenizer(workdir))
   return step
 
 
 def from_hf(hf_dir: str | Path, workdir: str | Path) -> None:
-  """Writes workdir/model.json and workdir/init_params from a transformers checkpoint."""
+  """Writes workdir/model.json and workdir/init_params (and workdir/tokenizer.json when hf_dir
+  has one) from a transformers checkpoint."""
   hf_dir, workdir = Path(hf_dir), Path(workdir)
   if not hf_dir.is_dir():
     raise FileNotFoundError(f"--hf directory {hf_dir} does not exist.")
@@ -44,8 +49,13 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> None:
     raise FileExistsError(f"{workdir} already holds train checkpoints, which training would "
                           f"resume from instead of {ckpt_lib.INIT_PARAMS}; use a new workdir.")
   cfg, params = convert.load_hf(hf_dir)
+  tokenizer = ckpt_lib.load_tokenizer(hf_dir)
+  if tokenizer is not None:
+    tokenizer_files.check(tokenizer, cfg)
   ckpt_lib.write_model_config(workdir, cfg)
   ckpt_lib.save_params(workdir / ckpt_lib.INIT_PARAMS, params)
+  if tokenizer is not None:
+    ckpt_lib.save_tokenizer(workdir, tokenizer)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
                    max_shard_size=args.max_shard_size)
       source = "init_params" if step is None else f"step {step}"
       print(f"exported {args.workdir} ({source}) to {args.out}")
+      if not (Path(args.workdir) / ckpt_lib.TOKENIZER_JSON).exists():
+        print(f"note: {args.workdir} has no {ckpt_lib.TOKENIZER_JSON}, so {args.out} has no "
+              "tokenizer or processor files.")
     else:
       from_hf(args.hf, args.workdir)
       print(f"wrote {Path(args.workdir) / ckpt_lib.MODEL_JSON} and "

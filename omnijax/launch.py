@@ -1,36 +1,53 @@
 """Launch an experiment.
 
-    python -m omnijax.launch --exp=NAME[:ARG] [--workdir=DIR] [--config.some.field=value ...]
+    python -m omnijax.launch --exp=NAME[:ARGS] [--workdir=DIR] [--config.some.field=value ...]
+    python -m omnijax.launch --exp=NAME[:ARGS] --workdir=DIR --mode=eval [--step=N]
 
-NAME is a file ``experiments/NAME.py`` (or a path to one) whose ``get_config(arg)`` returns a
-ConfigDict; ``:ARG`` selects a variant such as ``local`` (big_vision's ``config.py:arg``).
-Started as one of several processes (SLURM, Open MPI, a multi-host TPU slice, or
-``JAX_COORDINATOR_ADDRESS`` set) it calls ``jax.distributed.initialize()`` first.
+NAME is a module ``experiments.NAME`` (or a path to a ``.py`` file) whose ``get_config(arg)``
+returns a ConfigDict; ARGS are its comma-separated ``key=value`` arguments, e.g.
+``--exp=ablation:arm=omni,seed=1,local`` (big_vision's ``config.py:arg`` + ``parse_arg``).
+``--mode=eval`` runs the experiment's evaluators on the run in ``--workdir`` (its newest or
+``--step`` checkpoint). Started as one of several processes (SLURM, Open MPI, a multi-host TPU
+slice, or ``JAX_COORDINATOR_ADDRESS`` set) it calls ``jax.distributed.initialize()`` first.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
 import sys
 from pathlib import Path
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+NOT_EXPERIMENTS = ("recipe",)  # shared modules of the experiments package
 
 
 def available_experiments() -> list[str]:
-  return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
+  return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py")
+                if not p.stem.startswith("_") and p.stem not in NOT_EXPERIMENTS)
 
 
-def resolve_experiment(exp: str) -> tuple[Path, str | None]:
-  """'NAME[:ARG]' -> (path of experiments/NAME.py, ARG)."""
+def load_experiment(exp: str):
+  """'NAME[:ARGS]' -> the experiment's config; mistakes become ConfigErrors."""
   from omnijax.errors import ConfigError
   name, _, arg = exp.partition(":")
-  path = Path(name) if name.endswith(".py") else EXPERIMENTS_DIR / f"{name}.py"
-  if not path.exists():
-    raise ConfigError(f"unknown experiment {name!r}; available experiments in {EXPERIMENTS_DIR}: "
-                      f"{', '.join(available_experiments())}.")
-  return path, arg or None
+  if name.endswith(".py"):
+    if not Path(name).exists():
+      raise ConfigError(f"experiment file {name} does not exist.")
+    spec = importlib.util.spec_from_file_location(f"omnijax_experiment_{Path(name).stem}", name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  elif name in available_experiments():
+    module = importlib.import_module(f"experiments.{name}")
+  else:
+    raise ConfigError(f"unknown experiment {name!r}; available experiments (in "
+                      f"{EXPERIMENTS_DIR}): {', '.join(available_experiments())}.")
+  try:
+    return module.get_config(arg or None)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"experiment {name}: {e}") from e
 
 
 def _multi_process() -> bool:
@@ -43,8 +60,8 @@ def _multi_process() -> bool:
   return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
 
 
-def _rewrite_argv(argv: list[str]) -> tuple[list[str], str]:
-  """Turns --exp=NAME[:ARG] into ml_collections' --config=PATH[:ARG]; returns (argv, exp)."""
+def _split_exp(argv: list[str]) -> tuple[list[str], str]:
+  """Takes --exp=NAME[:ARGS] out of argv; returns (the other arguments, exp)."""
   out, exp = [], None
   it = iter(argv)
   for a in it:
@@ -58,23 +75,7 @@ def _rewrite_argv(argv: list[str]) -> tuple[list[str], str]:
     from omnijax.errors import ConfigError
     raise ConfigError("--exp=NAME is required; available experiments: "
                       f"{', '.join(available_experiments())}.")
-  path, arg = resolve_experiment(exp)
-  check_overrides(load_experiment(path, arg), out)
-  out.insert(1, f"--config={path}" + (f":{arg}" if arg else ""))
   return out, exp
-
-
-def load_experiment(path: Path, arg: str | None):
-  """Calls the experiment's get_config(arg); mistakes become ConfigErrors."""
-  import importlib.util
-  from omnijax.errors import ConfigError
-  spec = importlib.util.spec_from_file_location(f"omnijax_experiment_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  try:
-    return module.get_config(arg) if arg is not None else module.get_config()
-  except (ValueError, KeyError, TypeError) as e:
-    raise ConfigError(f"experiment {path.stem}: {e}") from e
 
 
 def check_overrides(config, argv: list[str]) -> None:
@@ -97,19 +98,28 @@ def check_overrides(config, argv: list[str]) -> None:
       node = node[key]
 
 
-def _define_flags():
+def _define_flags(config):
   """A fresh set of flags per call, so main() can run more than once in a process."""
   from absl import flags
   from ml_collections import config_flags
   fv = flags.FlagValues()
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard events go "
                       "(default: workdirs/<experiment>).", flag_values=fv)
+  flags.DEFINE_enum("mode", "train", ["train", "eval"], "train, or run the evaluators on the "
+                    "run in --workdir.", flag_values=fv)
+  flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step (default: newest).",
+                       flag_values=fv)
   flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                     "Call jax.distributed.initialize(): auto = when started as one of several "
                     "processes.", flag_values=fv)
-  config_flags.DEFINE_config_file("config", None, "Experiment config (set through --exp).",
+  config_flags.DEFINE_config_dict("config", config, "Experiment config (from --exp).",
                                   flag_values=fv, lock_config=True)
   return fv
+
+
+def default_workdir(exp: str) -> str:
+  return str(Path("workdirs") / exp.replace(":", "_").replace("/", "_").replace(",", "_")
+             .replace("=", "-"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
   from omnijax.errors import ConfigError
   argv = list(sys.argv if argv is None else argv)
   try:
-    argv, exp = _rewrite_argv(argv)
-    FLAGS = _define_flags()
-    sys.argv = argv  # ml_collections finds --config.* overrides in sys.argv
+    argv, exp = _split_exp(argv)
+    config = load_experiment(exp)
+    check_overrides(config, argv)
+    sys.argv = argv  # ml_collections registers the --config.* overrides it finds in sys.argv
+    FLAGS = _define_flags(config)
     try:
       FLAGS(argv)
     except Exception as e:  # absl/ml_collections report bad flags and overrides this way
@@ -132,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
       jax.distributed.initialize()
 
     from omnijax.train import trainer
-    workdir = FLAGS.workdir or str(Path("workdirs") / exp.replace(":", "_").replace("/", "_"))
-    trainer.train(FLAGS.config, workdir)
+    workdir = FLAGS.workdir or default_workdir(exp)
+    if FLAGS.mode == "eval":
+      trainer.evaluate_workdir(workdir, FLAGS.config, FLAGS.step)
+    else:
+      trainer.train(FLAGS.config, workdir)
   except ConfigError as e:
     print(f"omnijax.launch: config error: {e}", file=sys.stderr)
     return 2

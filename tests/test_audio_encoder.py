@@ -28,6 +28,7 @@ from omnijax import sharding as shd  # noqa: E402
 from omnijax.hf import keymap_audio  # noqa: E402
 from omnijax.hf.keymap import CheckpointError  # noqa: E402
 from omnijax.models import audio  # noqa: E402
+from omnijax.processing import audio as audio_host  # noqa: E402
 from omnijax.models.config import AudioEncoderConfig, ImplConfig  # noqa: E402
 
 TOL = 1e-4
@@ -104,7 +105,7 @@ def _jitted(**kw):
 
 def _apply(p, mels, window=8, frames=None, rows=None, **kw):
   """Valid rows + mask; the window is traced, so windows share one compile per shape."""
-  feats, lens = audio.pad_audio_batch(mels, frames=frames, rows=rows)
+  feats, lens = audio_host.pad_audio_batch(mels, frames=frames, rows=rows)
   out, mask = _jitted(**kw)(p, feats, lens, jnp.int32(window))
   return np.asarray(out), np.asarray(mask)
 
@@ -117,13 +118,13 @@ def _valid_rows(out, mask):
 
 
 def test_bucket_frames_and_lengths():
-  assert [audio.bucket_frames(n) for n in (1, 100, 101, 250, 400, 401, 1650)] == [
+  assert [audio_host.bucket_frames(n) for n in (1, 100, 101, 250, 400, 401, 1650)] == [
       100, 100, 200, 400, 400, 800, 3200]
   lens = np.array([1, 50, 99, 100, 101, 250, 400, 1234])
   want = [hf_modeling._get_feat_extract_output_lengths(torch.tensor(int(n))).item() for n in lens]
-  assert audio.feat_extract_output_lengths(lens).tolist() == want
-  assert audio.feat_extract_output_lengths(jnp.asarray(lens)).tolist() == want
-  assert audio.tokens_per_chunk(CFG) == 13 and audio.num_tokens(800, CFG) == 104
+  assert audio_host.feat_extract_output_lengths(lens).tolist() == want
+  assert audio_host.feat_extract_output_lengths(jnp.asarray(lens)).tolist() == want
+  assert audio_host.tokens_per_chunk(CFG) == 13 and audio_host.num_tokens(800, CFG) == 104
 
 
 @pytest.mark.parametrize("seconds", [8, 2, 3])
@@ -191,12 +192,12 @@ def test_parity_omnijax_to_hf(lengths):
 def test_padding_does_not_leak(params):
   mels = _mels((250, 1234, 130))
   out, mask = _apply(params, mels)  # bucket 1600 frames
-  n_tok = audio.feat_extract_output_lengths(np.array([250, 1234, 130]))
+  n_tok = audio_host.feat_extract_output_lengths(np.array([250, 1234, 130]))
   assert mask.shape == (3, 208) and (mask.sum(1) == n_tok).all()
   assert (out[~mask] == 0).all()
   # Garbage in padded frames, a larger bucket, an extra empty row full of garbage (and the
   # default window argument, n_window_infer // 100 = 8): the valid rows do not move.
-  feats, lens = audio.pad_audio_batch(mels, frames=3200, rows=4)
+  feats, lens = audio_host.pad_audio_batch(mels, frames=3200, rows=4)
   rng = np.random.default_rng(9)
   frame_pad = np.arange(3200)[None, None, :] >= lens[:, None, None]
   feats = np.where(frame_pad, 100 * rng.standard_normal(feats.shape), feats).astype(np.float32)
@@ -227,17 +228,17 @@ def test_compiles_once_per_bucket(params):
   buckets = set()
   for i, n in enumerate(stream):
     other = int(rng.integers(1, n + 1))
-    feats, lens = audio.pad_audio_batch(_mels((n, other), seed=i))
+    feats, lens = audio_host.pad_audio_batch(_mels((n, other), seed=i))
     buckets.add(feats.shape[-1])
     out, mask = fn(params, feats, lens, jnp.int32(1 + i % 8))  # a new window every batch
-    assert int(mask[0].sum()) == audio.feat_extract_output_lengths(n)
+    assert int(mask[0].sum()) == audio_host.feat_extract_output_lengths(n)
   print(f"\n[audio compile] {len(stream)} batches, {len(buckets)} buckets {sorted(buckets)}, "
         f"{len(traces)} traces, cache size {fn._cache_size()}")
   assert len(traces) == len(buckets) == fn._cache_size() == 5
 
 
 def test_gradients_reach_every_param(params):
-  feats, lens = audio.pad_audio_batch(_mels((250, 360, 60)))
+  feats, lens = audio_host.pad_audio_batch(_mels((250, 360, 60)))
   w = np.random.default_rng(2).standard_normal((3, 52, CFG.output_dim)).astype(np.float32)
 
   def loss(p, remat):
@@ -272,7 +273,7 @@ def test_keymap_round_trip_exact(hf_weights, params):
 def test_logical_axes_and_sharded_forward(params):
   """Every param has logical axis names from DEFAULT_RULES; sharded output equals unsharded."""
   model = audio.AudioEncoder(CFG)
-  feats, lens = audio.pad_audio_batch(_mels((250, 1234, 60, 400)))
+  feats, lens = audio_host.pad_audio_batch(_mels((250, 1234, 60, 400)))
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), feats, lens)["params"])
   known = {name for name, _ in shd.DEFAULT_RULES}
   for path, leaf in traverse_util.flatten_dict(boxed, sep="/").items():

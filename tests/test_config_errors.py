@@ -33,7 +33,7 @@ def _local(corpus, *args):
 
 @pytest.mark.parametrize("args, expected", [
     (("--exp=no_such_experiment",), "available experiments"),
-    (("--exp=pretrain_general:bogus",), "pretrain_general has variants full, local, small"),
+    (("--exp=pretrain_general:bogus",), "unknown argument 'bogus'; this experiment takes"),
     ((*LOCAL, "--config.model.text.num_layerz=3"),
      "Did you mean config.model.text.num_hidden_layers?"),
     ((*LOCAL, "--config.mesh.fsdp=3"), "has 3 devices but 8 are available"),

@@ -10,8 +10,9 @@ import pytest
 import soundfile
 
 from data_pipelines import local_media_corpus, omni, records, tokenizer as tok_lib
-from data_pipelines.example_dataset import SKIPPED_KEY
-from omnijax.models import positions, presets
+from omnijax.models import presets
+from omnijax.processing import batch as batch_lib
+from omnijax.processing import positions
 from omnijax.models.config import ThinkerConfig
 from tests.helpers import write_text_corpus
 
@@ -77,9 +78,9 @@ def test_rows_keep_documents_apart_and_media_match_placeholders(corpora):
   media, text, tok = corpora
   mc = _model_cfg()
   it = iter(_dataset(_cfg(media, text), tok))
-  kwargs = positions.rope_kwargs_from_config(mc)
   for _ in range(6):
     b = next(it)
+    batch_lib.validate(b)
     for r in range(b["inputs"].shape[0]):
       seg, ids = b["segment_ids"][r], b["inputs"][r]
       assert (b["loss_mask"][r][seg == 0] == 0).all() and (b["task_ids"][r][seg == 0] == -1).all()
@@ -132,10 +133,11 @@ def test_hosts_read_disjoint_examples_covering_the_source(corpora):
   spec = ml_collections.ConfigDict(dict(path=str(media / "caption"), task="caption", weight=1.0))
   seen = []
   for host in range(2):
-    ds = omni._source_dataset("image", spec, 0, tokenizer=tok, model_cfg=_model_cfg(),
-                              seq_len=SEQ, seed=0, shuffle=True, process_index=host,
-                              process_count=2, num_epochs=1)
+    ds, n = omni._source_dataset("image", spec, 0, tokenizer=tok, model_cfg=_model_cfg(),
+                                 seq_len=SEQ, seed=0, shuffle=True, process_index=host,
+                                 process_count=2, num_epochs=1)
     seen.append([tok.decode(el["targets"][el["loss_mask"] > 0]) for el in ds])
+    assert n == len(seen[-1])
   everything = records.open_shards(str(media / "caption"), "train")
   assert set(seen[0]).isdisjoint(seen[1])
   assert len(seen[0]) + len(seen[1]) == len(everything)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import local_corpus, ops, pipeline, records, tokenizer
+from omnijax.processing import batch as batch_lib
 
 SEQ_LEN = 32
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega "
@@ -59,14 +60,9 @@ def _dataset(cfg, tok, *, batch_size=1, process_index=0, process_count=1,
 
 
 def _check_layout(batch, batch_size):
-  assert set(batch) == {"inputs", "targets", "segment_ids", "positions",
-                        "loss_mask"}
-  for key in ("inputs", "targets", "segment_ids"):
-    assert batch[key].dtype == np.int32 and batch[key].shape == (
-        batch_size, SEQ_LEN)
-  assert batch["positions"].dtype == np.int32
-  assert batch["positions"].shape == (batch_size, 3, SEQ_LEN)
-  assert batch["loss_mask"].dtype == np.float32
+  assert set(batch) == set(batch_lib.TOKEN_FIELDS)
+  assert batch["inputs"].shape == (batch_size, SEQ_LEN)
+  batch_lib.validate(batch)
   seg, pos = batch["segment_ids"], batch["positions"]
   np.testing.assert_array_equal(batch["loss_mask"], (seg > 0).astype(np.float32))
   assert (pos == pos[:, :1]).all(), "text positions: 3 equal rows"

@@ -1,6 +1,5 @@
 """Attention blocking, TM-RoPE slot layout and packed-text positions."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

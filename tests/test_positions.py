@@ -1,4 +1,4 @@
-"""`omnijax.models.positions.rope_index` equals transformers' Qwen3-Omni `get_rope_index` exactly.
+"""`omnijax.processing.positions.rope_index` equals transformers' Qwen3-Omni `get_rope_index` exactly.
 
 The reference is `Qwen3OmniMoePreTrainedModelForConditionalGeneration.get_rope_index` (the method
 `Qwen3OmniMoeThinkerForConditionalGeneration` inherits), called with a real
@@ -15,7 +15,7 @@ import types
 import numpy as np
 import pytest
 
-from omnijax.models import positions as P
+from omnijax.processing import positions as P
 from omnijax.models.config import ThinkerConfig
 from omnijax.models import presets
 

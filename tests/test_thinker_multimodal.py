@@ -29,11 +29,11 @@ transformers = pytest.importorskip("transformers")
 import omnijax  # noqa: E402
 from omnijax import api  # noqa: E402
 from omnijax.hf import convert, hf_config  # noqa: E402
-from omnijax.models import audio as audio_lib  # noqa: E402
-from omnijax.models import media as media_lib  # noqa: E402
-from omnijax.models import positions as P  # noqa: E402
+from omnijax.processing import audio as audio_lib  # noqa: E402
+from omnijax.processing import media as media_lib  # noqa: E402
+from omnijax.processing import positions as P  # noqa: E402
 from omnijax.models import presets  # noqa: E402
-from omnijax.models import vision as vision_lib  # noqa: E402
+from omnijax.processing import vision as vision_lib  # noqa: E402
 from omnijax.models.config import ThinkerConfig  # noqa: E402
 from omnijax.models.decoder import load_balancing_loss  # noqa: E402
 

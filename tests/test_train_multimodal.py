@@ -2,7 +2,6 @@
 (and cannot be exported)."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -10,11 +9,13 @@ from flax import traverse_util
 from omnijax import sharding as shd
 from omnijax.errors import ConfigError
 from omnijax.hf import hf_config
-from omnijax.models import media, positions, presets
+from omnijax.models import presets
+from omnijax.processing import media, positions
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.thinker import Thinker
 from omnijax.train import optimizer
 from omnijax.train import step as st
+from omnijax.train.config import base_config
 
 SEQ = 96
 
@@ -52,9 +53,8 @@ def _batch(cfg: ThinkerConfig, seed: int = 0):
 
 def _step(cfg: ThinkerConfig, batch):
   model = Thinker(cfg)
-  ocfg = ml_collections.ConfigDict(dict(
-      learning_rate=1e-3, warmup_steps=0, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-      weight_decay=0.0, weight_decay_exclude=["norm"], grad_clip_norm=1.0))
+  ocfg = base_config().optim
+  ocfg.update(dict(learning_rate=1e-3, warmup_steps=0, weight_decay=0.0))
   tx, sched = optimizer.make_optimizer(ocfg, 10)
   mesh = shd.make_mesh(dict(data=1), jax.devices()[:1])
   rules = shd.DEFAULT_RULES
@@ -77,7 +77,7 @@ def _unchanged(before, after, subtree):
 def test_train_step_updates_every_tower_parameter():
   cfg = ThinkerConfig.from_dict(presets.get("tiny"))
   before, after, metrics = _step(cfg, _batch(cfg))
-  assert np.isfinite(metrics["loss"])
+  assert np.isfinite(metrics["ce_sum"])
   assert _unchanged(before, after, "audio_tower") == []
   assert _unchanged(before, after, "visual") == []
 
@@ -87,7 +87,7 @@ def test_modality_routers_train_and_refuse_export():
   cd.text.modality_routers = True
   cfg = ThinkerConfig.from_dict(cd)
   before, after, metrics = _step(cfg, _batch(cfg))
-  assert np.isfinite(metrics["loss"])
+  assert np.isfinite(metrics["ce_sum"])
   gates = "model/layers_0_2/mlp/modality_gates"
   g0 = traverse_util.flatten_dict(before, sep="/")[gates]
   g1 = traverse_util.flatten_dict(after, sep="/")[gates]

@@ -26,6 +26,7 @@ from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (  #
 from omnijax.hf import keymap_vision  # noqa: E402
 from omnijax.hf.keymap import CheckpointError  # noqa: E402
 from omnijax.models import vision  # noqa: E402
+from omnijax.processing import vision as vision_host  # noqa: E402
 from omnijax.models.config import ImplConfig, VisionEncoderConfig  # noqa: E402
 
 TOL = 1e-4
@@ -149,7 +150,7 @@ def test_parity_transformers_to_omnijax(from_hf, case):
   tm, _, params = from_hf
   pv, grid = _inputs(CASES[case])
   ref = _torch_outputs(tm, pv, grid)
-  packed = vision.pack_patches(pv, grid)
+  packed = vision_host.pack_patches(pv, grid)
   diffs = _max_diffs(_valid(_apply()(params, packed)), ref)
   print(f"\n{case}: {len(pv)} patches in bucket {len(packed['patches'])}, |ref| max "
         f"{np.abs(ref[0]).max():.3f}; max abs diff merged {diffs[0]:.2e}, deepstack "
@@ -164,7 +165,7 @@ def test_parity_omnijax_to_transformers():
   tm.load_state_dict(_to_torch_state(keymap_vision.vision_to_hf(params, CFG)), strict=True)
   pv, grid = _inputs(CASES["packed"], seed=1)
   ref = _torch_outputs(tm, pv, grid)
-  packed = vision.pack_patches(pv, grid)
+  packed = vision_host.pack_patches(pv, grid)
   diffs = _max_diffs(_valid(_apply(query_block=64)(params, packed)), ref)
   print(f"\nomnijax->transformers packed (4 query blocks): max abs diff merged {diffs[0]:.2e}, "
         "deepstack " + ", ".join(f"{d:.2e}" for d in diffs[1:]))
@@ -175,8 +176,8 @@ def test_padding_does_not_change_valid_outputs(from_hf):
   _, _, params = from_hf
   pv, grid = _inputs(CASES["packed"], seed=2)
   n = len(pv)
-  small = vision.pack_patches(pv, grid, bucket=256)
-  large = vision.pack_patches(pv, grid, bucket=512)
+  small = vision_host.pack_patches(pv, grid, bucket=256)
+  large = vision_host.pack_patches(pv, grid, bucket=512)
   # garbage in the padding: random pixels and metadata, segment id 0
   rng = np.random.default_rng(7)
   noisy = {k: v.copy() for k, v in small.items()}
@@ -196,7 +197,7 @@ def test_padding_does_not_change_valid_outputs(from_hf):
     assert all(not np.any(np.asarray(d)[invalid]) for d in out.deepstack)
   # A batch of packed buffers (B, P, ...) equals the rows encoded one by one.
   pv2, grid2 = _inputs(CASES["video"], seed=4)
-  other = vision.pack_patches(pv2, grid2, bucket=256)
+  other = vision_host.pack_patches(pv2, grid2, bucket=256)
   batched = _apply()(params, {k: np.stack([small[k], other[k]]) for k in small})
   for b, single in enumerate((outs[0], _apply()(params, other))):
     np.testing.assert_allclose(batched.merged[b], single.merged, atol=1e-5)
@@ -217,7 +218,7 @@ def test_one_compile_per_bucket(from_hf):
   buckets = set()
   for i, g in enumerate(grids):
     pv, grid = _inputs([g], seed=i)
-    packed = vision.pack_patches(pv, grid)
+    packed = vision_host.pack_patches(pv, grid)
     buckets.add(len(packed["patches"]))
     encode(params, packed).block_until_ready()
   print(f"\n{len(grids)} image sizes -> buckets {sorted(buckets)}, {len(traces)} compiles")
@@ -230,7 +231,7 @@ def test_one_compile_per_bucket(from_hf):
 def test_gradients_reach_every_param():
   params = _random_omnijax_params(11)
   pv, grid = _inputs(CASES["two_images"], seed=3)
-  packed = vision.pack_patches(pv, grid)
+  packed = vision_host.pack_patches(pv, grid)
   model = vision.VisionEncoder(CFG, ImplConfig(remat_policy="full"))
   rng = np.random.default_rng(0)
   weights = [jnp.asarray(rng.standard_normal((16, CFG.out_hidden_size)), jnp.float32)
@@ -283,22 +284,22 @@ def test_keymap_round_trip_exact(from_hf):
 
 def test_packing_metadata_matches_transformers():
   grid = np.asarray(CASES["packed"], np.int64)
-  meta = vision.patch_metadata(grid, CFG.spatial_merge_size)
+  meta = vision_host.patch_metadata(grid, CFG.spatial_merge_size)
   pos = vision_utils.get_vision_position_ids(torch.from_numpy(grid), CFG.spatial_merge_size).numpy()
   np.testing.assert_array_equal(meta["rows"], pos[:, 0])
   np.testing.assert_array_equal(meta["cols"], pos[:, 1])
   cu = vision_utils.get_vision_cu_seqlens(torch.from_numpy(grid)).numpy()
   np.testing.assert_array_equal(np.diff(cu), np.bincount(meta["segment_ids"])[1:])
   assert np.all(np.diff(meta["segment_ids"]) >= 0)
-  sizes = [vision.bucket_patches(n) for n in range(0, 5000, 7)]
+  sizes = [vision_host.bucket_patches(n) for n in range(0, 5000, 7)]
   assert all(s % 4 == 0 and s >= n for s, n in zip(sizes, range(0, 5000, 7)))
   # 14 buckets up to 6144; padding is at most a third of a bucket
   assert len(set(sizes)) == 14 and all(2 * s <= 3 * max(n, 64) for s, n in
                                        zip(sizes, range(0, 5000, 7)))
   with pytest.raises(ValueError, match="bucket"):
-    vision.pack_patches(np.zeros((24, IN_DIM), np.float32), [[1, 4, 6]], bucket=16)
+    vision_host.pack_patches(np.zeros((24, IN_DIM), np.float32), [[1, 4, 6]], bucket=16)
   with pytest.raises(ValueError, match="multiples"):
-    vision.patch_metadata([[1, 3, 4]])
+    vision_host.patch_metadata([[1, 3, 4]])
 
 
 def test_processor_patch_order():
@@ -311,7 +312,7 @@ def test_processor_patch_order():
   img = np.broadcast_to(img.astype(np.float32), (3, h * 16, w * 16)).copy()
   out = proc(images=[img], return_tensors="np", input_data_format="channels_first")
   assert out["image_grid_thw"].tolist() == [[1, h, w]]
-  meta = vision.patch_metadata(out["image_grid_thw"])
+  meta = vision_host.patch_metadata(out["image_grid_thw"])
   pv = out["pixel_values"]
   assert np.all(pv == pv[:, :1])  # each patch constant
   np.testing.assert_array_equal(pv[:, 0], meta["rows"] * 100 + meta["cols"])

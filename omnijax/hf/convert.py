@@ -3,7 +3,8 @@
 The directory holds ``config.json`` (a ``Qwen3OmniMoeConfig`` with ``enable_audio_output``
 off) and safetensors in the released Hub layout (``thinker.model.layers.N...``, one tensor per
 expert; ``thinker.audio_tower.*``; ``thinker.visual.*``), which
-``Qwen3OmniMoeForConditionalGeneration.from_pretrained`` loads.
+``Qwen3OmniMoeForConditionalGeneration.from_pretrained`` loads; with a tokenizer, also the
+tokenizer and processor files of ``tokenizer_files`` (``AutoTokenizer``, ``AutoProcessor``).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from omnijax.hf import safetensors_io
+from omnijax.hf import safetensors_io, tokenizer_files
 from omnijax.hf.hf_config import from_hf_config, to_hf_config
 from omnijax.hf.keymap import THINKER_TEXT, CheckpointError, iter_text_to_hf, text_from_hf
 from omnijax.hf.keymap_audio import audio_from_hf, iter_audio_to_hf
 from omnijax.hf.keymap_vision import iter_vision_to_hf, vision_from_hf
-from omnijax.models import media
+from omnijax.processing import media
 from omnijax.models.config import ImplConfig, ThinkerConfig
 from omnijax.models.thinker import Thinker
 
@@ -70,17 +71,23 @@ def hf_tensors(cfg: ThinkerConfig, params, dtype: str = "float32") -> Iterator[t
 
 
 def save_hf(cfg: ThinkerConfig, params, out_dir: str | Path, *, dtype: str = "float32",
-            max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE) -> list[str]:
-  """Writes config.json + safetensors to out_dir; returns the safetensors file names."""
+            max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE,
+            tokenizer=None) -> list[str]:
+  """Writes config.json + safetensors to out_dir, and the tokenizer and processor files when
+  given a `tokenizer` (a data_pipelines TextTokenizer); returns the safetensors file names."""
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {list(EXPORT_DTYPES)}.")
   hf_config = to_hf_config(cfg, dtype)  # refuses unexportable configs before writing anything
   check_params(cfg, params)
+  if tokenizer is not None:
+    tokenizer_files.check(tokenizer, cfg)
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   files = safetensors_io.write(hf_tensors(cfg, params, dtype), out_dir,
                                safetensors_io.parse_size(max_shard_size))
   (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+  if tokenizer is not None:
+    tokenizer_files.write(out_dir, tokenizer, cfg)
   return files
 
 

@@ -2,6 +2,10 @@
 
 Attention is causal within a document: with packed rows, a token attends only to earlier
 tokens of the same segment (segment id 0 is padding).
+
+Decoding passes a KV cache: one layer's preallocated keys and values (B, C, KH, D); the new
+tokens' keys and values are written at the cache index and the queries attend over the whole
+cache under ``cache_mask``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,16 @@ def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
   same = segment_ids[:, :, None] == segment_ids[:, None, :]
   valid = (segment_ids != 0)[:, :, None]
   return (causal[None] & same & valid)[:, None]
+
+
+def cache_mask(segment_ids: jax.Array, cache_segment_ids: jax.Array,
+               index: jax.Array) -> jax.Array:
+  """(B, S, C) bool: S queries at cache slots index, index+1, ... over C slots (cache_segment_ids,
+  0 where unwritten or padding): key slot <= query slot, same segment, query not padding."""
+  s, c = segment_ids.shape[1], cache_segment_ids.shape[1]
+  causal = jnp.arange(c)[None, :] <= (index + jnp.arange(s))[:, None]
+  same = segment_ids[:, :, None] == cache_segment_ids[:, None, :]
+  return causal[None] & same & (segment_ids != 0)[:, :, None]
 
 
 def _attend(q, k, v, mask, scale):
@@ -64,7 +78,9 @@ class Attention(nn.Module):
   impl: ImplConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, segment_ids):
+  def __call__(self, x, cos, sin, segment_ids, kv=None, kv_mask=None):
+    """Returns (out, kv): kv, if given, is this layer's cache {"k", "v"} (B, C, KH, D) and
+    kv_mask (cache index, cache_mask (B, S, C)); the updated cache is returned (else None)."""
     cfg, dtype, pdt = self.cfg, dtype_of(self.impl.dtype), dtype_of(self.impl.param_dtype)
     d, h, kh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     wq = logical_param(self, "q_proj", (d, h, hd), ("embed", "heads", "kv"), pdt).astype(dtype)
@@ -82,6 +98,13 @@ class Attention(nn.Module):
     q = constrain(q, ("batch", "seq", "act_heads", "act_kv"))
     k = constrain(k, ("batch", "seq", "act_kv_heads", "act_kv"))
     v = constrain(v, ("batch", "seq", "act_kv_heads", "act_kv"))
-    out = dot_product_attention(q, k, v, segment_ids, self.impl.attention_query_blocks)
+    if kv is None:
+      out = dot_product_attention(q, k, v, segment_ids, self.impl.attention_query_blocks)
+    else:
+      index, mask = kv_mask
+      kv = {name: jax.lax.dynamic_update_slice(kv[name], new.astype(kv[name].dtype),
+                                               (0, index, 0, 0))
+            for name, new in (("k", k), ("v", v))}
+      out = _attend(q, kv["k"], kv["v"], mask, hd ** -0.5)
     out = constrain(out, ("batch", "seq", "act_heads", "act_kv"))
-    return jnp.einsum("bshk,hkd->bsd", out, wo)
+    return jnp.einsum("bshk,hkd->bsd", out, wo), kv

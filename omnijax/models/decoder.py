@@ -2,6 +2,9 @@
 
 Consecutive layers of one kind (MoE or dense MLP) form a block that is one ``nn.scan`` over
 stacked parameters (leading logical axis ``layers``), rematerialised by ``remat_policy``.
+
+For decoding the stack takes a KV cache (``init_cache``): per block, keys and values stacked on
+the same leading layer axis, scanned in and out with the parameters.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from omnijax.models import tm_rope
-from omnijax.models.attention import Attention
+from omnijax.models.attention import Attention, cache_mask
 from omnijax.models.config import ImplConfig, TextConfig
 from omnijax.models.layers import RMSNorm, SwiGLU, constrain, dtype_of
 from omnijax.models.moe import SparseMoeBlock
@@ -31,12 +34,14 @@ class DecoderLayer(nn.Module):
   moe: bool
 
   @nn.compact
-  def __call__(self, h, layer_index, cos, sin, segment_ids, modality, deepstack):
+  def __call__(self, h, layer_index, cos, sin, segment_ids, modality, deepstack, kv, kv_mask):
     """`modality` (B,S) selects the router when the config has modality routers; `deepstack`
-    (taps, B, S, D) or None is added to the output of layer i < taps (DeepStack)."""
+    (taps, B, S, D) or None is added to the output of layer i < taps (DeepStack); `kv`,
+    `kv_mask`: this layer's KV cache or None (see Attention). Returns (h, (stats, kv))."""
     cfg, pdt = self.cfg, dtype_of(self.impl.param_dtype)
     x = RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(h)
-    h = h + Attention(cfg, self.impl, name="self_attn")(x, cos, sin, segment_ids)
+    y, kv = Attention(cfg, self.impl, name="self_attn")(x, cos, sin, segment_ids, kv, kv_mask)
+    h = h + y
     x = RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(h)
     if self.moe:
       y, stats = SparseMoeBlock(cfg, self.impl, name="mlp")(x, segment_ids != 0, modality)
@@ -48,34 +53,63 @@ class DecoderLayer(nn.Module):
       tap = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(layer_index, taps - 1), 0,
                                          keepdims=False)
       h = h + jnp.where(layer_index < taps, tap, 0).astype(h.dtype)
-    return constrain(h, ("batch", "seq", "act_embed")), stats
+    return constrain(h, ("batch", "seq", "act_embed")), (stats, kv)
+
+
+def _block_name(first: int, count: int) -> str:
+  return f"layers_{first}_{first + count}"
+
+
+def init_cache(cfg: TextConfig, impl: ImplConfig, batch: int, length: int) -> dict:
+  """An empty KV cache of `length` slots: the next slot `index`, the `segment_ids` (B, C) of the
+  slots (0: unwritten or padding) and per layer block `kv` {"k", "v"} (layers, B, C, KH, D)."""
+  shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+  kv = {_block_name(first, count): {n: jnp.zeros((count,) + shape, dtype_of(impl.dtype))
+                                    for n in ("k", "v")}
+        for _, first, count in cfg.layer_blocks()}
+  return dict(index=jnp.zeros((), jnp.int32), segment_ids=jnp.zeros((batch, length), jnp.int32),
+              kv=kv)
 
 
 class Decoder(nn.Module):
-  """Layers + final norm. Returns (hidden (B,S,D), moe stats stacked over MoE layers)."""
+  """Layers + final norm. Returns (hidden (B,S,D), moe stats stacked over MoE layers), and with
+  a `cache` (``init_cache``) the cache with the S tokens written at its index, as a third value."""
 
   cfg: TextConfig
   impl: ImplConfig
 
   @nn.compact
-  def __call__(self, h, positions, segment_ids, modality=None, deepstack=None):
+  def __call__(self, h, positions, segment_ids, modality=None, deepstack=None, cache=None):
     cfg = self.cfg
     cos, sin = tm_rope.cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+    kv_mask = new_cache = None
+    if cache is not None:
+      index = cache["index"]
+      cache_segments = jax.lax.dynamic_update_slice(
+          cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
+      kv_mask = (index, cache_mask(segment_ids, cache_segments, index))
+      new_cache = dict(index=index + h.shape[1], segment_ids=cache_segments, kv={})
     stats = []
     for moe, first, count in cfg.layer_blocks():
+      name = _block_name(first, count)
       layer = DecoderLayer
       if self.impl.remat_policy != "none":
         layer = nn.remat(layer, policy=_POLICIES[self.impl.remat_policy], prevent_cse=False)
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0,) + (nn.broadcast,) * 5, length=count,
+                      in_axes=(0,) + (nn.broadcast,) * 5 + (0, nn.broadcast), length=count,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      h, block_stats = stack(cfg, self.impl, moe, name=f"layers_{first}_{first + count}")(
-          h, jnp.arange(first, first + count), cos, sin, segment_ids, modality, deepstack)
+      h, (block_stats, kv) = stack(cfg, self.impl, moe, name=name)(
+          h, jnp.arange(first, first + count), cos, sin, segment_ids, modality, deepstack,
+          None if cache is None else cache["kv"][name], kv_mask)
       if moe:
         stats.append(block_stats)
+      if cache is not None:
+        new_cache["kv"][name] = kv
     h = RMSNorm(cfg.rms_norm_eps, dtype_of(self.impl.param_dtype), name="norm")(h)
     stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats) if stats else {}
-    return h, stats
+    if cache is None:
+      return h, stats
+    return h, stats, new_cache
 
 
 def load_balancing_loss(stats, num_experts: int) -> jax.Array:

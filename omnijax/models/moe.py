@@ -8,6 +8,8 @@ Expert computation paths (``ImplConfig.moe_impl``):
 - ``dense``: every expert on every token, combined by the gate weights. The reference the
   tests cross-check against; O(num_experts) compute.
 - ``auto``: ``ragged_dot`` on GPU/TPU, ``blocked`` on CPU.
+With no more token slots than experts (a decode step) the dropless paths gather each slot's
+expert weights instead (``gathered_experts``): they read only the chosen experts.
 
 Under a mesh the block runs in ``shard_map``: each device routes its own tokens; when the
 logical ``exp`` axis maps to a mesh axis of size > 1, token slots travel to the devices that
@@ -171,10 +173,25 @@ def dense_reference(x, top_idx, top_w, wg, wu, wd):
   return jnp.einsum("tef,efd,te->td", h, wd, gates)
 
 
+def gathered_experts(x, top_idx, top_w, wg, wu, wd):
+  """Each slot's SwiGLU with its expert's weights gathered: x (T, D) -> (T, D).
+
+  Reads only the T * k chosen experts' weights: for a few tokens (a decode step) it beats the
+  sorted paths, which touch every expert's (inside the layer scan XLA:CPU copies a layer's whole
+  expert stack before the tile scan reads it: 3x slower decode steps for the small preset)."""
+  k = top_idx.shape[1]
+  e = top_idx.reshape(-1)
+  xs = jnp.repeat(x, k, axis=0)
+  h = jax.nn.silu(jnp.einsum("nd,ndf->nf", xs, wg[e])) * jnp.einsum("nd,ndf->nf", xs, wu[e])
+  return combine(jnp.einsum("nf,nfd->nd", h, wd[e]), top_w)
+
+
 def local_experts(x, top_idx, top_w, wg, wu, wd, impl: str, block: int):
   """Dropless MoE over the tokens of one device: x (T, D) -> (T, D)."""
   if impl == "dense":
     return dense_reference(x, top_idx, top_w, wg, wu, wd)
+  if top_idx.size <= wg.shape[0]:
+    return gathered_experts(x, top_idx, top_w, wg, wu, wd)
   k = top_idx.shape[1]
   slot_token = jnp.arange(top_idx.size, dtype=jnp.int32) // k
   y = expert_ffn(x, slot_token, top_idx.reshape(-1), wg, wu, wd, impl, block)

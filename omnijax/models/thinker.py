@@ -6,13 +6,17 @@ the MoE routing statistics from which the load-balancing loss is computed.
 
 Media arrive per row (the leading dimension is the batch, so they shard with it): row b's
 audio/image/video buffers fill, in order, the placeholder tokens of row b. ``media`` holds
-(see ``omnijax.models.media``):
+(see ``omnijax.processing.media``):
   audio_features (B, A, mel, T), audio_lengths (B, A)            -> ``<|audio_pad|>`` tokens
   image_{patches,segment_ids,rows,cols,heights,widths} (B, P...)   -> ``<|image_pad|>`` tokens
   video_{...} the same                                             -> ``<|video_pad|>`` tokens
 and optionally audio_window, the AuT attention window in seconds (may vary per batch).
 Encoder outputs replace the placeholder embeddings; DeepStack features of images and videos
 are added to the hidden states at their positions after the first decoder layers.
+
+Decoding (``omnijax.decode``) passes a KV cache (``omnijax.models.decoder.init_cache``): the
+tokens are written into it at its index, the logits are those of the last position only and the
+updated cache is returned as a third value.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from omnijax.models.audio import AudioEncoder
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.decoder import Decoder
 from omnijax.models.layers import constrain, dtype_of, logical_param
-from omnijax.models.media import VISION_FIELDS
+from omnijax.processing.vision import PACKED_KEYS
 from omnijax.models.vision import VisionEncoder
 
 MODALITIES = ("text", "image", "audio", "video")
@@ -59,9 +63,10 @@ class Thinker(nn.Module):
   @nn.compact
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
-               media: Mapping[str, jax.Array] | None = None):
+               media: Mapping[str, jax.Array] | None = None, cache: dict | None = None):
     """input_ids (B, S); positions (3, B, S) TM-RoPE ids (default: text positions per segment);
-    segment_ids (B, S), 0 = padding (default: one segment per row); media as above."""
+    segment_ids (B, S), 0 = padding (default: one segment per row); media as above; cache: a KV
+    cache to decode with (see the module docstring)."""
     cfg, text, impl = self.cfg, self.cfg.text, self.cfg.impl
     dtype, pdt = dtype_of(impl.dtype), dtype_of(impl.param_dtype)
     media = dict(media or {})
@@ -89,7 +94,7 @@ class Thinker(nn.Module):
     for kind, token_id in (("image", cfg.image_token_id), ("video", cfg.video_token_id)):
       if f"{kind}_patches" not in media:
         continue
-      out = visual(*(media[f"{kind}_{f}"] for f in VISION_FIELDS))
+      out = visual(*(media[f"{kind}_{f}"] for f in PACKED_KEYS))
       placeholder = input_ids == token_id
       h = scatter_rows(h, placeholder, out.merged)
       if out.deepstack:
@@ -97,10 +102,18 @@ class Thinker(nn.Module):
         deepstack = taps if deepstack is None else deepstack + taps
 
     modality = self.modality(input_ids) if text.modality_routers else None
-    h, stats = Decoder(text, impl, name="model")(h, positions, segment_ids, modality, deepstack)
+    decoder = Decoder(text, impl, name="model")
+    if cache is None:
+      h, stats = decoder(h, positions, segment_ids, modality, deepstack)
+    else:
+      h, stats, cache = decoder(h, positions, segment_ids, modality, deepstack, cache)
+      h = h[:, -1:]
     lm_head = logical_param(self, "lm_head", (text.hidden_size, text.vocab_size),
                             ("embed", "vocab"), pdt)
     logits = jnp.einsum("bsd,dv->bsv", h, lm_head.astype(dtype),
                         preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "seq", "act_vocab")), stats
+    logits = constrain(logits, ("batch", "seq", "act_vocab"))
+    if cache is None:
+      return logits, stats
+    return logits, stats, cache
 

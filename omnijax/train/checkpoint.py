@@ -2,6 +2,7 @@
 
 Layout of a workdir:
   model.json                  the ThinkerConfig (written by training and by `export from-hf`)
+  tokenizer.json              the run's tokenizer (HF `tokenizers` file), when it has one
   config.json                 the experiment config of the last launch
   checkpoints/<step>/state    TrainState {step, params, opt_state}
   checkpoints/<step>/data     the Grain iterator state (when training from a pipeline)
@@ -27,6 +28,7 @@ from omnijax.models.config import ThinkerConfig
 CHECKPOINTS = "checkpoints"
 INIT_PARAMS = "init_params"
 MODEL_JSON = "model.json"
+TOKENIZER_JSON = "tokenizer.json"
 
 
 class Checkpointer:
@@ -79,13 +81,20 @@ def restore_params(path: str | Path, abstract_params=None, shardings=None):
     return ckpt.restore(path, target)
 
 
-def latest_params(workdir: str | Path, step: int | None = None) -> tuple[Any, int | None]:
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+  ckpt_dir = Path(workdir) / CHECKPOINTS
+  return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) \
+      if ckpt_dir.exists() else []
+
+
+def latest_params(workdir: str | Path, step: int | None = None, abstract_params=None,
+                  shardings=None) -> tuple[Any, int | None]:
   """(params, step) of a workdir's newest (or given) train checkpoint, else its init_params
-  (step None)."""
+  (step None). Onto `shardings` when given (nothing unsharded is materialised), else as host
+  numpy arrays."""
   workdir = Path(workdir).absolute()
   ckpt_dir = workdir / CHECKPOINTS
-  steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) \
-      if ckpt_dir.exists() else []
+  steps = checkpoint_steps(workdir)
   if step is not None and step not in steps:
     raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint of step {step}; steps: {steps}.")
   if steps:
@@ -93,13 +102,21 @@ def latest_params(workdir: str | Path, step: int | None = None) -> tuple[Any, in
     with ocp.PyTreeCheckpointer() as ckpt:
       path = ckpt_dir / str(step) / "state"
       params_meta = ckpt.metadata(path).item_metadata.tree["params"]
-      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
+      if abstract_params is None:
+        item = params_meta
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                    params_meta)
+      else:
+        item = abstract_params
+        restore_args = jax.tree.map(
+            lambda a, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=a.shape, dtype=a.dtype),
+            abstract_params, shardings)
       state = ckpt.restore(path, args=ocp.args.PyTreeRestore(
-          item={"params": params_meta}, restore_args={"params": restore_args},
+          item={"params": item}, restore_args={"params": restore_args},
           partial_restore=True))
     return state["params"], step
   if (workdir / INIT_PARAMS).exists():
-    return restore_params(workdir / INIT_PARAMS), None
+    return restore_params(workdir / INIT_PARAMS, abstract_params, shardings), None
   raise FileNotFoundError(f"{workdir} holds no checkpoint ({CHECKPOINTS}/<step>) and no "
                           f"{INIT_PARAMS}/; train there first or run `omnijax.export from-hf`.")
 
@@ -115,3 +132,15 @@ def read_model_config(workdir: str | Path) -> ThinkerConfig:
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: not an omnijax workdir.")
   return ThinkerConfig.from_dict(json.loads(path.read_text()))
+
+
+def save_tokenizer(workdir: str | Path, tokenizer) -> None:
+  """Keeps the run's tokenizer (a data_pipelines.tokenizer.TextTokenizer) in its workdir."""
+  tokenizer.save(Path(workdir) / TOKENIZER_JSON)
+
+
+def load_tokenizer(workdir: str | Path):
+  """The TextTokenizer kept in a workdir (or a transformers directory), None if it has none."""
+  from data_pipelines import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+  path = Path(workdir) / TOKENIZER_JSON
+  return tok_lib.load_tokenizer(path) if path.exists() else None

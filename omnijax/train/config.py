@@ -26,6 +26,9 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
   c.data.path = ""  # kind=text: shard directory
   # kind=omni: {name: {path, task (text|caption|asr|audio|video), weight (token ratio)}}
   c.data.mixture = ml_collections.ConfigDict()
+  # tokens: a source's weight is its token ratio; epochs: how often each of its examples is
+  # read per pass over the mixture (optionally over its first max_examples examples).
+  c.data.mixture_by = "tokens"
   c.data.estimate_samples = 8  # examples per source that turn token ratios into sampling weights
   # Media buffer sizes per row (kind=omni). A batch takes the smallest that fit, so the train
   # step compiles at most once per combination; the largest are what a row can hold.
@@ -45,8 +48,23 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
   c.data.worker_count = 0
   c.data.ops = ("decode_text", "tokenize", "lm_shift")
 
+  # Evaluators (omnijax.evaluators): {name: {kind, ...kind's options}}, run every `every`
+  # steps (0: only at the end) and at the end, on held-out splits.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.evaluators = ml_collections.ConfigDict()
+  c.eval.every = 0
+  c.eval.split = "validation"
+  # Sources the evaluators read (as data.mixture; a source may set eval_split); empty: the
+  # training mixture. Arms of an ablation evaluate on the same sources whatever they train on.
+  c.eval.mixture = ml_collections.ConfigDict()
+  c.eval.batches = 8  # batches per source and evaluation (loss evaluators)
+  c.eval.batch_size = config_dict.placeholder(int)  # None: train.global_batch_size
+
   c.train = ml_collections.ConfigDict()
   c.train.total_steps = 1000  # the schedule's length
+  # > 0: the length in passes over the mixture instead (data.mixture_by=epochs); total_steps
+  # = ceil(epochs x the mixture's tokens / tokens per step).
+  c.train.epochs = 0.0
   c.train.stop_at_step = config_dict.placeholder(int)  # stop (and checkpoint) early, e.g. per job
   c.train.global_batch_size = 8
   c.train.grad_accum_steps = 1
@@ -56,6 +74,13 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.async_checkpoint = True
   c.train.peak_flops_per_device = config_dict.placeholder(float)  # None: device table / measured
+  # Start a fresh run from another run's params (not its optimizer or data state):
+  # "WORKDIR" (its newest checkpoint) or "WORKDIR:STEP".
+  c.train.init_from = ""
+  # A step whose loss or gradients are not finite is skipped (counted in `nonfinite_steps`);
+  # more than this many in a row stop the run.
+  c.train.max_consecutive_nonfinite = 20
+  c.train.profile_steps = ()  # (first, last): a profiler trace of these steps in workdir/profile
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-4
@@ -67,4 +92,9 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.1
   c.optim.weight_decay_exclude = ("norm",)  # regexes on '/'-joined param paths
   c.optim.grad_clip_norm = 1.0
+  # Regexes on '/'-joined param paths. Empty `trainable`: every param trains. A param trains if
+  # it matches a `trainable` pattern (when any) and no `frozen` one; frozen params keep their
+  # values bit-exactly and get no optimizer state. Each pattern must match some param.
+  c.optim.trainable = ()
+  c.optim.frozen = ()
   return c

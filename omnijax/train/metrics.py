@@ -1,4 +1,5 @@
-"""Training metrics: TensorBoard event files, a JSONL log, and console lines with progress."""
+"""Training metrics: averaged over the logging interval, written to TensorBoard event files, a
+JSONL log and console lines with progress."""
 
 from __future__ import annotations
 
@@ -8,12 +9,59 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from tensorboardX import SummaryWriter
 
+from omnijax.models.thinker import MODALITIES
+
 CONSOLE_KEYS = ("loss", "aux_loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu",
                 "step_time_s", "expert_load_max_over_mean")
+# Per-step values that are not averaged: the latest is what they mean.
+_LATEST = ("learning_rate", "consecutive_nonfinite")
+
+
+class Interval:
+  """Sums the train step's metrics over a logging interval on the device (no host sync per
+  step) and turns them into what they say: losses weighted by tokens, per-step means,
+  and per-source / per-modality entries only for those present in the interval."""
+
+  def __init__(self, task_names: list[str], aux_loss_coef: float):
+    self.task_names, self.aux_loss_coef = task_names, aux_loss_coef
+    self.sums, self.latest, self.steps, self.nonfinite_total = None, None, 0, 0
+
+  def add(self, metrics: dict) -> None:
+    summed = {k: v for k, v in metrics.items() if k not in _LATEST}
+    self.sums = summed if self.sums is None else jax.tree.map(jnp.add, self.sums, summed)
+    self.latest = {k: metrics[k] for k in _LATEST}
+    self.steps += 1
+
+  def summary(self) -> dict[str, float]:
+    """The interval's scalars; starts the next interval."""
+    m, latest = jax.device_get((self.sums, self.latest))
+    n = self.steps
+    self.nonfinite_total += int(m["nonfinite"])
+    ce = float(m["ce_sum"]) / max(float(m["loss_tokens"]), 1.0)
+    aux = float(m["aux_loss"]) / n
+    out = dict(loss=ce + self.aux_loss_coef * aux, ce_loss=ce, aux_loss=aux,
+               loss_tokens=float(m["loss_tokens"]) / n,
+               nonfinite_steps=float(self.nonfinite_total),
+               consecutive_nonfinite=float(latest["consecutive_nonfinite"]),
+               learning_rate=float(latest["learning_rate"]))
+    for k in ("grad_norm", "param_norm", "moe_dropped", "expert_load_max_over_mean"):
+      out[k] = float(m[k]) / n
+    out.update({f"tokens/{mod}": float(t) / n for mod, t in zip(MODALITIES, m["modality_tokens"])
+                if t > 0})
+    if self.task_names:
+      for name, ce_sum, labelled, tokens in zip(self.task_names, m["task_ce_sum"],
+                                                m["task_loss_tokens"], m["task_tokens"]):
+        if labelled > 0:
+          out[f"loss/{name}"] = float(ce_sum / labelled)
+        if tokens > 0:
+          out[f"tokens/task/{name}"] = float(tokens) / n
+    self.sums, self.latest, self.steps = None, None, 0
+    return out
 
 
 class MetricWriter:

@@ -12,13 +12,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from omnijax import sharding as shd
-from omnijax.models import media as media_lib
+from omnijax.processing import batch as batch_lib
+from omnijax.processing import media as media_lib
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.decoder import load_balancing_loss
 from omnijax.models.thinker import MODALITIES, Thinker
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -27,14 +25,10 @@ class TrainState:
   opt_state: Any
 
 
-MEDIA_PREFIXES = ("audio_", "image_", "video_")
-
-
 def forward(model: Thinker, params, batch):
-  media = {k: v for k, v in batch.items() if k.startswith(MEDIA_PREFIXES)}
   return model.apply({"params": params}, batch["inputs"],
                      positions=jnp.swapaxes(batch["positions"], 0, 1),
-                     segment_ids=batch["segment_ids"], media=media)
+                     segment_ids=batch["segment_ids"], media=batch_lib.media_of(batch))
 
 
 def loss_terms(model: Thinker, params, batch, num_loss_tokens, num_micro: int, z_loss: float,
@@ -72,8 +66,13 @@ def loss_terms(model: Thinker, params, batch, num_loss_tokens, num_micro: int, z
 
 
 def make_train_step(model: Thinker, tx: optax.GradientTransformation, schedule: Callable,
-                    grad_accum_steps: int, z_loss: float, num_tasks: int = 0):
-  """state, batch -> state, metrics. The batch is split into `grad_accum_steps` microbatches."""
+                    grad_accum_steps: int, z_loss: float, num_tasks: int = 0, trained=None):
+  """state, batch -> state, metrics. The batch is split into `grad_accum_steps` microbatches.
+
+  `trained` (a pytree of bools like the params, None: all) names the params that train; the
+  gradient norm is theirs alone, so XLA drops the frozen params' weight gradients. Metrics are
+  sums over the step's tokens or per-step values; `omnijax.train.metrics.Interval` averages
+  them over a logging interval."""
 
   def train_step(state: TrainState, batch):
     num_loss_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
@@ -95,15 +94,18 @@ def make_train_step(model: Thinker, tx: optax.GradientTransformation, schedule: 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     counts = totals["expert_counts"]
-    ce = totals["ce_sum"] / num_loss_tokens
+    trained_grads = grads if trained is None else jax.tree.map(
+        lambda g, t: g if t else None, grads, trained)
     metrics = dict(
-        loss=ce + model.cfg.text.router_aux_loss_coef * totals["aux_loss"],
-        ce_loss=ce,
+        ce_sum=totals["ce_sum"],
+        loss_tokens=jnp.sum(batch["loss_mask"]),
         aux_loss=totals["aux_loss"],
-        grad_norm=optax.tree.norm(grads),
+        grad_norm=optax.tree.norm(trained_grads),
         param_norm=optax.tree.norm(params),
         learning_rate=schedule(state.step),
-        loss_tokens=num_loss_tokens,
+        # apply_if_finite's counters: this step was skipped, and the current run of such steps
+        nonfinite=1 - opt_state.last_finite.astype(jnp.int32),
+        consecutive_nonfinite=opt_state.notfinite_count,
         moe_dropped=totals["moe_dropped"],
         modality_tokens=totals["modality_tokens"],
         expert_load_max_over_mean=(
@@ -111,21 +113,34 @@ def make_train_step(model: Thinker, tx: optax.GradientTransformation, schedule: 
             if counts.size else jnp.zeros(())),
     )
     if num_tasks:
-      metrics.update(task_loss=totals["task_ce_sum"] / jnp.maximum(totals["task_loss_tokens"], 1),
+      metrics.update(task_ce_sum=totals["task_ce_sum"],
+                     task_loss_tokens=totals["task_loss_tokens"],
                      task_tokens=totals["task_tokens"])
+    # A skipped step's sums would make the interval's averages NaN: its tokens count as unseen.
+    for k in ("ce_sum", "loss_tokens", "aux_loss", "task_ce_sum", "task_loss_tokens"):
+      if k in metrics:
+        metrics[k] = jnp.where(opt_state.last_finite, metrics[k], 0)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+def _init_params(model: Thinker, rng, rows: int, seq_len: int):
+  ids = jnp.zeros((rows, seq_len), jnp.int32)
+  return model.init(rng, ids, media=media_lib.empty_media(model.cfg, rows))["params"]
+
+
+def abstract_params(model: Thinker, seq_len: int = 8):
+  """The unboxed params' shapes and dtypes (nothing is materialised)."""
+  return jax.eval_shape(lambda rng: nn.meta.unbox(_init_params(model, rng, 1, seq_len)),
+                        jax.random.PRNGKey(0))
 
 
 def state_shardings(model: Thinker, tx, mesh: Mesh, rules, seq_len: int):
   """(init function, abstract unboxed state, state shardings): nothing is materialised."""
 
   def init(rng):
-    rows = shd.num_batch_shards(mesh, rules)
-    ids = jnp.zeros((rows, seq_len), jnp.int32)
-    variables = model.init(rng, ids, media=media_lib.empty_media(model.cfg, rows))
-    params = variables["params"]
+    params = _init_params(model, rng, shd.num_batch_shards(mesh, rules), seq_len)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   unboxed_init = lambda rng: nn.meta.unbox(init(rng))
@@ -142,9 +157,9 @@ def batch_shardings(batch, mesh: Mesh, rules):
 
 
 def compile_train_step(model, tx, schedule, mesh: Mesh, rules, state_sharding, *,
-                       grad_accum_steps: int, z_loss: float, num_tasks: int = 0):
+                       grad_accum_steps: int, z_loss: float, num_tasks: int = 0, trained=None):
   """The jitted step; the batch keeps the shardings it was placed with (`batch_shardings`)."""
-  step = make_train_step(model, tx, schedule, grad_accum_steps, z_loss, num_tasks)
+  step = make_train_step(model, tx, schedule, grad_accum_steps, z_loss, num_tasks, trained)
   return jax.jit(step, in_shardings=(state_sharding, None),
                  out_shardings=(state_sharding, NamedSharding(mesh, P())),
                  donate_argnums=(0,))

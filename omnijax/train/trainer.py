@@ -2,31 +2,33 @@
 
     train(config, workdir)
 
-Setup (devices, mesh, config checks) -> model & optimizer -> data -> state (resume, init
-from `init_params`, or fresh) -> loop (step, log, checkpoint) -> finish.
+Setup (devices, mesh, config checks) -> data (data_pipelines.inputs) -> model & optimizer ->
+evaluators -> state (resume, `train.init_from`, `init_params/`, or fresh) -> loop (step,
+non-finite guard, metrics, evaluators, profiler, checkpoint) -> finish (final evaluation).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines import inputs as inputs_lib
+from omnijax import evaluators as eval_lib
 from omnijax import sharding as shd
 from omnijax.errors import ConfigError
 from omnijax.models.config import ThinkerConfig
-from omnijax.models.thinker import MODALITIES, Thinker
+from omnijax.models.thinker import Thinker
 from omnijax.train import checkpoint as ckpt_lib
 from omnijax.train import flops as flops_lib
 from omnijax.train import optimizer as optim_lib
 from omnijax.train import step as step_lib
-from omnijax.train.metrics import MetricWriter
+from omnijax.train.metrics import Interval, MetricWriter
 
 log = logging.getLogger("omnijax")
 
@@ -65,200 +67,218 @@ def check_config(config, model_cfg: ThinkerConfig, mesh) -> None:
                       f"model.text.max_position_embeddings ({t.max_position_embeddings}).")
   if tr.total_steps < 1 or tr.log_every < 1 or tr.checkpoint_every < 1:
     raise ConfigError("train.total_steps, train.log_every and train.checkpoint_every must be >= 1.")
+  if tr.profile_steps and (len(tr.profile_steps) != 2
+                           or not 0 <= tr.profile_steps[0] < tr.profile_steps[1]):
+    raise ConfigError(f"train.profile_steps={tuple(tr.profile_steps)} must be (first, last) "
+                      "steps with 0 <= first < last, e.g. --config.train.profile_steps=10,15.")
 
 
-def check_tokenizer(tokenizer, model_cfg: ThinkerConfig) -> None:
-  vocab = model_cfg.text.vocab_size
-  if tokenizer.vocab_size > vocab:
-    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model vocabulary "
-                      f"is {vocab}; set --config.model.text.vocab_size={tokenizer.vocab_size} "
-                      "(or larger).")
-  names = {"audio_token_id": "<|audio_pad|>", "image_token_id": "<|image_pad|>",
-           "video_token_id": "<|video_pad|>", "audio_start_token_id": "<|audio_start|>",
-           "audio_end_token_id": "<|audio_end|>", "vision_start_token_id": "<|vision_start|>",
-           "vision_end_token_id": "<|vision_end|>"}
-  for field, token in names.items():
-    tid = tokenizer.token_id(token)
-    if tid != getattr(model_cfg, field):
-      raise ConfigError(f"model.{field} is {getattr(model_cfg, field)} but the tokenizer maps "
-                        f"{token} to {tid}; set --config.model.{field}={tid}.")
+def parse_init_from(spec: str, model_cfg: ThinkerConfig) -> tuple[Path, int | None]:
+  """'WORKDIR[:STEP]' -> (workdir, step); the run there must have this model's architecture."""
+  path, _, step = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
+  workdir = Path(path)
+  if not (workdir / ckpt_lib.MODEL_JSON).exists():
+    raise ConfigError(f"train.init_from={spec!r}: {workdir} is not an omnijax workdir (no "
+                      f"{ckpt_lib.MODEL_JSON}); run the previous stage there first.")
+  steps = ckpt_lib.checkpoint_steps(workdir)
+  if step and int(step) not in steps or not steps and not (workdir / ckpt_lib.INIT_PARAMS).exists():
+    raise ConfigError(f"train.init_from={spec!r}: {workdir} has no checkpoint "
+                      f"{'of step ' + step if step else ''} (steps: {steps}).")
+  theirs = ckpt_lib.read_model_config(workdir).to_dict()
+  ours = model_cfg.to_dict()
+  ours.pop("impl"), theirs.pop("impl")  # dtypes and kernels may change between stages
+  diff = sorted(_flat_diff(ours, theirs))
+  if diff:
+    raise ConfigError(f"train.init_from={spec!r}: the model differs from that run's in "
+                      + ", ".join(f"model.{k} ({a!r} here, {b!r} there)" for k, a, b in diff)
+                      + "; use the same architecture.")
+  return workdir, int(step) if step else None
 
 
-class SyntheticBatches:
-  """Uniform random tokens, one document per row; batch i depends only on (seed, i)."""
-
-  def __init__(self, seed: int, batch: int, seq_len: int, vocab: int):
-    self.seed, self.batch, self.seq_len, self.vocab, self.index = seed, batch, seq_len, vocab, 0
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    rng = np.random.default_rng((self.seed, jax.process_index(), self.index))
-    self.index += 1
-    tokens = rng.integers(0, self.vocab, (self.batch, self.seq_len + 1), dtype=np.int32)
-    pos = np.broadcast_to(np.arange(self.seq_len, dtype=np.int32), (self.batch, 3, self.seq_len))
-    return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
-                segment_ids=np.ones((self.batch, self.seq_len), np.int32),
-                positions=np.ascontiguousarray(pos),
-                loss_mask=np.ones((self.batch, self.seq_len), np.float32))
-
-
-def make_data(config, model_cfg: ThinkerConfig):
-  """(host batch iterator, whether its state goes into checkpoints, mixture task names)."""
-  d = config.data
-  host_batch = config.train.global_batch_size // jax.process_count()
-  if d.kind == "synthetic":
-    return (SyntheticBatches(config.seed, host_batch, d.seq_len, model_cfg.text.vocab_size),
-            False, [])
-  if d.kind not in ("text", "omni"):
-    raise ConfigError(f"data.kind={d.kind!r} is not one of ['text', 'omni', 'synthetic'].")
-  from data_pipelines import local_corpus, local_media_corpus, omni, pipeline
-  from data_pipelines import tokenizer as tok_lib
-  if d.local_text:
-    local_corpus.build_local_text_corpus(d.local_text)
-  if d.local_media:
-    local_media_corpus.build_local_media_corpus(d.local_media)
-  paths = ({"data.path": d.path} if d.kind == "text" else
-           {f"data.mixture.{n}.path": s.path for n, s in d.mixture.items()})
-  if not paths:
-    raise ConfigError("data.mixture is empty: name at least one source "
-                      "(--config.data.mixture.NAME.path/task/weight).")
-  for name, path in paths.items():
-    if not path or not Path(path).exists():
-      raise ConfigError(f"{name}={path!r} does not exist; prepare shards there (python -m "
-                        "data_pipelines.prepare) or set data.local_text / data.local_media to "
-                        "build the local corpora.")
-  corpus = d.tokenizer_corpus or d.path
-  if not d.tokenizer and not corpus:
-    raise ConfigError("set data.tokenizer (a tokenizer.json) or data.tokenizer_corpus (text "
-                      "shards to train a BPE on).")
-  tokenizer = (tok_lib.load_tokenizer(d.tokenizer) if d.tokenizer
-               else tok_lib.local_tokenizer(corpus, vocab_size=d.tokenizer_vocab_size))
-  check_tokenizer(tokenizer, model_cfg)
-  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count(),
-               seed=config.seed)
-  if d.kind == "text":
-    ds = pipeline.make_text_dataset(d, tokenizer=tokenizer, seq_len=d.seq_len,
-                                    batch_size=host_batch, **hosts)
-    return iter(ds), True, []
-  try:
-    ds = omni.make_omni_dataset(d, tokenizer=tokenizer, model_cfg=model_cfg, seq_len=d.seq_len,
-                                batch_size=host_batch, **hosts)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  return iter(ds), True, omni.task_names(d)
-
-
-def vector_scalars(metrics: dict, task_names: list[str]) -> dict[str, float]:
-  """Per-modality and per-task metric vectors as named scalars."""
-  out = {}
-  for k, v in metrics.items():
-    if k == "modality_tokens":
-      out.update({f"tokens/{m}": float(x) for m, x in zip(MODALITIES, v)})
-    elif k == "task_loss":
-      out.update({f"loss/{t}": float(x) for t, x in zip(task_names, v)})
-    elif k == "task_tokens":
-      out.update({f"tokens/task/{t}": float(x) for t, x in zip(task_names, v)})
-    else:
-      out[k] = float(v)
-  return out
+def _flat_diff(a: dict, b: dict, prefix: str = ""):
+  for k in sorted(set(a) | set(b)):
+    x, y = a.get(k), b.get(k)
+    if isinstance(x, dict) and isinstance(y, dict):
+      yield from _flat_diff(x, y, f"{prefix}{k}.")
+    elif x != y:
+      yield f"{prefix}{k}", x, y
 
 
 def train(config, workdir: str | Path) -> dict[str, float]:
   """Trains (or resumes) in `workdir`; returns the last logged metrics."""
   # ------------------------------------------------------------------ setup
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   model_cfg = ThinkerConfig.from_dict(config.model)
   rules = shd.axis_rules(config.sharding.rules)
   mesh = shd.make_mesh(config.mesh)
   check_config(config, model_cfg, mesh)
+  tr = config.train
+  model = Thinker(model_cfg)
+  param_counts = optim_lib.check_partition(config.optim, step_lib.abstract_params(model))
+  resuming = ckpt_lib.checkpoint_steps(workdir)
+  init_from = (parse_init_from(tr.init_from, model_cfg) if tr.init_from and not resuming
+               else None)
+  evaluators = eval_lib.from_config(config, model_cfg)
+  workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     ckpt_lib.write_model_config(workdir, model_cfg)
-  tr = config.train
-  seq_len = config.data.seq_len
 
   # ------------------------------------------------------------------ data
-  data_iter, checkpointable, task_names = make_data(config, model_cfg)
+  data = inputs_lib.make_train_iterator(config, model_cfg)
+  if data.tokenizer is not None and jax.process_index() == 0:
+    ckpt_lib.save_tokenizer(workdir, data.tokenizer)
+  total_steps = tr.total_steps
+  if tr.epochs:
+    if config.data.kind != "omni" or config.data.mixture_by != "epochs":
+      raise ConfigError("train.epochs needs data.kind=omni and data.mixture_by=epochs.")
+    tokens_per_step = tr.global_batch_size * config.data.seq_len
+    total_steps = math.ceil(tr.epochs * data.tokens_per_epoch(config.data.mixture)
+                            / tokens_per_step)
+    log.info("train.epochs=%g: %d steps of %d tokens", tr.epochs, total_steps, tokens_per_step)
 
   # ------------------------------------------------------------------ model & optimizer
-  model = Thinker(model_cfg)
-  tx, schedule = optim_lib.make_optimizer(config.optim, tr.total_steps)
+  tx, schedule = optim_lib.make_optimizer(config.optim, total_steps)
   with step_lib.mesh_context(mesh, rules):
     init_fn, abstract_state, state_sharding = step_lib.state_shardings(
-        model, tx, mesh, rules, seq_len)
+        model, tx, mesh, rules, config.data.seq_len)
+  trained = None
+  if config.optim.trainable or config.optim.frozen:
+    trained = jax.tree.map(lambda label: label == optim_lib.TRAIN,
+                           optim_lib.partition(config.optim, abstract_state.params))
+  with step_lib.mesh_context(mesh, rules):
     train_step = step_lib.compile_train_step(
-        model, tx, schedule, mesh, rules, state_sharding,
-        grad_accum_steps=tr.grad_accum_steps, z_loss=tr.z_loss, num_tasks=len(task_names))
+        model, tx, schedule, mesh, rules, state_sharding, grad_accum_steps=tr.grad_accum_steps,
+        z_loss=tr.z_loss, num_tasks=len(data.task_names), trained=trained)
+
+  # ------------------------------------------------------------------ evaluators
+  for ev in evaluators:
+    ev.setup(model, mesh, rules, state_sharding.params, data.tokenizer)
+  evaluate = lambda params: {f"eval/{ev.name}/{k}": v for ev in evaluators
+                             for k, v in ev.run(params).items()}
 
   # ------------------------------------------------------------------ state
   ckpt = ckpt_lib.Checkpointer(workdir, save_interval_steps=tr.checkpoint_every,
                                max_to_keep=tr.keep_checkpoints, async_save=tr.async_checkpoint)
-  latest = ckpt.latest_step()
   with step_lib.mesh_context(mesh, rules):
-    if latest is not None:
-      state = ckpt.restore(latest, abstract_state, state_sharding,
-                           data_iter if checkpointable else None)
-      if not checkpointable:
-        data_iter.index = latest
-      log.info("resumed from step %d in %s", latest, workdir)
+    if resuming:
+      state = ckpt.restore(resuming[-1], abstract_state, state_sharding, data.iterator)
+      log.info("resumed from step %d in %s", resuming[-1], workdir)
     else:
       state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
-      init_dir = workdir / ckpt_lib.INIT_PARAMS
-      if init_dir.exists():
-        params = ckpt_lib.restore_params(init_dir, abstract_state.params, state_sharding.params)
+      source = (init_from if init_from else
+                (workdir, None) if (workdir / ckpt_lib.INIT_PARAMS).exists() else None)
+      if source:
+        params, step = ckpt_lib.latest_params(source[0], source[1], abstract_state.params,
+                                              state_sharding.params)
         state = state.replace(params=params)
-        log.info("initialised params from %s", init_dir)
+        log.info("initialised params from %s (step %s)", source[0], step)
   start = int(jax.device_get(state.step))
 
   # ------------------------------------------------------------------ loop
-  writer = MetricWriter(workdir, tr.total_steps, start)
+  writer = MetricWriter(workdir, total_steps, start)
   n_devices = jax.device_count()
+  seq_len = config.data.seq_len
   peak, peak_source = flops_lib.peak_flops_per_device(tr.peak_flops_per_device)
   step_flops = flops_lib.training_flops(model_cfg.text, tr.global_batch_size, seq_len)
   writer.text("setup", (
       f"devices={n_devices} ({jax.devices()[0].device_kind}) mesh={dict(mesh.shape)} "
       f"params total={flops_lib.total_params(model_cfg.text) / 1e6:.2f}M "
       f"active={flops_lib.active_params(model_cfg.text) / 1e6:.2f}M "
+      f"trained={param_counts[optim_lib.TRAIN] / 1e6:.2f}M "
+      f"frozen={param_counts[optim_lib.FROZEN] / 1e6:.2f}M "
       f"tokens/step={tr.global_batch_size * seq_len} peak={peak / 1e12:.3g} TFLOP/s/device "
       f"({peak_source}) start_step={start}"))
+  interval = Interval(data.task_names, model_cfg.text.router_aux_loss_coef)
+  profile = tuple(tr.profile_steps)
   last: dict[str, float] = {}
-  interval_start, interval_steps = None, 0
-  end = min(tr.total_steps, tr.stop_at_step or tr.total_steps)
+  timer_start = None
+  end = min(total_steps, tr.stop_at_step or total_steps)
   for step in range(start, end):
-    host_batch = {k: np.asarray(v) for k, v in next(data_iter).items()}
+    if profile and step == profile[0]:
+      jax.profiler.start_trace(str(workdir / "profile"))
+    host_batch = {k: np.asarray(v) for k, v in next(data.iterator).items()}
     shardings = step_lib.batch_shardings(host_batch, mesh, rules)
     batch = {k: jax.make_array_from_process_local_data(shardings[k], v)
              for k, v in host_batch.items()}
     with step_lib.mesh_context(mesh, rules):
       state, metrics = train_step(state, batch)
+    interval.add(metrics)
     done = step + 1
-    if interval_start is None:  # the first step compiles: time from its end
+    if profile and done == profile[1]:
       jax.block_until_ready(metrics)
-      interval_start, interval_steps = time.perf_counter(), 0
+      jax.profiler.stop_trace()
+    if timer_start is None:  # the first step compiles: time from its end
+      jax.block_until_ready(metrics)
+      timer_start, timed_steps = time.perf_counter(), 0
     else:
-      interval_steps += 1
+      timed_steps += 1
+
+    # ---------------------------------------------------------------- metrics
     if done % tr.log_every == 0 or done == end:
-      metrics = jax.device_get(metrics)
-      now = time.perf_counter()
-      scalars = vector_scalars(metrics, task_names)
-      if interval_steps:
-        step_time = (now - interval_start) / interval_steps
+      scalars = interval.summary()
+      if timed_steps:
+        step_time = (time.perf_counter() - timer_start) / timed_steps
         scalars.update(step_time_s=step_time,
                        tokens_per_sec=tr.global_batch_size * seq_len / step_time,
                        mfu=step_flops / (step_time * n_devices * peak))
-      if checkpointable and hasattr(data_iter, "skipped_records"):
+      if hasattr(data.iterator, "skipped_records"):
         scalars.update({f"data/skipped/{k}": float(v)
-                        for k, v in data_iter.skipped_records.items()})
+                        for k, v in data.iterator.skipped_records.items()})
       writer.write(done, scalars)
       last = scalars
-      interval_start, interval_steps = time.perf_counter(), 0
-    ckpt.save(done, state, data_iter if checkpointable else None, force=done == end)
+      if scalars["consecutive_nonfinite"] > tr.max_consecutive_nonfinite:
+        raise FloatingPointError(
+            f"the last {int(scalars['consecutive_nonfinite'])} steps had a non-finite loss or "
+            f"gradient and were skipped (train.max_consecutive_nonfinite="
+            f"{tr.max_consecutive_nonfinite}); the run diverged: lower optim.learning_rate or "
+            "resume from an earlier checkpoint.")
+      timer_start, timed_steps = time.perf_counter(), 0
+
+    # ---------------------------------------------------------------- evaluators
+    every = config.eval.every
+    if evaluators and (done == end if not every else done % every == 0 or done == end):
+      with step_lib.mesh_context(mesh, rules):
+        results = evaluate(state.params)
+      writer.write(done, results)
+      last = last | results
+      timer_start, timed_steps = time.perf_counter(), 0
+
+    # ---------------------------------------------------------------- checkpoint
+    ckpt.save(done, state, data.iterator if data.checkpointable else None, force=done == end)
 
   # ------------------------------------------------------------------ finish
   ckpt.wait()
   ckpt.close()
   writer.close()
   return last
+
+
+def evaluate_workdir(workdir: str | Path, config, step: int | None = None) -> dict[str, float]:
+  """Runs `config`'s evaluators on a finished run's params (newest or `step`) and logs them
+  beside its train metrics."""
+  workdir = Path(workdir)
+  model_cfg = ckpt_lib.read_model_config(workdir)
+  model_cfg = dataclasses.replace(model_cfg, impl=ThinkerConfig.from_dict(config.model).impl)
+  rules = shd.axis_rules(config.sharding.rules)
+  mesh = shd.make_mesh(config.mesh)
+  evaluators = eval_lib.from_config(config, model_cfg)
+  if not evaluators:
+    raise ConfigError("config.eval.evaluators is empty: name the evaluators to run.")
+  model = Thinker(model_cfg)
+  tx, _ = optim_lib.make_optimizer(config.optim, config.train.total_steps)
+  with step_lib.mesh_context(mesh, rules):
+    _, abstract_state, state_sharding = step_lib.state_shardings(
+        model, tx, mesh, rules, config.data.seq_len)
+    params, step = ckpt_lib.latest_params(workdir, step, abstract_state.params,
+                                          state_sharding.params)
+  tokenizer = ckpt_lib.load_tokenizer(workdir)
+  results = {}
+  with step_lib.mesh_context(mesh, rules):
+    for ev in evaluators:
+      ev.setup(model, mesh, rules, state_sharding.params, tokenizer)
+      results.update({f"eval/{ev.name}/{k}": v for k, v in ev.run(params).items()})
+  writer = MetricWriter(workdir, config.train.total_steps, step or 0)
+  writer.write(step or 0, results)
+  writer.close()
+  return results

@@ -13,11 +13,17 @@ from typing import Sequence
 
 import numpy as np
 
-from omnijax.models import audio as audio_lib
-from omnijax.models import vision as vision_lib
+from omnijax.processing import audio as audio_lib
+from omnijax.processing import vision as vision_lib
 from omnijax.models.config import ThinkerConfig
 
-VISION_FIELDS = ("patches", "segment_ids", "rows", "cols", "heights", "widths")
+
+
+
+def patch_dim(cfg: ThinkerConfig) -> int:
+  """Values per vision patch: channels x temporal patch x patch x patch."""
+  v = cfg.vision
+  return v.in_channels * v.temporal_patch_size * v.patch_size ** 2
 
 
 def _pow2(n: int) -> int:
@@ -51,7 +57,7 @@ def vision_buffers(cfg: ThinkerConfig, kind: str,
   """Per-row (pixel_values (n, C*T*p*p), grid_thw (k, 3)) -> `{kind}_patches` etc. (B, P, ...)."""
   merge = cfg.vision.spatial_merge_size
   bucket = bucket or vision_lib.bucket_patches(max((len(p) for p, _ in rows), default=0))
-  in_dim = cfg.vision.in_channels * cfg.vision.temporal_patch_size * cfg.vision.patch_size ** 2
+  in_dim = patch_dim(cfg)
   # One buffer per field, filled in place (pack_patches' layout: zero patches, segment 0 and
   # a 1x1 grid on padding): a copy per row would double the memory traffic.
   out = {f"{kind}_patches": np.zeros((len(rows), bucket, in_dim), np.float32)}
@@ -74,8 +80,7 @@ def vision_buffers(cfg: ThinkerConfig, kind: str,
 
 def empty_media(cfg: ThinkerConfig, batch: int) -> dict[str, np.ndarray]:
   """Minimal all-padding buffers for every tower (what `Thinker.init` needs)."""
-  in_dim = (cfg.vision.in_channels * cfg.vision.temporal_patch_size * cfg.vision.patch_size ** 2)
-  no_pixels = (np.zeros((0, in_dim), np.float32), np.zeros((0, 3), np.int64))
+  no_pixels = (np.zeros((0, patch_dim(cfg)), np.float32), np.zeros((0, 3), np.int64))
   out = audio_buffers(cfg, [[np.zeros((cfg.audio.num_mel_bins, 1), np.float32)]] * batch)
   for kind in ("image", "video"):
     out |= vision_buffers(cfg, kind, [no_pixels] * batch)
