@@ -24,7 +24,7 @@ from omnijax.processing import media as media_lib
 from omnijax.processing import positions as positions_lib
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.decoder import load_balancing_loss
-from omnijax.models.thinker import Thinker
+from omnijax.models.thinker import MODALITIES, Thinker
 from omnijax.train import checkpoint as ckpt_lib
 
 MULTIMODAL_INPUTS = ("input_features", "feature_attention_mask", "audio_feature_lengths",
@@ -39,6 +39,22 @@ def _forward(config: ThinkerConfig):
   model = Thinker(config)
   return jax.jit(lambda p, ids, pos, seg, media: model.apply(
       {"params": p}, ids, positions=pos, segment_ids=seg, media=media))
+
+
+@functools.lru_cache(maxsize=None)
+def _routing(config: ThinkerConfig):
+  """The jitted forward that keeps every MoE layer's expert choices (layers, B, S, k)."""
+  model = Thinker(config)
+
+  def choices(p, ids, pos, seg, media):
+    _, state = model.apply({"params": p}, ids, positions=pos, segment_ids=seg, media=media,
+                           mutable=["intermediates"])
+    blocks = state["intermediates"]["model"]
+    first = lambda name: int(name.split("_")[1])
+    return jnp.concatenate([blocks[n]["mlp"]["experts"][0] for n in sorted(blocks, key=first)
+                            if "mlp" in blocks[n]])
+
+  return jax.jit(choices)
 
 
 class Model:
@@ -136,6 +152,24 @@ class Model:
     top_p; seed; eos_token_id, pad_token_id; left-padded batches via attention_mask). Takes the
     multimodal arguments of `logits`."""
     return decode.generate(self, input_ids, max_new_tokens, **kwargs)
+
+  def expert_load(self, input_ids, positions=None, **multimodal) -> np.ndarray:
+    """Tokens routed to each expert, (MoE layers, modalities (text, image, audio, video),
+    experts), counting each of a token's top-k choices; padding excluded. Same arguments as
+    `logits`."""
+    ids, pos, seg, media = self._prepare(input_ids, positions, multimodal)
+    choices = np.asarray(_routing(self.config)(
+        self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(pos, jnp.float32),
+        None if seg is None else jnp.asarray(seg), media))
+    c = self.config
+    modality = np.asarray(Thinker(c).modality(jnp.asarray(ids)))
+    valid = np.ones(ids.shape, bool) if seg is None else seg != 0
+    counts = np.zeros((choices.shape[0], len(MODALITIES), c.text.num_experts), np.int64)
+    for m in range(len(MODALITIES)):
+      picked = choices[:, (modality == m) & valid]  # (layers, tokens, k)
+      for layer in range(choices.shape[0]):
+        counts[layer, m] = np.bincount(picked[layer].ravel(), minlength=c.text.num_experts)
+    return counts
 
   def save_hf(self, out_dir: str | Path, *, dtype: str = "float32",
               max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE) -> list[str]:

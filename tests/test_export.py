@@ -197,6 +197,19 @@ def test_load_workdir_and_hf_dir_same_logits(train_workdir, tmp_path):
   assert from_hf.aux_loss(mm_ids, **mm) == from_workdir.aux_loss(mm_ids, **mm)
 
 
+def test_expert_load_by_layer_and_modality(train_workdir):
+  """expert_load's counts, summed over modalities, are the forward's routing counts; every
+  token of a modality is counted k times per layer."""
+  model = omnijax.load(train_workdir)
+  ids, mm = _multimodal_inputs(model.config)
+  load = model.expert_load(ids, **mm)
+  _, stats = model._run(ids, None, mm)
+  np.testing.assert_array_equal(load.sum(1), np.asarray(stats["counts"]))
+  k = model.config.text.num_experts_per_tok
+  image_tokens = int((ids == model.config.image_token_id).sum())
+  assert image_tokens and (load[:, 1].sum(-1) == k * image_tokens).all()
+
+
 def test_load_api_errors(train_workdir, tmp_path):
   model = omnijax.load(train_workdir)
   cfg = model.config

@@ -95,7 +95,8 @@ class Decoder(nn.Module):
       layer = DecoderLayer
       if self.impl.remat_policy != "none":
         layer = nn.remat(layer, policy=_POLICIES[self.impl.remat_policy], prevent_cse=False)
-      stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+      stack = nn.scan(layer, variable_axes={"params": 0, "intermediates": 0},
+                      split_rngs={"params": True},
                       in_axes=(0,) + (nn.broadcast,) * 5 + (0, nn.broadcast), length=count,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       h, (block_stats, kv) = stack(cfg, self.impl, moe, name=name)(

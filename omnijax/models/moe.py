@@ -327,6 +327,7 @@ class SparseMoeBlock(nn.Module):
     k = cfg.num_experts_per_tok
     top_w = constrain(top_w.reshape(b, s, k), ("batch", "seq", None))
     top_i = constrain(top_i.reshape(b, s, k), ("batch", "seq", None))
+    self.sow("intermediates", "experts", top_i)  # kept only when asked (Model.expert_load)
     out, dropped = moe_experts(x, top_i, top_w, wg.astype(dtype), wu.astype(dtype),
                                wd.astype(dtype), self.impl)
 

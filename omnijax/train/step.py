@@ -125,14 +125,14 @@ def make_train_step(model: Thinker, tx: optax.GradientTransformation, schedule: 
   return train_step
 
 
-def _init_params(model: Thinker, rng, rows: int, seq_len: int):
+def init_params(model: Thinker, rng, rows: int, seq_len: int):
   ids = jnp.zeros((rows, seq_len), jnp.int32)
   return model.init(rng, ids, media=media_lib.empty_media(model.cfg, rows))["params"]
 
 
 def abstract_params(model: Thinker, seq_len: int = 8):
   """The unboxed params' shapes and dtypes (nothing is materialised)."""
-  return jax.eval_shape(lambda rng: nn.meta.unbox(_init_params(model, rng, 1, seq_len)),
+  return jax.eval_shape(lambda rng: nn.meta.unbox(init_params(model, rng, 1, seq_len)),
                         jax.random.PRNGKey(0))
 
 
@@ -140,7 +140,7 @@ def state_shardings(model: Thinker, tx, mesh: Mesh, rules, seq_len: int):
   """(init function, abstract unboxed state, state shardings): nothing is materialised."""
 
   def init(rng):
-    params = _init_params(model, rng, shd.num_batch_shards(mesh, rules), seq_len)
+    params = init_params(model, rng, shd.num_batch_shards(mesh, rules), seq_len)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   unboxed_init = lambda rng: nn.meta.unbox(init(rng))
