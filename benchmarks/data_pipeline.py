@@ -27,8 +27,18 @@ EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "pretrain_
 
 
 def measure(data_cfg, tok, model_cfg, seq: int, batch: int, batches: int):
-  it = iter(omni.make_omni_dataset(data_cfg, tokenizer=tok, model_cfg=model_cfg, seq_len=seq,
-                                   batch_size=batch, process_index=0, process_count=1, seed=0))
+  it = iter(
+    omni.make_omni_dataset(
+      data_cfg,
+      tokenizer=tok,
+      model_cfg=model_cfg,
+      seq_len=seq,
+      batch_size=batch,
+      process_index=0,
+      process_count=1,
+      seed=0,
+    )
+  )
   next(it)  # warm-up: imports, first decodes
   tokens = examples = 0
   start = time.perf_counter()
@@ -52,22 +62,40 @@ def train_step_tokens_per_sec(seq: int, batch: int, steps: int = 3) -> float:
 
   cfg = ThinkerConfig.from_dict(presets.get("small"))
   model = Thinker(cfg)
-  tx, schedule = optimizer.make_optimizer(ml_collections.ConfigDict(dict(
-      learning_rate=1e-4, warmup_steps=1, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-      weight_decay=0.1, weight_decay_exclude=("norm",), grad_clip_norm=1.0)), 100)
+  tx, schedule = optimizer.make_optimizer(
+    ml_collections.ConfigDict(
+      dict(
+        learning_rate=1e-4,
+        warmup_steps=1,
+        min_lr_ratio=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        weight_decay_exclude=("norm",),
+        grad_clip_norm=1.0,
+      )
+    ),
+    100,
+  )
   mesh, rules = shd.make_mesh(dict(fsdp=-1)), shd.DEFAULT_RULES
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.text.vocab_size, (batch, seq + 1)).astype(np.int32)
-  host = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
-              segment_ids=np.ones((batch, seq), np.int32),
-              positions=np.ascontiguousarray(
-                  np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, 3, seq))),
-              loss_mask=np.ones((batch, seq), np.float32))
+  host = dict(
+    inputs=tokens[:, :-1],
+    targets=tokens[:, 1:],
+    segment_ids=np.ones((batch, seq), np.int32),
+    positions=np.ascontiguousarray(
+      np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, 3, seq))
+    ),
+    loss_mask=np.ones((batch, seq), np.float32),
+  )
   with step_lib.mesh_context(mesh, rules):
     init, _, shardings = step_lib.state_shardings(model, tx, mesh, rules, seq)
     state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
-    step = step_lib.compile_train_step(model, tx, schedule, mesh, rules, shardings,
-                                       grad_accum_steps=1, z_loss=0.0)
+    step = step_lib.compile_train_step(
+      model, tx, schedule, mesh, rules, shardings, grad_accum_steps=1, z_loss=0.0
+    )
     b = jax.device_put(host, step_lib.batch_shardings(host, mesh, rules))
     state, m = step(state, b)
     jax.block_until_ready(m)
@@ -87,6 +115,7 @@ def main():
   args = p.parse_args()
 
   from omnijax.models.config import ThinkerConfig
+
   config = runpy.run_path(str(EXPERIMENT))["get_config"]("local")
   d = config.data
   local_corpus.build_local_text_corpus(d.local_text)

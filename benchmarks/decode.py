@@ -45,7 +45,7 @@ def rates(generate, prompt, new: int, repeats: int):
   prefill, _ = median_time(lambda: generate(prompt, 1), repeats)
   total, tokens = median_time(lambda: generate(prompt, new), repeats)
   assert tokens.shape[1] == prompt.shape[1] + new, tokens.shape
-  return prefill, (new - 1) / (total - prefill), tokens[:, prompt.shape[1]:]
+  return prefill, (new - 1) / (total - prefill), tokens[:, prompt.shape[1] :]
 
 
 def main():
@@ -61,35 +61,48 @@ def main():
   cfg = ThinkerConfig.from_dict(presets.get(args.preset))
   ids = jnp.ones((1, 8), jnp.int32)
   params = jax.jit(lambda k: Thinker(cfg).init(k, ids, media=media_lib.empty_media(cfg, 1)))(
-      jax.random.key(0))["params"]
+    jax.random.key(0)
+  )["params"]
   prompt = np.random.default_rng(0).integers(10, cfg.text.vocab_size, (args.batch, args.prompt))
-  print(f"preset={args.preset} batch={args.batch} prompt={args.prompt} new={args.new} "
-        f"float32 ({jax.devices()[0].device_kind})")
+  print(
+    f"preset={args.preset} batch={args.batch} prompt={args.prompt} new={args.new} "
+    f"float32 ({jax.devices()[0].device_kind})"
+  )
 
   def report(name, prefill, rate):
-    print(f"{name}: prefill={prefill * 1e3:.1f}ms decode_tokens_per_sec={rate:.1f} "
-          f"({1e3 / rate:.1f}ms/token, x{args.batch} rows)")
+    print(
+      f"{name}: prefill={prefill * 1e3:.1f}ms decode_tokens_per_sec={rate:.1f} "
+      f"({1e3 / rate:.1f}ms/token, x{args.batch} rows)"
+    )
     return rate
 
   model = api.Model(cfg, params)
   ours_prefill, ours, our_tokens = rates(
-      lambda x, n: model.generate(x, n, eos_token_id=[]), prompt, args.new, args.repeats)
+    lambda x, n: model.generate(x, n, eos_token_id=[]), prompt, args.new, args.repeats
+  )
   report("omnijax", ours_prefill, ours)
 
   import torch
   from transformers import Qwen3OmniMoeForConditionalGeneration
+
   print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
   best = 0.0
   with tempfile.TemporaryDirectory() as d:
     convert.save_hf(cfg, jax.device_get(params), d)
     for impl in args.experts.split(","):
       hf = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-          d, dtype=torch.float32, experts_implementation=impl).thinker.eval()
+        d, dtype=torch.float32, experts_implementation=impl
+      ).thinker.eval()
 
       def hf_generate(x, n):
         with torch.no_grad():
-          return hf.generate(input_ids=torch.from_numpy(x), attention_mask=torch.ones(x.shape),
-                             max_new_tokens=n, min_new_tokens=n, do_sample=False).numpy()
+          return hf.generate(
+            input_ids=torch.from_numpy(x),
+            attention_mask=torch.ones(x.shape),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+          ).numpy()
 
       prefill, rate, tokens = rates(hf_generate, prompt, args.new, args.repeats)
       best = max(best, report(f"transformers[experts={impl}]", prefill, rate))

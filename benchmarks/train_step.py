@@ -28,9 +28,19 @@ from omnijax.models.thinker import Thinker
 from omnijax.train import flops, optimizer
 from omnijax.train import step as step_lib
 
-OPTIM = ml_collections.ConfigDict(dict(
-    learning_rate=1e-4, warmup_steps=1, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-    weight_decay=0.1, weight_decay_exclude=("norm",), grad_clip_norm=1.0))
+OPTIM = ml_collections.ConfigDict(
+  dict(
+    learning_rate=1e-4,
+    warmup_steps=1,
+    min_lr_ratio=0.1,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    weight_decay=0.1,
+    weight_decay_exclude=("norm",),
+    grad_clip_norm=1.0,
+  )
+)
 
 
 def batches(cfg: ThinkerConfig, batch: int, seq: int, n: int, seed: int = 0):
@@ -50,14 +60,19 @@ def omnijax_run(cfg: ThinkerConfig, batch: int, seq: int, steps: int, warmup: in
     state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(0))
     params0 = jax.device_get(state.params)
     train_step = step_lib.compile_train_step(
-        model, tx, schedule, mesh, rules, state_sharding, grad_accum_steps=1, z_loss=0.0)
+      model, tx, schedule, mesh, rules, state_sharding, grad_accum_steps=1, z_loss=0.0
+    )
     times, losses = [], []
     for i, tokens in enumerate(batches(cfg, batch, seq, warmup + steps)):
-      host = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
-                  segment_ids=np.ones((batch, seq), np.int32),
-                  positions=np.ascontiguousarray(np.broadcast_to(
-                      np.arange(seq, dtype=np.int32), (batch, 3, seq))),
-                  loss_mask=np.ones((batch, seq), np.float32))
+      host = dict(
+        inputs=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        segment_ids=np.ones((batch, seq), np.int32),
+        positions=np.ascontiguousarray(
+          np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, 3, seq))
+        ),
+        loss_mask=np.ones((batch, seq), np.float32),
+      )
       start = time.perf_counter()
       device_batch = jax.device_put(host, step_lib.batch_shardings(host, mesh, rules))
       state, metrics = train_step(state, device_batch)
@@ -67,22 +82,27 @@ def omnijax_run(cfg: ThinkerConfig, batch: int, seq: int, steps: int, warmup: in
   return params0, float(np.median(times)), losses
 
 
-def transformers_run(cfg: ThinkerConfig, params0, batch: int, seq: int, steps: int, warmup: int,
-                     experts_impl: str):
+def transformers_run(
+  cfg: ThinkerConfig, params0, batch: int, seq: int, steps: int, warmup: int, experts_impl: str
+):
   import torch
   from transformers import Qwen3OmniMoeForConditionalGeneration
 
   with tempfile.TemporaryDirectory() as d:
     convert.save_hf(cfg, params0, d)
     model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-        d, dtype=torch.float32, experts_implementation=experts_impl).thinker
+      d, dtype=torch.float32, experts_implementation=experts_impl
+    ).thinker
   model.train()
   text = model.model.language_model
   decay = [p for n, p in text.named_parameters() if "norm" not in n] + [model.lm_head.weight]
   no_decay = [p for n, p in text.named_parameters() if "norm" in n]
-  opt = torch.optim.AdamW([dict(params=decay, weight_decay=OPTIM.weight_decay),
-                           dict(params=no_decay, weight_decay=0.0)],
-                          lr=OPTIM.learning_rate, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps)
+  opt = torch.optim.AdamW(
+    [dict(params=decay, weight_decay=OPTIM.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+    lr=OPTIM.learning_rate,
+    betas=(OPTIM.b1, OPTIM.b2),
+    eps=OPTIM.eps,
+  )
   times, losses = [], []
   for i, tokens in enumerate(batches(cfg, batch, seq, warmup + steps)):
     t = torch.from_numpy(tokens.astype(np.int64))
@@ -118,15 +138,19 @@ def main():
   step_flops = flops.training_flops(cfg.text, args.batch, args.seq)
   peak, source = flops.peak_flops_per_device()
   n_dev = jax.device_count()
-  print(f"preset={args.preset} total_params={flops.total_params(cfg.text) / 1e6:.1f}M "
-        f"active_params={flops.active_params(cfg.text) / 1e6:.1f}M batch={args.batch} "
-        f"seq={args.seq} tokens/step={tokens} devices={n_dev} ({jax.devices()[0].device_kind}) "
-        f"peak={peak / 1e12:.3f} TFLOP/s/device ({source})")
+  print(
+    f"preset={args.preset} total_params={flops.total_params(cfg.text) / 1e6:.1f}M "
+    f"active_params={flops.active_params(cfg.text) / 1e6:.1f}M batch={args.batch} "
+    f"seq={args.seq} tokens/step={tokens} devices={n_dev} ({jax.devices()[0].device_kind}) "
+    f"peak={peak / 1e12:.3f} TFLOP/s/device ({source})"
+  )
 
   def report(name, step_time, losses):
-    print(f"{name}: step_time={step_time:.3f}s tokens_per_sec={tokens / step_time:.1f} "
-          f"MFU={step_flops / (step_time * n_dev * peak):.3f} "
-          f"losses={' '.join(f'{l:.4f}' for l in losses)}")
+    print(
+      f"{name}: step_time={step_time:.3f}s tokens_per_sec={tokens / step_time:.1f} "
+      f"MFU={step_flops / (step_time * n_dev * peak):.3f} "
+      f"losses={' '.join(f'{x:.4f}' for x in losses)}"
+    )
     return tokens / step_time
 
   params0, jt, jl = omnijax_run(cfg, args.batch, args.seq, args.steps, args.warmup)
@@ -134,11 +158,13 @@ def main():
   if args.dtype != "float32":
     return
   import torch
+
   print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
   best = 0.0
   for impl in ("grouped_mm", "eager"):
-    tt, tl, used = transformers_run(cfg, params0, args.batch, args.seq, args.steps, args.warmup,
-                                    impl)
+    tt, tl, used = transformers_run(
+      cfg, params0, args.batch, args.seq, args.steps, args.warmup, impl
+    )
     best = max(best, report(f"transformers[experts={used}]", tt, tl))
   print(f"ratio_vs_transformers={ours / best:.3f}")
 

@@ -44,8 +44,15 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from data_pipelines.ops import (BadRecord, Example, Op, OpContext,
-                                read_media_bytes, register_op, require)
+from data_pipelines.ops import (
+  BadRecord,
+  Example,
+  Op,
+  OpContext,
+  read_media_bytes,
+  register_op,
+  require,
+)
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -95,8 +102,7 @@ def _check_wav_length(data: bytes) -> None:
     return
   declared = int.from_bytes(data[4:8], "little")
   if 0 < declared < 0xFFFFFFF0 and declared + 8 > len(data):
-    raise BadRecord("undecodable", f"truncated WAV: {len(data)} of "
-                    f"{declared + 8} bytes")
+    raise BadRecord("undecodable", f"truncated WAV: {len(data)} of {declared + 8} bytes")
 
 
 def decode_audio_bytes(data: bytes) -> tuple[np.ndarray, int]:
@@ -113,11 +119,11 @@ def decode_audio_bytes(data: bytes) -> tuple[np.ndarray, int]:
 
 
 def clean_waveform(
-    samples: np.ndarray,
-    rate: int,
-    *,
-    max_seconds: float | None = None,
-    truncate: bool = True,
+  samples: np.ndarray,
+  rate: int,
+  *,
+  max_seconds: float | None = None,
+  truncate: bool = True,
 ) -> np.ndarray:
   """Checks a mono waveform, truncates it and resamples it to 16 kHz.
 
@@ -136,7 +142,7 @@ def clean_waveform(
   if max_seconds is not None and len(samples) > max_seconds * rate:
     if not truncate:
       raise BadRecord("too_long", f"{len(samples) / rate:.1f}s > {max_seconds}s")
-    samples = samples[:int(max_seconds * rate)]
+    samples = samples[: int(max_seconds * rate)]
   if rate != SAMPLE_RATE and len(samples):
     samples = soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ")
   if len(samples) <= N_FFT // 2:
@@ -148,8 +154,9 @@ def is_silent(samples: np.ndarray, silence_peak: float = SILENCE_PEAK) -> bool:
   return float(np.abs(samples).max(initial=0.0)) < silence_peak
 
 
-def load_waveform(value, sample_rate: int | None = None, *,
-                  media_dir: str | None = None) -> tuple[np.ndarray, int]:
+def load_waveform(
+  value, sample_rate: int | None = None, *, media_dir: str | None = None
+) -> tuple[np.ndarray, int]:
   """Bytes, a path or a float array (with its ``sample_rate``) -> (mono, rate)."""
   if isinstance(value, np.ndarray):
     if sample_rate is None:
@@ -164,8 +171,12 @@ def load_waveform(value, sample_rate: int | None = None, *,
 def log_mel_spectrogram(samples: np.ndarray, n_mels: int = N_MELS) -> np.ndarray:
   """Whisper/Qwen3-Omni log-mel features of 16 kHz audio: ``(n_mels, n // 160)``."""
   stft = librosa.stft(
-      np.asarray(samples, np.float64), n_fft=N_FFT, hop_length=HOP_LENGTH,
-      window="hann", center=True, pad_mode="reflect",
+    np.asarray(samples, np.float64),
+    n_fft=N_FFT,
+    hop_length=HOP_LENGTH,
+    window="hann",
+    center=True,
+    pad_mode="reflect",
   )
   power = np.abs(stft[:, :-1]) ** 2
   mel = _mel_filters(n_mels) @ power
@@ -180,23 +191,29 @@ _MEL_FILTERS: dict[int, np.ndarray] = {}
 def _mel_filters(n_mels: int) -> np.ndarray:
   if n_mels not in _MEL_FILTERS:
     _MEL_FILTERS[n_mels] = librosa.filters.mel(
-        sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=n_mels, fmin=0.0, fmax=8000.0,
-        htk=False, norm="slaney", dtype=np.float64,
+      sr=SAMPLE_RATE,
+      n_fft=N_FFT,
+      n_mels=n_mels,
+      fmin=0.0,
+      fmax=8000.0,
+      htk=False,
+      norm="slaney",
+      dtype=np.float64,
     )
   return _MEL_FILTERS[n_mels]
 
 
 @register_op("decode_audio")
 def _decode_audio(
-    ctx: OpContext,
-    key: str = "audio",
-    out_key: str | None = None,
-    sample_rate_key: str = "sample_rate",
-    media_dir: str | None = None,
-    max_seconds: float | None = None,
-    truncate: bool = True,
-    allow_silence: bool = False,
-    silence_peak: float = SILENCE_PEAK,
+  ctx: OpContext,
+  key: str = "audio",
+  out_key: str | None = None,
+  sample_rate_key: str = "sample_rate",
+  media_dir: str | None = None,
+  max_seconds: float | None = None,
+  truncate: bool = True,
+  allow_silence: bool = False,
+  silence_peak: float = SILENCE_PEAK,
 ) -> Op:
   """``example[key]`` (bytes, path or float array) -> float32 mono 16 kHz.
 
@@ -211,22 +228,27 @@ def _decode_audio(
 
   def op(example: Example) -> Example:
     samples, rate = load_waveform(
-        require(example, key), example.get(sample_rate_key),
-        media_dir=media_dir)
-    samples = clean_waveform(
-        samples, rate, max_seconds=max_seconds, truncate=truncate)
+      require(example, key), example.get(sample_rate_key), media_dir=media_dir
+    )
+    samples = clean_waveform(samples, rate, max_seconds=max_seconds, truncate=truncate)
     if not allow_silence and is_silent(samples, silence_peak):
       raise BadRecord("silent_audio", f"peak < {silence_peak}")
-    return {**example, out_key: samples, sample_rate_key: SAMPLE_RATE,
-            "audio_seconds": len(samples) / SAMPLE_RATE}
+    return {
+      **example,
+      out_key: samples,
+      sample_rate_key: SAMPLE_RATE,
+      "audio_seconds": len(samples) / SAMPLE_RATE,
+    }
 
   return op
 
 
 @register_op("log_mel")
 def _log_mel(
-    ctx: OpContext, key: str = "audio", out_key: str = "audio_features",
-    n_mels: int = N_MELS,
+  ctx: OpContext,
+  key: str = "audio",
+  out_key: str = "audio_features",
+  n_mels: int = N_MELS,
 ) -> Op:
   """16 kHz ``example[key]`` -> ``example[out_key]``: float32 ``(n_mels, frames)``.
 
@@ -235,7 +257,6 @@ def _log_mel(
   del ctx
 
   def op(example: Example) -> Example:
-    return {**example,
-            out_key: log_mel_spectrogram(require(example, key), n_mels)}
+    return {**example, out_key: log_mel_spectrogram(require(example, key), n_mels)}
 
   return op

@@ -22,7 +22,8 @@ _CHARS_UTF8 = 1
 _PARAM_RATE = 1  # Words per minute.
 _PARAM_PITCH = 3  # 0..100.
 _CALLBACK = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+  ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -32,16 +33,22 @@ def _library():
   """Loads and initialises libespeak-ng once per process."""
   if "lib" not in _state:
     lib = ctypes.CDLL(espeakng_loader.get_library_path())
-    lib.espeak_Initialize.argtypes = [
-        ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
     lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
     lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.espeak_Synth.argtypes = [
-        ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-        ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+      ctypes.c_char_p,
+      ctypes.c_size_t,
+      ctypes.c_uint,
+      ctypes.c_int,
+      ctypes.c_uint,
+      ctypes.c_uint,
+      ctypes.c_void_p,
+      ctypes.c_void_p,
+    ]
     rate = lib.espeak_Initialize(
-        _AUDIO_OUTPUT_SYNCHRONOUS, 0,
-        espeakng_loader.get_data_path().encode(), 0)
+      _AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0
+    )
     if rate <= 0:
       raise RuntimeError(f"espeak_Initialize failed ({rate})")
     chunks = []
@@ -58,8 +65,9 @@ def _library():
   return _state["lib"]
 
 
-def synthesize(text: str, voice: str = "en-us", rate: int = 160,
-               pitch: int = 50) -> tuple[np.ndarray, int]:
+def synthesize(
+  text: str, voice: str = "en-us", rate: int = 160, pitch: int = 50
+) -> tuple[np.ndarray, int]:
   """Speaks ``text``: int16 mono samples and their sample rate (22050 Hz).
 
   Args:
@@ -77,12 +85,10 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 160,
     chunks = _state["chunks"]
     chunks.clear()
     data = text.encode("utf-8") + b"\0"
-    error = lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0,
-                             _CHARS_UTF8, None, None)
+    error = lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
     if error != 0:
       raise RuntimeError(f"espeak_Synth failed ({error}) on {text!r}")
     lib.espeak_Synchronize()
-    samples = (np.concatenate(chunks) if chunks
-               else np.zeros((0,), np.int16)).astype(np.int16)
+    samples = (np.concatenate(chunks) if chunks else np.zeros((0,), np.int16)).astype(np.int16)
     chunks.clear()
     return samples, _state["rate"]

@@ -42,8 +42,7 @@ class ApplyOps:
 
   def __call__(self, record: bytes | Example) -> Example:
     try:
-      example = (records.decode_example(record)
-                 if isinstance(record, bytes) else dict(record))
+      example = records.decode_example(record) if isinstance(record, bytes) else dict(record)
       for op in self._ops:
         example = op(example)
     except BadRecord as e:
@@ -53,18 +52,18 @@ class ApplyOps:
 
 
 def make_example_dataset(
-    source: grain.sources.RandomAccessDataSource,
-    ops: Sequence[Op],
-    *,
-    seed: int = 0,
-    shuffle: bool = True,
-    num_epochs: int | None = 1,
-    process_index: int = 0,
-    process_count: int = 1,
-    worker_count: int = 0,
-    worker_buffer_size: int = 4,
-    read_threads: int = 2,
-    read_buffer_size: int = 16,
+  source: grain.sources.RandomAccessDataSource,
+  ops: Sequence[Op],
+  *,
+  seed: int = 0,
+  shuffle: bool = True,
+  num_epochs: int | None = 1,
+  process_index: int = 0,
+  process_count: int = 1,
+  worker_count: int = 0,
+  worker_buffer_size: int = 4,
+  read_threads: int = 2,
+  read_buffer_size: int = 16,
 ) -> grain.IterDataset:
   """Processed examples of ``source`` for this host; see the module doc.
 
@@ -87,18 +86,21 @@ def make_example_dataset(
   if shuffle:
     ds = ds.seed(seed).shuffle()
   ds = ds.repeat(num_epochs).map(ApplyOps(ops))
-  it = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=read_threads, prefetch_buffer_size=read_buffer_size))
+  it = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size)
+  )
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():  # Outside an absl app (e.g. pytest).
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+    it = it.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
+      )
+    )
   return _DropSkippedIterDataset(it)
 
 
 class _DropSkippedIterDataset(grain.IterDataset):
-
   def __iter__(self):
     return _DropSkippedIterator(self._parent.__iter__())
 
@@ -122,10 +124,8 @@ class _DropSkippedIterator(grain.DatasetIterator):
       self._counts[example[SKIPPED_KEY]] += 1
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state(),
-            "skipped_records": dict(self._counts)}
+    return {"parent": self._parent.get_state(), "skipped_records": dict(self._counts)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
-    self._counts = {r: int(state["skipped_records"].get(r, 0))
-                    for r in SKIP_REASONS}
+    self._counts = {r: int(state["skipped_records"].get(r, 0)) for r in SKIP_REASONS}

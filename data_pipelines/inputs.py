@@ -25,10 +25,14 @@ from omnijax.processing import batch as batch_lib
 KINDS = ("text", "omni", "synthetic")
 # Model config field -> the special token it must equal in the tokenizer.
 SPECIAL_TOKEN_FIELDS = {
-    "audio_token_id": "<|audio_pad|>", "image_token_id": "<|image_pad|>",
-    "video_token_id": "<|video_pad|>", "audio_start_token_id": "<|audio_start|>",
-    "audio_end_token_id": "<|audio_end|>", "vision_start_token_id": "<|vision_start|>",
-    "vision_end_token_id": "<|vision_end|>"}
+  "audio_token_id": "<|audio_pad|>",
+  "image_token_id": "<|image_pad|>",
+  "video_token_id": "<|video_pad|>",
+  "audio_start_token_id": "<|audio_start|>",
+  "audio_end_token_id": "<|audio_end|>",
+  "vision_start_token_id": "<|vision_start|>",
+  "vision_end_token_id": "<|vision_end|>",
+}
 
 
 @dataclasses.dataclass
@@ -44,8 +48,8 @@ class Inputs:
     """Tokens of one pass over the mixture, all hosts (sources `weight` times each:
     data.mixture_by=epochs)."""
     return jax.process_count() * sum(
-        mixture[n].weight * s["examples"] * s["tokens_per_example"]
-        for n, s in self.sources.items())
+      mixture[n].weight * s["examples"] * s["tokens_per_example"] for n, s in self.sources.items()
+    )
 
 
 class SyntheticBatches:
@@ -61,7 +65,8 @@ class SyntheticBatches:
     rng = np.random.default_rng((self.seed, jax.process_index(), self.index))
     self.index += 1
     return batch_lib.text_batch(
-        rng.integers(0, self.vocab, (self.batch, self.seq_len + 1), dtype=np.int32))
+      rng.integers(0, self.vocab, (self.batch, self.seq_len + 1), dtype=np.int32)
+    )
 
   def get_state(self) -> dict[str, int]:
     return {"index": self.index}
@@ -74,18 +79,23 @@ def check_tokenizer(tokenizer, model_cfg) -> None:
   """The tokenizer fits the model's vocabulary and agrees on every special token id."""
   vocab = model_cfg.text.vocab_size
   if tokenizer.vocab_size > vocab:
-    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model vocabulary "
-                      f"is {vocab}; set --config.model.text.vocab_size={tokenizer.vocab_size} "
-                      "(or larger).")
+    raise ConfigError(
+      f"the tokenizer has {tokenizer.vocab_size} tokens but the model vocabulary "
+      f"is {vocab}; set --config.model.text.vocab_size={tokenizer.vocab_size} "
+      "(or larger)."
+    )
   for field, token in SPECIAL_TOKEN_FIELDS.items():
     tid = tokenizer.token_id(token)
     if tid != getattr(model_cfg, field):
-      raise ConfigError(f"model.{field} is {getattr(model_cfg, field)} but the tokenizer maps "
-                        f"{token} to {tid}; set --config.model.{field}={tid}.")
+      raise ConfigError(
+        f"model.{field} is {getattr(model_cfg, field)} but the tokenizer maps "
+        f"{token} to {tid}; set --config.model.{field}={tid}."
+      )
 
 
 def _build_local_corpora(d) -> None:
   from data_pipelines import local_corpus, local_media_corpus  # pylint: disable=import-outside-toplevel
+
   if d.local_text:
     local_corpus.build_local_text_corpus(d.local_text)
   if d.local_media:
@@ -97,8 +107,10 @@ def _check_sources(d) -> None:
     sources = {"data.path": d.path}
   else:
     if not d.mixture:
-      raise ConfigError("data.mixture is empty: name at least one source "
-                        "(--config.data.mixture.NAME.path/task/weight).")
+      raise ConfigError(
+        "data.mixture is empty: name at least one source "
+        "(--config.data.mixture.NAME.path/task/weight)."
+      )
     sources = {}
     for name, s in d.mixture.items():
       if s.get("tfds") and s.get("path"):
@@ -107,34 +119,45 @@ def _check_sources(d) -> None:
         sources[f"data.mixture.{name}.path"] = s.get("path")
   for name, path in sources.items():
     if not path or not Path(path).exists():
-      raise ConfigError(f"{name}={path!r} does not exist; prepare shards there (python -m "
-                        "data_pipelines.prepare), name a TFDS builder (data.mixture.NAME.tfds) "
-                        "or set data.local_text / data.local_media to build the local corpora.")
+      raise ConfigError(
+        f"{name}={path!r} does not exist; prepare shards there (python -m "
+        "data_pipelines.prepare), name a TFDS builder (data.mixture.NAME.tfds) "
+        "or set data.local_text / data.local_media to build the local corpora."
+      )
 
 
 def load_tokenizer(config, model_cfg):
   """The run's tokenizer: data.tokenizer, else a BPE trained on data.tokenizer_corpus."""
   from data_pipelines import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+
   d = config.data
   corpus = d.tokenizer_corpus or d.path
   if not d.tokenizer and not corpus:
-    raise ConfigError("set data.tokenizer (a tokenizer.json) or data.tokenizer_corpus (text "
-                      "shards to train a BPE on).")
-  tokenizer = (tok_lib.load_tokenizer(d.tokenizer) if d.tokenizer
-               else tok_lib.local_tokenizer(corpus, vocab_size=d.tokenizer_vocab_size))
+    raise ConfigError(
+      "set data.tokenizer (a tokenizer.json) or data.tokenizer_corpus (text "
+      "shards to train a BPE on)."
+    )
+  tokenizer = (
+    tok_lib.load_tokenizer(d.tokenizer)
+    if d.tokenizer
+    else tok_lib.local_tokenizer(corpus, vocab_size=d.tokenizer_vocab_size)
+  )
   check_tokenizer(tokenizer, model_cfg)
   return tokenizer
 
 
 def _dataset(d, model_cfg, tokenizer, *, batch_size: int, seed: int, split: str = "train"):
   from data_pipelines import omni, pipeline  # pylint: disable=import-outside-toplevel
+
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count(), seed=seed)
   if d.kind == "text":
-    return pipeline.make_text_dataset(d, tokenizer=tokenizer, seq_len=d.seq_len,
-                                      batch_size=batch_size, split=split, **hosts)
+    return pipeline.make_text_dataset(
+      d, tokenizer=tokenizer, seq_len=d.seq_len, batch_size=batch_size, split=split, **hosts
+    )
   try:
-    return omni.make_omni_dataset(d, tokenizer=tokenizer, model_cfg=model_cfg, seq_len=d.seq_len,
-                                  batch_size=batch_size, **hosts)
+    return omni.make_omni_dataset(
+      d, tokenizer=tokenizer, model_cfg=model_cfg, seq_len=d.seq_len, batch_size=batch_size, **hosts
+    )
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
@@ -146,8 +169,12 @@ def make_train_iterator(config, model_cfg) -> Inputs:
   if d.kind not in KINDS:
     raise ConfigError(f"data.kind={d.kind!r} is not one of {list(KINDS)}.")
   if d.kind == "synthetic":
-    return Inputs(SyntheticBatches(config.seed, host_batch, d.seq_len, model_cfg.text.vocab_size),
-                  True, [], None)
+    return Inputs(
+      SyntheticBatches(config.seed, host_batch, d.seq_len, model_cfg.text.vocab_size),
+      True,
+      [],
+      None,
+    )
   _build_local_corpora(d)
   _check_sources(d)
   tokenizer = load_tokenizer(config, model_cfg)
@@ -183,6 +210,7 @@ def eval_data_config(config, source: str | None, split: str):
 def check_eval_source(config, source: str | None, split: str) -> None:
   """The held-out split of an evaluation source can be opened (a ConfigError otherwise)."""
   from data_pipelines import omni, records  # pylint: disable=import-outside-toplevel
+
   d = eval_data_config(config, source, split)
   try:
     if d.kind == "text":
@@ -190,13 +218,17 @@ def check_eval_source(config, source: str | None, split: str) -> None:
     else:
       omni.open_source(d.mixture[source])
   except (FileNotFoundError, ValueError) as e:
-    raise ConfigError(f"evaluation source {source or d.path!r}: {e}; set config.eval.split "
-                      "(or the source's eval_split) to a split it has.") from e
+    raise ConfigError(
+      f"evaluation source {source or d.path!r}: {e}; set config.eval.split "
+      "(or the source's eval_split) to a split it has."
+    ) from e
 
 
-def make_eval_iterator(config, model_cfg, tokenizer, *, source: str | None, split: str,
-                       batch_size: int):
+def make_eval_iterator(
+  config, model_cfg, tokenizer, *, source: str | None, split: str, batch_size: int
+):
   """Batches of one source's held-out split, once through (the last batch may be partial)."""
   d = eval_data_config(config, source, split)
-  return iter(_dataset(d, model_cfg, tokenizer, batch_size=batch_size, seed=config.seed,
-                       split=split))
+  return iter(
+    _dataset(d, model_cfg, tokenizer, batch_size=batch_size, seed=config.seed, split=split)
+  )

@@ -46,18 +46,26 @@ def _split_of(text: str) -> str:
 def _extract_documents(workdir: str) -> list[dict[str, str]]:
   """Runs ``stdlib_text`` in an isolated child; returns its documents."""
   out_path = os.path.join(workdir, "documents.jsonl")
-  env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8",
-         "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+  env = {
+    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    "LC_ALL": "C.UTF-8",
+    "PYTHONHASHSEED": "0",
+    "PYTHONDONTWRITEBYTECODE": "1",
+  }
   result = subprocess.run(
-      [sys.executable, "-I", "-S", stdlib_text.__file__, out_path],
-      cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600,
-      check=False,
+    [sys.executable, "-I", "-S", stdlib_text.__file__, out_path],
+    cwd=workdir,
+    env=env,
+    stdin=subprocess.DEVNULL,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    timeout=600,
+    check=False,
   )
   if result.returncode != 0:
     raise RuntimeError(
-        "stdlib text extraction failed with exit code "
-        f"{result.returncode}:\n{result.stderr.decode(errors='replace')[-4000:]}"
+      "stdlib text extraction failed with exit code "
+      f"{result.returncode}:\n{result.stderr.decode(errors='replace')[-4000:]}"
     )
   with open(out_path, encoding="utf-8") as f:
     return [json.loads(line) for line in f]
@@ -77,8 +85,8 @@ def build_local_text_corpus(out_dir: str | os.PathLike[str]) -> pathlib.Path:
   manifest = records.read_manifest(out_dir)
   if manifest is not None and manifest.get("kind") != KIND:
     raise ValueError(
-        f"{out_dir} holds another dataset (manifest kind "
-        f"{manifest.get('kind')!r}); not overwriting it with the local corpus"
+      f"{out_dir} holds another dataset (manifest kind "
+      f"{manifest.get('kind')!r}); not overwriting it with the local corpus"
     )
   if manifest is not None and manifest.get("version") == VERSION:
     logging.info("Local text corpus already built at %s", out_dir)
@@ -104,10 +112,12 @@ def build_local_text_corpus(out_dir: str | os.PathLike[str]) -> pathlib.Path:
     stats["text_bytes"] += len(doc["text"].encode())
 
   splits = {
-      split: records.write_shards(docs, out_dir, split, NUM_SHARDS[split])
-      for split, docs in by_split.items()
+    split: records.write_shards(docs, out_dir, split, NUM_SHARDS[split])
+    for split, docs in by_split.items()
   }
-  records.write_manifest(out_dir, {
+  records.write_manifest(
+    out_dir,
+    {
       "kind": KIND,
       "version": VERSION,
       "encoding": "msgpack",
@@ -115,11 +125,13 @@ def build_local_text_corpus(out_dir: str | os.PathLike[str]) -> pathlib.Path:
       "python": sys.version.split()[0],
       "splits": splits,
       "sources": sources,
-  })
+    },
+  )
   logging.info(
-      "Built local text corpus at %s in %.1fs: %s", out_dir,
-      time.time() - start,
-      {s: e["num_records"] for s, e in splits.items()},
+    "Built local text corpus at %s in %.1fs: %s",
+    out_dir,
+    time.time() - start,
+    {s: e["num_records"] for s, e in splits.items()},
   )
   return out_dir
 

@@ -68,19 +68,33 @@ MOTION_FRACTION = 1 / 3
 VALIDATION_PER_MILLE = 50
 SEED = 0
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-          "yellow": (235, 200, 30), "purple": (140, 60, 170),
-          "orange": (245, 130, 20)}
+COLORS = {
+  "red": (220, 40, 40),
+  "green": (40, 170, 60),
+  "blue": (40, 80, 220),
+  "yellow": (235, 200, 30),
+  "purple": (140, 60, 170),
+  "orange": (245, 130, 20),
+}
 SHAPES = ("square", "circle", "triangle", "diamond")
 NUMBERS = ("one", "two", "three", "four")
-DIRECTIONS = {"from left to right": ((0.1, 0.5), (0.9, 0.5)),
-              "from right to left": ((0.9, 0.5), (0.1, 0.5)),
-              "from top to bottom": ((0.5, 0.15), (0.5, 0.85)),
-              "from bottom to top": ((0.5, 0.85), (0.5, 0.15))}
-VOICES = ("en-us", "en-us+f2", "en-us+m3", "en-us+f3", "en-029",
-          "en-gb-scotland", "en-gb-x-rp+f4", "en-us+m7")
-TEXT_TEMPLATES = ("There are {}.", "The scene shows {}.", "In this picture: {}.",
-                  "We can see {}.")
+DIRECTIONS = {
+  "from left to right": ((0.1, 0.5), (0.9, 0.5)),
+  "from right to left": ((0.9, 0.5), (0.1, 0.5)),
+  "from top to bottom": ((0.5, 0.15), (0.5, 0.85)),
+  "from bottom to top": ((0.5, 0.85), (0.5, 0.15)),
+}
+VOICES = (
+  "en-us",
+  "en-us+f2",
+  "en-us+m3",
+  "en-us+f3",
+  "en-029",
+  "en-gb-scotland",
+  "en-gb-x-rp+f4",
+  "en-us+m7",
+)
+TEXT_TEMPLATES = ("There are {}.", "The scene shows {}.", "In this picture: {}.", "We can see {}.")
 IMAGE_SIZE = (128, 128)
 VIDEO_SIZE = (128, 96)  # (width, height)
 VIDEO_FPS = 4
@@ -93,8 +107,9 @@ def _group_phrase(count: int, color: str, shape: str) -> str:
   return f"{NUMBERS[count - 1]} {color} {shape}s"
 
 
-_GROUP = re.compile(r"\b(an?|one|two|three|four) (" + "|".join(COLORS) + r") ("
-                    + "|".join(SHAPES) + r")s?\b")
+_GROUP = re.compile(
+  r"\b(an?|one|two|three|four) (" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r")s?\b"
+)
 
 
 def parse_scene(text: str) -> dict:
@@ -102,8 +117,9 @@ def parse_scene(text: str) -> dict:
   shape)}, "direction": str | None}; what is not in its vocabulary is ignored (inverse of the
   sentences `make_facts` writes, applied to a model's output too)."""
   text = text.lower()
-  groups = {(1 if n in ("a", "an") else NUMBERS.index(n) + 1, c, sh)
-            for n, c, sh in _GROUP.findall(text)}
+  groups = {
+    (1 if n in ("a", "an") else NUMBERS.index(n) + 1, c, sh) for n, c, sh in _GROUP.findall(text)
+  }
   direction = next((d for d in DIRECTIONS if d in text), None)
   return {"groups": groups, "direction": direction}
 
@@ -134,9 +150,15 @@ def make_facts(num_facts: int, seed: int = SEED) -> list[dict]:
     if sentence in seen:
       continue
     seen.add(sentence)
-    facts.append({"id": f"fact{len(facts):05d}", "sentence": sentence,
-                  "groups": groups, "direction": direction,
-                  "kind": "motion" if motion else "static"})
+    facts.append(
+      {
+        "id": f"fact{len(facts):05d}",
+        "sentence": sentence,
+        "groups": groups,
+        "direction": direction,
+        "kind": "motion" if motion else "static",
+      }
+    )
   return facts
 
 
@@ -145,8 +167,7 @@ def _split_of(sentence: str) -> str:
   return "validation" if bucket % 1000 < VALIDATION_PER_MILLE else "train"
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, center, radius: float,
-                color) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, center, radius: float, color) -> None:
   x, y = center
   r = radius
   if shape == "square":
@@ -175,16 +196,14 @@ def render_image(fact: dict, rng: np.random.Generator) -> bytes:
     for _ in range(count):
       row, col = divmod(int(cells[i]), 4)
       i += 1
-      center = ((col + 0.5) * cell + rng.uniform(-4, 4),
-                (row + 0.5) * cell + rng.uniform(-4, 4))
+      center = ((col + 0.5) * cell + rng.uniform(-4, 4), (row + 0.5) * cell + rng.uniform(-4, 4))
       _draw_shape(draw, shape, center, rng.uniform(9, 13), COLORS[color])
   buffer = io.BytesIO()
   image.save(buffer, format="PNG")
   return buffer.getvalue()
 
 
-def render_video_frames(fact: dict, num_frames: int,
-                        rng: np.random.Generator) -> np.ndarray:
+def render_video_frames(fact: dict, num_frames: int, rng: np.random.Generator) -> np.ndarray:
   """The motion: the first group's object moves; a second group stays still."""
   width, height = VIDEO_SIZE
   background = _background(rng, VIDEO_SIZE)
@@ -193,8 +212,7 @@ def render_video_frames(fact: dict, num_frames: int,
   for k in range(fact["groups"][1][0] if len(fact["groups"]) > 1 else 0):
     row, col = divmod(int(still_cells[k]), 4)
     _, color, shape = fact["groups"][1]
-    _draw_shape(draw, shape, ((col + 0.5) * width / 4, (row + 0.5) * height / 4),
-                7, COLORS[color])
+    _draw_shape(draw, shape, ((col + 0.5) * width / 4, (row + 0.5) * height / 4), 7, COLORS[color])
   (x0, y0), (x1, y1) = DIRECTIONS[fact["direction"]]
   _, color, shape = fact["groups"][0]
   frames = []
@@ -208,47 +226,70 @@ def render_video_frames(fact: dict, num_frames: int,
 
 def _speak(sentence: str, rng: np.random.Generator) -> tuple[np.ndarray, int]:
   samples, rate = espeak.synthesize(
-      sentence, voice=str(rng.choice(VOICES)), rate=int(rng.integers(140, 181)),
-      pitch=int(rng.integers(35, 66)))
+    sentence,
+    voice=str(rng.choice(VOICES)),
+    rate=int(rng.integers(140, 181)),
+    pitch=int(rng.integers(35, 66)),
+  )
   return samples.astype(np.float32) / 32768.0, rate
 
 
-def write_raw_corpus(raw_dir: pathlib.Path, facts: list[dict],
-                     seed: int = SEED) -> pathlib.Path:
+def write_raw_corpus(raw_dir: pathlib.Path, facts: list[dict], seed: int = SEED) -> pathlib.Path:
   """Writes the media files and ``manifest.jsonl``; returns the manifest path."""
   for sub in ("img", "speech", "video"):
     (raw_dir / sub).mkdir(parents=True, exist_ok=True)
   lines = []
   for n, fact in enumerate(facts):
     rng = np.random.default_rng([seed, n])
-    common = {"fact_id": fact["id"], "fact_kind": fact["kind"],
-              "split": _split_of(fact["sentence"])}
+    common = {
+      "fact_id": fact["id"],
+      "fact_kind": fact["kind"],
+      "split": _split_of(fact["sentence"]),
+    }
     sentence = fact["sentence"]
     template = TEXT_TEMPLATES[int(rng.integers(len(TEXT_TEMPLATES)))]
-    lines.append({"id": f"{fact['id']}-text", "task": "text",
-                  "text": template.format(sentence), **common})
+    lines.append(
+      {"id": f"{fact['id']}-text", "task": "text", "text": template.format(sentence), **common}
+    )
     speech, rate = _speak(sentence, rng)
     ext = "flac" if n % 2 == 0 else "mp3"
-    sf.write(raw_dir / "speech" / f"{fact['id']}.{ext}", speech, rate,
-             format=ext.upper())
-    lines.append({"id": f"{fact['id']}-asr", "task": "asr",
-                  "audio": f"speech/{fact['id']}.{ext}", "text": sentence,
-                  **common})
+    sf.write(raw_dir / "speech" / f"{fact['id']}.{ext}", speech, rate, format=ext.upper())
+    lines.append(
+      {
+        "id": f"{fact['id']}-asr",
+        "task": "asr",
+        "audio": f"speech/{fact['id']}.{ext}",
+        "text": sentence,
+        **common,
+      }
+    )
     if fact["kind"] == "static":
       (raw_dir / "img" / f"{fact['id']}.png").write_bytes(render_image(fact, rng))
-      lines.append({"id": f"{fact['id']}-caption", "task": "caption",
-                    "image": f"img/{fact['id']}.png", "text": sentence,
-                    **common})
+      lines.append(
+        {
+          "id": f"{fact['id']}-caption",
+          "task": "caption",
+          "image": f"img/{fact['id']}.png",
+          "text": sentence,
+          **common,
+        }
+      )
     else:
       narration, rate = _speak(sentence, rng)
       seconds = max(MIN_VIDEO_SECONDS, len(narration) / rate + 0.5)
-      frames = render_video_frames(
-          fact, math.ceil(seconds * VIDEO_FPS), rng)
+      frames = render_video_frames(fact, math.ceil(seconds * VIDEO_FPS), rng)
       (raw_dir / "video" / f"{fact['id']}.mp4").write_bytes(
-          video_lib.encode_video(frames, VIDEO_FPS, narration, rate))
-      lines.append({"id": f"{fact['id']}-video", "task": "video",
-                    "video": f"video/{fact['id']}.mp4", "text": sentence,
-                    **common})
+        video_lib.encode_video(frames, VIDEO_FPS, narration, rate)
+      )
+      lines.append(
+        {
+          "id": f"{fact['id']}-video",
+          "task": "video",
+          "video": f"video/{fact['id']}.mp4",
+          "text": sentence,
+          **common,
+        }
+      )
   manifest = raw_dir / "manifest.jsonl"
   with open(manifest, "w", encoding="utf-8") as f:
     for line in lines:
@@ -256,9 +297,13 @@ def write_raw_corpus(raw_dir: pathlib.Path, facts: list[dict],
   return manifest
 
 
-def build_local_media_corpus(out_dir: str | os.PathLike[str], *,
-                             num_facts: int = NUM_FACTS, workers: int = 2,
-                             progress: bool = False) -> pathlib.Path:
+def build_local_media_corpus(
+  out_dir: str | os.PathLike[str],
+  *,
+  num_facts: int = NUM_FACTS,
+  workers: int = 2,
+  progress: bool = False,
+) -> pathlib.Path:
   """Builds the corpus into ``out_dir`` unless it is already there.
 
   An incomplete build (no manifest), or one of another version or size, is
@@ -278,10 +323,14 @@ def build_local_media_corpus(out_dir: str | os.PathLike[str], *,
   manifest = records.read_manifest(out_dir)
   if manifest is not None and manifest.get("kind") != KIND:
     raise ValueError(
-        f"{out_dir} holds another dataset (manifest kind "
-        f"{manifest.get('kind')!r}); not overwriting it with the media corpus")
-  if (manifest is not None and manifest.get("version") == VERSION
-      and manifest.get("num_facts") == num_facts):
+      f"{out_dir} holds another dataset (manifest kind "
+      f"{manifest.get('kind')!r}); not overwriting it with the media corpus"
+    )
+  if (
+    manifest is not None
+    and manifest.get("version") == VERSION
+    and manifest.get("num_facts") == num_facts
+  ):
     logging.info("Local media corpus already built at %s", out_dir)
     return out_dir
   start = time.time()
@@ -289,14 +338,26 @@ def build_local_media_corpus(out_dir: str | os.PathLike[str], *,
   with tempfile.TemporaryDirectory(prefix="media_corpus_") as raw_dir:
     manifest_path = write_raw_corpus(pathlib.Path(raw_dir), facts)
     summary = prepare_lib.prepare(
-        manifest_path, out_dir, workers=workers, source=KIND,
-        progress=progress,
-        extra={"kind": KIND, "version": VERSION, "num_facts": num_facts,
-               "num_motion_facts": sum(f["kind"] == "motion" for f in facts)})
+      manifest_path,
+      out_dir,
+      workers=workers,
+      source=KIND,
+      progress=progress,
+      extra={
+        "kind": KIND,
+        "version": VERSION,
+        "num_facts": num_facts,
+        "num_motion_facts": sum(f["kind"] == "motion" for f in facts),
+      },
+    )
   if summary["num_skipped"]:
     raise RuntimeError(f"Local media corpus: skipped {summary['skipped']}")
-  logging.info("Built local media corpus at %s in %.1fs: %s", out_dir,
-               time.time() - start, summary["counts"]["task"])
+  logging.info(
+    "Built local media corpus at %s in %.1fs: %s",
+    out_dir,
+    time.time() - start,
+    summary["counts"]["task"],
+  )
   return out_dir
 
 
@@ -307,8 +368,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  path = build_local_media_corpus(args.out, num_facts=args.num_facts,
-                                  workers=args.workers, progress=True)
+  path = build_local_media_corpus(
+    args.out, num_facts=args.num_facts, workers=args.workers, progress=True
+  )
   print(json.dumps(records.read_manifest(path), indent=2, sort_keys=True))
 
 

@@ -37,24 +37,42 @@ from data_pipelines.pipeline import CountSkippedIterDataset
 
 # Prompts per task (the seed: varied natural-language prompts); one is drawn per example.
 PROMPTS = {
-    "caption": ("Describe the image.", "What is shown in this picture?",
-                "Write a caption for this image.", "What do you see?",
-                "Give a short description of the image."),
-    "asr": ("Transcribe the audio.", "What is being said?", "Write down what you hear.",
-            "Transcribe this speech into text.", "Repeat what the speaker says."),
-    "audio": ("Describe the sound.", "What can you hear?", "Caption this audio clip."),
-    "video": ("Describe the video.", "What happens in this video?",
-              "Summarize what you see and hear.", "Narrate this clip."),
+  "caption": (
+    "Describe the image.",
+    "What is shown in this picture?",
+    "Write a caption for this image.",
+    "What do you see?",
+    "Give a short description of the image.",
+  ),
+  "asr": (
+    "Transcribe the audio.",
+    "What is being said?",
+    "Write down what you hear.",
+    "Transcribe this speech into text.",
+    "Repeat what the speaker says.",
+  ),
+  "audio": ("Describe the sound.", "What can you hear?", "Caption this audio clip."),
+  "video": (
+    "Describe the video.",
+    "What happens in this video?",
+    "Summarize what you see and hear.",
+    "Narrate this clip.",
+  ),
 }
 TASK_OPS = {
-    "text": ("decode_text",),
-    "caption": ("decode_text", "decode_image", "resize_image", "patchify_image"),
-    "asr": ("decode_text", "decode_audio(truncate=False, max_seconds=30)", "log_mel"),
-    "audio": ("decode_text", "decode_audio(max_seconds=30)", "log_mel"),
-    "video": ("decode_text", "decode_video(fps=2.0, max_seconds=20)"),
+  "text": ("decode_text",),
+  "caption": ("decode_text", "decode_image", "resize_image", "patchify_image"),
+  "asr": ("decode_text", "decode_audio(truncate=False, max_seconds=30)", "log_mel"),
+  "audio": ("decode_text", "decode_audio(max_seconds=30)", "log_mel"),
+  "video": ("decode_text", "decode_video(fps=2.0, max_seconds=20)"),
 }
-TASK_MODALITY = {"text": "text", "caption": "image", "asr": "audio", "audio": "audio",
-                 "video": "video"}
+TASK_MODALITY = {
+  "text": "text",
+  "caption": "image",
+  "asr": "audio",
+  "audio": "audio",
+  "video": "video",
+}
 _REASON_INDEX = {r: i for i, r in enumerate(SKIP_REASONS)}
 _SKIPS = "skipped"  # per-row/per-batch skip counts (len(SKIP_REASONS),)
 
@@ -73,14 +91,16 @@ class ToSequence:
 
   def __init__(self, task: str, task_id: int, tokenizer, model_cfg, seq_len: int, seed: int):
     from omnijax.processing import positions  # pylint: disable=import-outside-toplevel
+
     if task not in TASK_MODALITY:
       raise ValueError(f"unknown task {task!r}; tasks: {sorted(TASK_MODALITY)}")
     self.task, self.task_id, self.tok, self.cfg = task, task_id, tokenizer, model_cfg
     self.seq_len, self.seed = seq_len, seed
     self._positions = positions
     self._rope_kwargs = positions.rope_kwargs_from_config(model_cfg)
-    self._ids = {name: tokenizer.token_id(name) for name in (
-        "<|im_start|>", "<|im_end|>", "<|endoftext|>")}
+    self._ids = {
+      name: tokenizer.token_id(name) for name in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    }
     self._newline = tokenizer.encode("\n")
 
   def _rng(self, example) -> np.random.Generator:
@@ -102,15 +122,22 @@ class ToSequence:
       return span, dict(audio=[mel], audio_frames=[mel.shape[1]])
     grid = np.asarray(example["video_grid_thw"]).reshape(3)
     spg = float(example["video_second_per_grid"])
-    media = dict(video=[(example["pixel_values_videos"], grid[None])], video_grid=[grid],
-                 video_spg=[spg])
+    media = dict(
+      video=[(example["pixel_values_videos"], grid[None])], video_grid=[grid], video_spg=[spg]
+    )
     if example.get("audio_in_video"):
       from data_pipelines import audio as audio_ops  # pylint: disable=import-outside-toplevel
+
       mel = audio_ops.log_mel_spectrogram(example["audio"], c.audio.num_mel_bins)
       n_audio = int(pos.audio_token_count(mel.shape[1], c.audio.n_window))
-      span = pos.audio_in_video_layout(grid, spg, n_audio, tokens=self._rope_kwargs["tokens"],
-                                       spatial_merge_size=merge,
-                                       position_id_per_seconds=c.position_id_per_seconds)
+      span = pos.audio_in_video_layout(
+        grid,
+        spg,
+        n_audio,
+        tokens=self._rope_kwargs["tokens"],
+        spatial_merge_size=merge,
+        position_id_per_seconds=c.position_id_per_seconds,
+      )
       media |= dict(audio=[mel], audio_frames=[mel.shape[1]])
       return list(np.asarray(span)), media
     n = int(pos.image_token_count(grid, merge))
@@ -122,16 +149,27 @@ class ToSequence:
     span, media = self._media_span(example)
     prompt = PROMPTS[self.task][self._rng(example).integers(len(PROMPTS[self.task]))]
     ims, ime = self._ids["<|im_start|>"], self._ids["<|im_end|>"]
-    user = np.concatenate([[ims], self.tok.encode("user\n"), span, self.tok.encode(prompt),
-                           [ime], self._newline, [ims], self.tok.encode("assistant\n")])
+    user = np.concatenate(
+      [
+        [ims],
+        self.tok.encode("user\n"),
+        span,
+        self.tok.encode(prompt),
+        [ime],
+        self._newline,
+        [ims],
+        self.tok.encode("assistant\n"),
+      ]
+    )
     return user.astype(np.int32), media
 
   def __call__(self, example):
     if SKIPPED_KEY in example:
       return example
     if self.task == "text":
-      tokens = np.concatenate([self.tok.encode(example["text"]),
-                               [self._ids["<|endoftext|>"]]]).astype(np.int32)
+      tokens = np.concatenate(
+        [self.tok.encode(example["text"]), [self._ids["<|endoftext|>"]]]
+      ).astype(np.int32)
       labelled = np.ones(len(tokens), bool)
       media: dict[str, Any] = {}
     else:
@@ -143,13 +181,21 @@ class ToSequence:
       if len(tokens) - 1 > self.seq_len:
         return _skip("too_long")
     pos, _ = self._positions.rope_index(
-        tokens, **self._rope_kwargs, dtype=np.float32,
-        image_grid_thw=np.array(media.get("image_grid", np.zeros((0, 3)))).reshape(-1, 3),
-        video_grid_thw=np.array(media.get("video_grid", np.zeros((0, 3)))).reshape(-1, 3),
-        video_second_per_grid=np.array(media.get("video_spg", [])),
-        audio_seqlens=np.array(media.get("audio_frames", []), np.int64))
-    out = dict(inputs=tokens[:-1], targets=tokens[1:], loss_mask=labelled[1:].astype(np.float32),
-               positions=pos[:, :-1], task_id=self.task_id)
+      tokens,
+      **self._rope_kwargs,
+      dtype=np.float32,
+      image_grid_thw=np.array(media.get("image_grid", np.zeros((0, 3)))).reshape(-1, 3),
+      video_grid_thw=np.array(media.get("video_grid", np.zeros((0, 3)))).reshape(-1, 3),
+      video_second_per_grid=np.array(media.get("video_spg", [])),
+      audio_seqlens=np.array(media.get("audio_frames", []), np.int64),
+    )
+    out = dict(
+      inputs=tokens[:-1],
+      targets=tokens[1:],
+      loss_mask=labelled[1:].astype(np.float32),
+      positions=pos[:, :-1],
+      task_id=self.task_id,
+    )
     for k in ("audio", "image", "video"):
       out[k] = media.get(k, [])
     return out
@@ -163,19 +209,28 @@ def _text_chunks(seq: dict[str, Any], seq_len: int) -> list[dict[str, Any]]:
   out = []
   for start in range(0, n, seq_len):
     end = min(start + seq_len, n)
-    chunk = {k: (v[start:end] if k in ("inputs", "targets", "loss_mask") else v)
-             for k, v in seq.items()}
-    chunk["positions"] = np.broadcast_to(np.arange(end - start, dtype=np.float32),
-                                         (3, end - start)).copy()
+    chunk = {
+      k: (v[start:end] if k in ("inputs", "targets", "loss_mask") else v) for k, v in seq.items()
+    }
+    chunk["positions"] = np.broadcast_to(
+      np.arange(end - start, dtype=np.float32), (3, end - start)
+    ).copy()
     out.append(chunk)
   return out
 
 
 def _pack_row(docs: list[dict[str, Any]], seq_len: int, skips: np.ndarray) -> dict[str, Any]:
-  row = dict(inputs=np.zeros(seq_len, np.int32), targets=np.zeros(seq_len, np.int32),
-             loss_mask=np.zeros(seq_len, np.float32), segment_ids=np.zeros(seq_len, np.int32),
-             positions=np.zeros((3, seq_len), np.float32),
-             task_ids=np.full(seq_len, -1, np.int32), audio=[], image=[], video=[])
+  row = dict(
+    inputs=np.zeros(seq_len, np.int32),
+    targets=np.zeros(seq_len, np.int32),
+    loss_mask=np.zeros(seq_len, np.float32),
+    segment_ids=np.zeros(seq_len, np.int32),
+    positions=np.zeros((3, seq_len), np.float32),
+    task_ids=np.full(seq_len, -1, np.int32),
+    audio=[],
+    image=[],
+    video=[],
+  )
   at = 0
   for i, d in enumerate(docs, start=1):
     n = len(d["inputs"])
@@ -203,15 +258,23 @@ class RowCapacity:
     self.video_patches = max(buckets.video_patches)
 
   def usage(self, doc: dict[str, Any]) -> np.ndarray:
-    return np.array([len(doc["inputs"]), len(doc["audio"]),
-                     sum(len(p) for p, _ in doc["image"]), sum(len(p) for p, _ in doc["video"])])
+    return np.array(
+      [
+        len(doc["inputs"]),
+        len(doc["audio"]),
+        sum(len(p) for p, _ in doc["image"]),
+        sum(len(p) for p, _ in doc["video"]),
+      ]
+    )
 
   def limits(self) -> np.ndarray:
     return np.array([self.seq_len, self.audios, self.image_patches, self.video_patches])
 
   def fits_alone(self, doc: dict[str, Any]) -> bool:
-    return (all(m.shape[1] <= self.frames for m in doc["audio"])
-            and (self.usage(doc) <= self.limits()).all())
+    return (
+      all(m.shape[1] <= self.frames for m in doc["audio"])
+      and (self.usage(doc) <= self.limits()).all()
+    )
 
 
 class _PackIterDataset(grain.IterDataset):
@@ -247,10 +310,10 @@ class _PackIterator(grain.DatasetIterator):
       if SKIPPED_KEY in el:
         self._skips[_REASON_INDEX[el[SKIPPED_KEY]]] += 1
         continue
-      if not self._capacity.fits_alone(el | {"inputs": el["inputs"][:self._seq_len]}):
+      if not self._capacity.fits_alone(el | {"inputs": el["inputs"][: self._seq_len]}):
         self._skips[_REASON_INDEX["too_long"]] += 1  # more media than a row holds
         continue
-      self._pending = _text_chunks(el, self._seq_len)[self._consumed:]
+      self._pending = _text_chunks(el, self._seq_len)[self._consumed :]
       self._pending_state = state
 
   def __next__(self) -> dict[str, Any]:
@@ -289,32 +352,42 @@ def _bucket(sizes: Sequence[int], need: int) -> int:
   return min(b for b in sizes if b >= need)
 
 
-def assemble_batch(rows: Sequence[dict[str, Any]], model_cfg, modalities: frozenset,
-                   buckets) -> dict:
+def assemble_batch(
+  rows: Sequence[dict[str, Any]], model_cfg, modalities: frozenset, buckets
+) -> dict:
   """Rows -> the trainer's batch: stacked token arrays + per-row media buffers whose sizes are
   the smallest configured buckets that fit (so the train step compiles once per bucket)."""
   from omnijax.processing import media  # pylint: disable=import-outside-toplevel
-  batch = {k: np.stack([r[k] for r in rows])
-           for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions", "task_ids",
-                     _SKIPS)}
+
+  batch = {
+    k: np.stack([r[k] for r in rows])
+    for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions", "task_ids", _SKIPS)
+  }
   if "audio" in modalities or "video" in modalities:
     frames = max((m.shape[1] for r in rows for m in r["audio"]), default=1)
-    batch |= media.audio_buffers(model_cfg, [r["audio"] for r in rows],
-                                 frames=_bucket(buckets.audio_frames, frames),
-                                 audios=int(buckets.audios_per_row))
+    batch |= media.audio_buffers(
+      model_cfg,
+      [r["audio"] for r in rows],
+      frames=_bucket(buckets.audio_frames, frames),
+      audios=int(buckets.audios_per_row),
+    )
   for kind, wanted in (("image", "image"), ("video", "video")):
     if wanted not in modalities:
       continue
     per_row = []
     for r in rows:
       items = r[kind]
-      pixels = (np.concatenate([p for p, _ in items]) if items
-                else np.zeros((0, media.patch_dim(model_cfg)), np.float32))
+      pixels = (
+        np.concatenate([p for p, _ in items])
+        if items
+        else np.zeros((0, media.patch_dim(model_cfg)), np.float32)
+      )
       grids = np.concatenate([g for _, g in items]) if items else np.zeros((0, 3), np.int64)
       per_row.append((pixels, grids))
     need = max(len(p) for p, _ in per_row)
-    batch |= media.vision_buffers(model_cfg, kind, per_row,
-                                  bucket=_bucket(buckets[f"{kind}_patches"], need))
+    batch |= media.vision_buffers(
+      model_cfg, kind, per_row, bucket=_bucket(buckets[f"{kind}_patches"], need)
+    )
   return batch
 
 
@@ -324,25 +397,38 @@ def open_source(spec) -> grain.sources.RandomAccessDataSource:
   split = spec.get("split", "train")
   if spec.get("tfds"):
     from data_pipelines import tfds_source  # pylint: disable=import-outside-toplevel
+
     return tfds_source.TfdsSource(spec.tfds, split, data_dir=spec.get("tfds_data_dir") or None)
   return records.open_shards(spec.path, split)
 
 
-def _source_dataset(name: str, spec, task_id: int, *, tokenizer, model_cfg, seq_len: int,
-                    seed: int, shuffle: bool, process_index: int, process_count: int,
-                    num_epochs: int | None = None) -> tuple[grain.MapDataset, int]:
+def _source_dataset(
+  name: str,
+  spec,
+  task_id: int,
+  *,
+  tokenizer,
+  model_cfg,
+  seq_len: int,
+  seed: int,
+  shuffle: bool,
+  process_index: int,
+  process_count: int,
+  num_epochs: int | None = None,
+) -> tuple[grain.MapDataset, int]:
   """(sequences of a source for this host, its number of examples on this host)."""
   task = spec.task
   ops = build_ops(list(spec.get("ops", None) or TASK_OPS[task]), OpContext(tokenizer=tokenizer))
   ds = grain.MapDataset.source(open_source(spec))
   ds = ds[process_index::process_count]
   if spec.get("max_examples"):
-    ds = ds[:-(-spec.max_examples // process_count)]
+    ds = ds[: -(-spec.max_examples // process_count)]
   examples = len(ds)
   if shuffle:
     ds = ds.seed(seed + zlib.crc32(name.encode())).shuffle()
   return ds.repeat(num_epochs).map(ApplyOps(ops)).map(
-      ToSequence(task, task_id, tokenizer, model_cfg, seq_len, seed)), examples
+    ToSequence(task, task_id, tokenizer, model_cfg, seq_len, seed)
+  ), examples
 
 
 def estimate_tokens_per_example(ds: grain.MapDataset, samples: int) -> float:
@@ -359,8 +445,12 @@ def estimate_tokens_per_example(ds: grain.MapDataset, samples: int) -> float:
   return float(np.mean(lengths))
 
 
-def mixture_weights(weights: Mapping[str, float], tokens_per_example: Mapping[str, float],
-                    examples: Mapping[str, int], by: str = "tokens") -> dict[str, float]:
+def mixture_weights(
+  weights: Mapping[str, float],
+  tokens_per_example: Mapping[str, float],
+  examples: Mapping[str, int],
+  by: str = "tokens",
+) -> dict[str, float]:
   """Per-example sampling weights: by="tokens" gives the configured token ratios; by="epochs"
   reads each source `weight` times per pass over the mixture (every example of a weight-1
   source as often as every other's)."""
@@ -374,8 +464,17 @@ def mixture_weights(weights: Mapping[str, float], tokens_per_example: Mapping[st
   return {k: v / total for k, v in w.items()}
 
 
-def make_omni_dataset(cfg, *, tokenizer, model_cfg, seq_len: int, batch_size: int,
-                      process_index: int, process_count: int, seed: int) -> grain.IterDataset:
+def make_omni_dataset(
+  cfg,
+  *,
+  tokenizer,
+  model_cfg,
+  seq_len: int,
+  batch_size: int,
+  process_index: int,
+  process_count: int,
+  seed: int,
+) -> grain.IterDataset:
   """Packed mixed-modality batches for this host (see the module doc).
 
   `cfg` is config.data: `mixture` {name: {path | tfds [+ tfds_data_dir], task, weight[, ops,
@@ -391,38 +490,59 @@ def make_omni_dataset(cfg, *, tokenizer, model_cfg, seq_len: int, batch_size: in
     raise ValueError("data.mixture is empty: name at least one source.")
   for name in names:
     if cfg.mixture[name].task not in TASK_OPS:
-      raise ValueError(f"data.mixture.{name}.task={cfg.mixture[name].task!r} is not one of "
-                       f"{sorted(TASK_OPS)}.")
+      raise ValueError(
+        f"data.mixture.{name}.task={cfg.mixture[name].task!r} is not one of {sorted(TASK_OPS)}."
+      )
   sources, per_example, examples = {}, {}, {}
   for task_id, name in enumerate(names):
     spec = cfg.mixture[name]
     ds, examples[name] = _source_dataset(
-        name, spec, task_id, tokenizer=tokenizer, model_cfg=model_cfg, seq_len=seq_len,
-        seed=seed, shuffle=cfg.shuffle, process_index=process_index,
-        process_count=process_count, num_epochs=cfg.get("num_epochs"))
+      name,
+      spec,
+      task_id,
+      tokenizer=tokenizer,
+      model_cfg=model_cfg,
+      seq_len=seq_len,
+      seed=seed,
+      shuffle=cfg.shuffle,
+      process_index=process_index,
+      process_count=process_count,
+      num_epochs=cfg.get("num_epochs"),
+    )
     try:
       per_example[name] = estimate_tokens_per_example(
-          ds, spec.get("estimate_samples") or cfg.estimate_samples)
+        ds, spec.get("estimate_samples") or cfg.estimate_samples
+      )
     except ValueError as e:
-      raise ValueError(f"data.mixture.{name} ({spec.get('path') or spec.get('tfds')}, task "
-                       f"{spec.task}): {e}") from e
+      raise ValueError(
+        f"data.mixture.{name} ({spec.get('path') or spec.get('tfds')}, task {spec.task}): {e}"
+      ) from e
     sources[name] = ds.to_iter_dataset()
-  weights = mixture_weights({n: cfg.mixture[n].weight for n in names}, per_example, examples,
-                            cfg.get("mixture_by", "tokens"))
+  weights = mixture_weights(
+    {n: cfg.mixture[n].weight for n in names},
+    per_example,
+    examples,
+    cfg.get("mixture_by", "tokens"),
+  )
   logging.info("mixture: tokens/example %s -> sampling weights %s", per_example, weights)
   modalities = frozenset(TASK_MODALITY[cfg.mixture[n].task] for n in names)
   it = grain.IterDataset.mix(sources, weights)
   it = _PackIterDataset(it, RowCapacity(seq_len, cfg.buckets))
-  it = it.batch(batch_size, drop_remainder=cfg.get("num_epochs") is None,
-                batch_fn=lambda rows: assemble_batch(rows, model_cfg, modalities, cfg.buckets))
+  it = it.batch(
+    batch_size,
+    drop_remainder=cfg.get("num_epochs") is None,
+    batch_fn=lambda rows: assemble_batch(rows, model_cfg, modalities, cfg.buckets),
+  )
   if cfg.worker_count > 0:
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
   it = CountSkippedIterDataset(it)
   # What a pass over the mixture holds on this host (by="epochs": each source `weight` times).
-  it.sources = {n: dict(examples=examples[n], tokens_per_example=per_example[n],
-                        sampling_weight=weights[n]) for n in names}
+  it.sources = {
+    n: dict(examples=examples[n], tokens_per_example=per_example[n], sampling_weight=weights[n])
+    for n in names
+  }
   return it
 
 

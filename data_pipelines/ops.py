@@ -43,14 +43,20 @@ import numpy as np
 # wrong), "bad_aspect_ratio" (an image or video side over 200x the other).
 # Append new reasons at the end (checkpointed counts are keyed by name).
 SKIP_REASONS = (
-    "undecodable", "invalid_utf8", "empty", "missing_field", "missing_media",
-    "bad_sample_rate", "non_finite", "silent_audio", "too_long",
-    "bad_aspect_ratio",
+  "undecodable",
+  "invalid_utf8",
+  "empty",
+  "missing_field",
+  "missing_media",
+  "bad_sample_rate",
+  "non_finite",
+  "silent_audio",
+  "too_long",
+  "bad_aspect_ratio",
 )
 # Modules whose import registers the modality ops (imported on first use, so
 # that text-only users do not load the media libraries).
-_MODALITY_MODULES = ("data_pipelines.audio", "data_pipelines.vision",
-                     "data_pipelines.video")
+_MODALITY_MODULES = ("data_pipelines.audio", "data_pipelines.vision", "data_pipelines.video")
 
 Example = dict[str, Any]
 Op = Callable[[Example], Example]
@@ -107,10 +113,10 @@ def parse_op_spec(spec: str) -> tuple[str, dict[str, Any]]:
   if isinstance(node, ast.Name):
     return node.id, {}
   if (
-      isinstance(node, ast.Call)
-      and isinstance(node.func, ast.Name)
-      and not node.args
-      and all(kw.arg is not None for kw in node.keywords)
+    isinstance(node, ast.Call)
+    and isinstance(node.func, ast.Name)
+    and not node.args
+    and all(kw.arg is not None for kw in node.keywords)
   ):
     try:
       kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
@@ -118,8 +124,7 @@ def parse_op_spec(spec: str) -> tuple[str, dict[str, Any]]:
       raise ValueError(f"Op spec {spec!r}: arguments must be literals") from e
     return node.func.id, kwargs
   raise ValueError(
-      f"Op spec {spec!r} is not `name` or `name(key=literal, ...)` "
-      "(keyword arguments only)"
+    f"Op spec {spec!r} is not `name` or `name(key=literal, ...)` (keyword arguments only)"
   )
 
 
@@ -134,8 +139,7 @@ def build_ops(specs: Sequence[str], ctx: OpContext) -> list[Op]:
       _import_modality_ops()
     if name not in _REGISTRY:
       raise ValueError(
-          f"Unknown op {name!r} (spec {spec!r}). Registered ops: "
-          + ", ".join(registered_ops())
+        f"Unknown op {name!r} (spec {spec!r}). Registered ops: " + ", ".join(registered_ops())
       )
     try:
       ops.append(_REGISTRY[name](ctx, **kwargs))
@@ -165,8 +169,7 @@ def read_media_bytes(value: Any, media_dir: str | None = None) -> bytes:
     try:
       with open(path, "rb") as f:
         return f.read()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError,
-            PermissionError) as e:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
       raise BadRecord("missing_media", f"{path}: {e.strerror}") from e
   raise BadRecord("undecodable", f"media is {type(value).__name__}")
 
@@ -194,8 +197,10 @@ def _decode_text(ctx: OpContext, key: str = "text") -> Op:
 
 @register_op("tokenize")
 def _tokenize(
-    ctx: OpContext, key: str = "text", out_key: str = "tokens",
-    append_eos: bool = True,
+  ctx: OpContext,
+  key: str = "text",
+  out_key: str = "tokens",
+  append_eos: bool = True,
 ) -> Op:
   """``example[out_key]`` = int32 token ids of ``example[key]`` (+ EOS)."""
   tokenizer = ctx.tokenizer

@@ -66,35 +66,37 @@ from data_pipelines.ops import OpContext, SKIP_REASONS, build_ops
 DEFAULT_TEXT_OPS = ("decode_text", "tokenize", "lm_shift")
 # Tuning fields a config may leave out.
 _OPTIONAL_DEFAULTS = {
-    "worker_buffer_size": 2,  # Batches buffered per worker process.
-    "read_threads": 2,  # Threads running the per-record ops.
-    "read_buffer_size": 128,  # Records those threads prefetch.
+  "worker_buffer_size": 2,  # Batches buffered per worker process.
+  "read_threads": 2,  # Threads running the per-record ops.
+  "read_buffer_size": 128,  # Records those threads prefetch.
 }
 _EMPTY = np.zeros((0,), np.int32)
 
 
 def default_text_config(path: str = "") -> ml_collections.ConfigDict:
   """Config fields ``make_text_dataset`` reads, with their defaults."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       "path": path,  # Directory of shards (or a glob of shard files).
       "shuffle": True,
       "num_epochs": ml_collections.config_dict.placeholder(int),  # None: forever.
       "worker_count": 0,  # 0: in-process; >0: grain worker processes.
       "ops": DEFAULT_TEXT_OPS,
       **_OPTIONAL_DEFAULTS,
-  })
+    }
+  )
 
 
 def make_text_dataset(
-    cfg: ml_collections.ConfigDict,
-    *,
-    tokenizer,
-    seq_len: int,
-    batch_size: int,
-    process_index: int,
-    process_count: int,
-    seed: int,
-    split: str = "train",
+  cfg: ml_collections.ConfigDict,
+  *,
+  tokenizer,
+  seq_len: int,
+  batch_size: int,
+  process_index: int,
+  process_count: int,
+  seed: int,
+  split: str = "train",
 ) -> grain.IterDataset:
   """Packed next-token-prediction batches for this host; see the module doc.
 
@@ -121,14 +123,18 @@ def make_text_dataset(
     ds = ds.seed(seed).shuffle()
   ds = ds.repeat(cfg.num_epochs)
   ds = ds.map(ApplyOps(ops)).map(_text_element)
-  it = ds.to_iter_dataset(grain.ReadOptions(
+  it = ds.to_iter_dataset(
+    grain.ReadOptions(
       num_threads=_optional(cfg, "read_threads"),
       prefetch_buffer_size=_optional(cfg, "read_buffer_size"),
-  ))
-  it = _JsonSafeStateIterDataset(ConcatThenSplitIterDataset(
-      it, length_struct={"inputs": seq_len, "targets": seq_len,
-                         "skipped": seq_len},
-  ))
+    )
+  )
+  it = _JsonSafeStateIterDataset(
+    ConcatThenSplitIterDataset(
+      it,
+      length_struct={"inputs": seq_len, "targets": seq_len, "skipped": seq_len},
+    )
+  )
   it = it.map(_row_layout)
   it = it.batch(batch_size, drop_remainder=True)
   if cfg.worker_count > 0:
@@ -136,10 +142,12 @@ def make_text_dataset(
     # under pytest) nobody parsed them, so use their defaults.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(
+    it = it.mp_prefetch(
+      grain.MultiprocessingOptions(
         num_workers=cfg.worker_count,
         per_worker_buffer_size=_optional(cfg, "worker_buffer_size"),
-    ))
+      )
+    )
   return CountSkippedIterDataset(it)
 
 
@@ -168,12 +176,14 @@ def _text_element(example: dict[str, Any]) -> dict[str, np.ndarray]:
     return {"inputs": _EMPTY, "targets": _EMPTY, "skipped": skipped}
   if "inputs" not in example or "targets" not in example:
     raise ValueError(
-        "The ops must produce 'inputs' and 'targets' (e.g. end with "
-        f"'lm_shift'); got keys {sorted(example)}"
+      "The ops must produce 'inputs' and 'targets' (e.g. end with "
+      f"'lm_shift'); got keys {sorted(example)}"
     )
-  return {"inputs": np.asarray(example["inputs"], np.int32),
-          "targets": np.asarray(example["targets"], np.int32),
-          "skipped": skipped}
+  return {
+    "inputs": np.asarray(example["inputs"], np.int32),
+    "targets": np.asarray(example["targets"], np.int32),
+    "skipped": skipped,
+  }
 
 
 class _JsonSafeStateIterDataset(grain.IterDataset):
@@ -190,7 +200,6 @@ class _JsonSafeStateIterDataset(grain.IterDataset):
 
 
 class _JsonSafeStateIterator(grain.DatasetIterator):
-
   def __next__(self):
     return next(self._parent)
 
@@ -199,9 +208,7 @@ class _JsonSafeStateIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict[str, Any]) -> None:
     state = dict(state)
-    state["remainder_slices"] = {
-        k: tuple(v) for k, v in state["remainder_slices"].items()
-    }
+    state["remainder_slices"] = {k: tuple(v) for k, v in state["remainder_slices"].items()}
     self._parent.set_state(state)
 
 
@@ -215,12 +222,12 @@ def _row_layout(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   segment_ids = (np.cumsum(starts, dtype=np.int32) * real).astype(np.int32)
   positions = row["inputs_positions"].astype(np.float32)
   return {
-      "inputs": row["inputs"],
-      "targets": row["targets"],
-      "segment_ids": segment_ids,
-      "positions": np.broadcast_to(positions, (3, positions.shape[0])),
-      "loss_mask": real.astype(np.float32),
-      "skipped": row["skipped"].sum(axis=0, dtype=np.int64),
+    "inputs": row["inputs"],
+    "targets": row["targets"],
+    "segment_ids": segment_ids,
+    "positions": np.broadcast_to(positions, (3, positions.shape[0])),
+    "loss_mask": real.astype(np.float32),
+    "skipped": row["skipped"].sum(axis=0, dtype=np.int64),
   }
 
 
@@ -233,7 +240,6 @@ class CountSkippedIterDataset(grain.IterDataset):
 
 
 class _CountSkippedIterator(grain.DatasetIterator):
-
   def __init__(self, parent: grain.DatasetIterator):
     super().__init__(parent)
     self._counts = dict.fromkeys(SKIP_REASONS, 0)
@@ -257,12 +263,9 @@ class _CountSkippedIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state(),
-            "skipped_records": dict(self._counts)}
+    return {"parent": self._parent.get_state(), "skipped_records": dict(self._counts)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
-    self._counts = {
-        r: int(state["skipped_records"].get(r, 0)) for r in SKIP_REASONS
-    }
+    self._counts = {r: int(state["skipped_records"].get(r, 0)) for r in SKIP_REASONS}
     self._next_log_at = 2 * sum(self._counts.values()) or 1

@@ -78,8 +78,14 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+  BarColumn,
+  MofNCompleteColumn,
+  Progress,
+  TextColumn,
+  TimeElapsedColumn,
+  TimeRemainingColumn,
+)
 
 from data_pipelines import audio as audio_lib
 from data_pipelines import records
@@ -95,10 +101,27 @@ _TEXT_REQUIRED = ("text", "caption", "asr")
 _TEXT_ALIASES = ("text", "caption", "transcript")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _RESERVED = {
-    "id", "task", "modality", "source", "split", "text", "text_file",
-    "caption", "transcript", "image", "audio", "video", "image_width",
-    "image_height", "audio_seconds", "audio_sample_rate", "video_seconds",
-    "video_fps", "video_frames", "video_width", "video_height",
+  "id",
+  "task",
+  "modality",
+  "source",
+  "split",
+  "text",
+  "text_file",
+  "caption",
+  "transcript",
+  "image",
+  "audio",
+  "video",
+  "image_width",
+  "image_height",
+  "audio_seconds",
+  "audio_sample_rate",
+  "video_seconds",
+  "video_fps",
+  "video_frames",
+  "video_width",
+  "video_height",
 }
 
 
@@ -144,11 +167,9 @@ def _image_fields(data: bytes) -> dict[str, Any]:
   return {"image_height": image.shape[0], "image_width": image.shape[1]}
 
 
-def _audio_fields(data: bytes, task: str,
-                  max_audio_seconds: float | None) -> dict[str, Any]:
+def _audio_fields(data: bytes, task: str, max_audio_seconds: float | None) -> dict[str, Any]:
   samples, rate = audio_lib.decode_audio_bytes(data)
-  audio_lib.clean_waveform(samples, rate, max_seconds=max_audio_seconds,
-                           truncate=task != "asr")
+  audio_lib.clean_waveform(samples, rate, max_seconds=max_audio_seconds, truncate=task != "asr")
   if audio_lib.is_silent(samples):
     raise BadRecord("silent_audio", "peak < %g" % audio_lib.SILENCE_PEAK)
   return {"audio_seconds": len(samples) / rate, "audio_sample_rate": rate}
@@ -158,17 +179,22 @@ def _video_fields(data: bytes) -> tuple[dict[str, Any], bool]:
   decoded = video_lib.read_video(data)
   has_audio = video_lib.audio_track(decoded["audio"]) is not None
   return {
-      "video_seconds": decoded["total_frames"] / decoded["video_fps"],
-      "video_fps": decoded["video_fps"],
-      "video_frames": decoded["total_frames"],
-      "video_height": decoded["frames"].shape[1],
-      "video_width": decoded["frames"].shape[2],
+    "video_seconds": decoded["total_frames"] / decoded["video_fps"],
+    "video_fps": decoded["video_fps"],
+    "video_frames": decoded["total_frames"],
+    "video_height": decoded["frames"].shape[1],
+    "video_width": decoded["frames"].shape[2],
   }, has_audio
 
 
-def prepare_line(raw: bytes, line_no: int, root: str, default_id: str,
-                 default_source: str,
-                 max_audio_seconds: float | None = None) -> dict[str, Any]:
+def prepare_line(
+  raw: bytes,
+  line_no: int,
+  root: str,
+  default_id: str,
+  default_source: str,
+  max_audio_seconds: float | None = None,
+) -> dict[str, Any]:
   """One manifest line -> a record, validated; see the module doc.
 
   Raises:
@@ -185,10 +211,14 @@ def prepare_line(raw: bytes, line_no: int, root: str, default_id: str,
   task = line.get("task") or infer_task(line)
   if task not in TASKS:
     raise BadRecord("missing_field", f"unknown task {task!r}")
-  record = {"id": str(line.get("id", f"{default_id}-{line_no}")),
-            "task": task, "source": str(line.get("source", default_source))}
-  record.update({k: v for k, v in line.items() if k not in _RESERVED
-                 and isinstance(v, (str, int, float, bool))})
+  record = {
+    "id": str(line.get("id", f"{default_id}-{line_no}")),
+    "task": task,
+    "source": str(line.get("source", default_source)),
+  }
+  record.update(
+    {k: v for k, v in line.items() if k not in _RESERVED and isinstance(v, (str, int, float, bool))}
+  )
   try:
     text = _read_text(line, root)
   except BadRecord as e:
@@ -262,8 +292,8 @@ class _Writers:
     if (task, split) not in self._writers:
       size = self._bytes.get((task, split), 0)
       self._writers[task, split] = records.ShardWriter(
-          self._out / task, split,
-          max(1, math.ceil(size / (self._shard_mb * 2**20))))
+        self._out / task, split, max(1, math.ceil(size / (self._shard_mb * 2**20)))
+      )
     self._writers[task, split].write(record)
 
   def close(self) -> dict[str, Any]:
@@ -276,11 +306,17 @@ class _Writers:
     return splits
 
 
-def prepare(manifest: str | os.PathLike[str], out: str | os.PathLike[str],
-            *, workers: int = 1, source: str | None = None,
-            shard_mb: float = 256, max_audio_seconds: float | None = None,
-            progress: bool = True,
-            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def prepare(
+  manifest: str | os.PathLike[str],
+  out: str | os.PathLike[str],
+  *,
+  workers: int = 1,
+  source: str | None = None,
+  shard_mb: float = 256,
+  max_audio_seconds: float | None = None,
+  progress: bool = True,
+  extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
   """Runs the preparation; returns the summary written to ``OUT/manifest.json``.
 
   Args:
@@ -307,9 +343,12 @@ def prepare(manifest: str | os.PathLike[str], out: str | os.PathLike[str],
   for _, raw, split, size in lines:
     group_bytes[_describe(raw)[1], split] += size
   writers = _Writers(out, group_bytes, shard_mb)
-  config = {"root": str(manifest.parent), "default_id": manifest.stem,
-            "default_source": source or manifest.parent.name,
-            "max_audio_seconds": max_audio_seconds}
+  config = {
+    "root": str(manifest.parent),
+    "default_id": manifest.stem,
+    "default_source": source or manifest.parent.name,
+    "max_audio_seconds": max_audio_seconds,
+  }
   tasks = [(line_no, raw, split, config) for line_no, raw, split, _ in lines]
   counts = {"modality": collections.Counter(), "task": collections.Counter()}
   skipped = collections.Counter()
@@ -332,12 +371,19 @@ def prepare(manifest: str | os.PathLike[str], out: str | os.PathLike[str],
       example_id, task = _describe(raw_lines[line_no])
       skipped[reason] += 1
       skipped_by_task[task][reason] += 1
-      skip_log.append({"line": line_no, "id": example_id, "task": task,
-                       "reason": reason, "detail": detail})
+      skip_log.append(
+        {"line": line_no, "id": example_id, "task": task, "reason": reason, "detail": detail}
+      )
 
-  bar = Progress(TextColumn("prepare"), BarColumn(), MofNCompleteColumn(),
-                 TimeElapsedColumn(), TimeRemainingColumn(),
-                 console=Console(stderr=True), disable=not progress)
+  bar = Progress(
+    TextColumn("prepare"),
+    BarColumn(),
+    MofNCompleteColumn(),
+    TimeElapsedColumn(),
+    TimeRemainingColumn(),
+    console=Console(stderr=True),
+    disable=not progress,
+  )
   try:
     with bar:
       job = bar.add_task("prepare", total=len(tasks))
@@ -356,22 +402,21 @@ def prepare(manifest: str | os.PathLike[str], out: str | os.PathLike[str],
     for entry in skip_log:
       f.write(json.dumps(entry, ensure_ascii=False) + "\n")
   summary = {
-      "kind": KIND,
-      "version": VERSION,
-      "encoding": "msgpack",
-      "manifest": str(manifest),
-      "num_lines": len(lines),
-      "num_examples": sum(s["num_records"] for s in splits.values()),
-      "num_skipped": sum(skipped.values()),
-      "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
-      "skipped": dict(sorted(skipped.items())),
-      "skipped_by_task": {t: dict(sorted(c.items()))
-                          for t, c in sorted(skipped_by_task.items())},
-      "media_bytes": dict(sorted(media_bytes.items())),
-      "record_bytes": sum(s["num_bytes"] for s in splits.values()),
-      "splits": splits,
-      "seconds": round(time.time() - start, 2),
-      **(extra or {}),
+    "kind": KIND,
+    "version": VERSION,
+    "encoding": "msgpack",
+    "manifest": str(manifest),
+    "num_lines": len(lines),
+    "num_examples": sum(s["num_records"] for s in splits.values()),
+    "num_skipped": sum(skipped.values()),
+    "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
+    "skipped": dict(sorted(skipped.items())),
+    "skipped_by_task": {t: dict(sorted(c.items())) for t, c in sorted(skipped_by_task.items())},
+    "media_bytes": dict(sorted(media_bytes.items())),
+    "record_bytes": sum(s["num_bytes"] for s in splits.values()),
+    "splits": splits,
+    "seconds": round(time.time() - start, 2),
+    **(extra or {}),
   }
   records.write_manifest(out, summary)
   return summary
@@ -383,8 +428,7 @@ def _describe(raw: bytes) -> tuple[str | None, str]:
     line = json.loads(raw)
     task = line.get("task") or infer_task(line)
     example_id = line.get("id")
-    return (None if example_id is None else str(example_id),
-            task if task in TASKS else "unknown")
+    return (None if example_id is None else str(example_id), task if task in TASKS else "unknown")
   except (ValueError, AttributeError):
     return None, "unknown"
 
@@ -394,17 +438,27 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--manifest", required=True, help="JSONL manifest")
   parser.add_argument("--out", required=True, help="output folder")
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-  parser.add_argument("--source", default=None,
-                      help="default source name (default: manifest folder)")
+  parser.add_argument(
+    "--source", default=None, help="default source name (default: manifest folder)"
+  )
   parser.add_argument("--shard_mb", type=float, default=256)
-  parser.add_argument("--max_audio_seconds", type=float, default=None,
-                      help="skip asr clips longer than this (too_long)")
+  parser.add_argument(
+    "--max_audio_seconds",
+    type=float,
+    default=None,
+    help="skip asr clips longer than this (too_long)",
+  )
   parser.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)
-  summary = prepare(args.manifest, args.out, workers=args.workers,
-                    source=args.source, shard_mb=args.shard_mb,
-                    max_audio_seconds=args.max_audio_seconds,
-                    progress=not args.no_progress)
+  summary = prepare(
+    args.manifest,
+    args.out,
+    workers=args.workers,
+    source=args.source,
+    shard_mb=args.shard_mb,
+    max_audio_seconds=args.max_audio_seconds,
+    progress=not args.no_progress,
+  )
   print(json.dumps(summary, indent=2, sort_keys=True))
 
 

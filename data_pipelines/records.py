@@ -59,9 +59,9 @@ def decode_example(record: bytes) -> dict[str, Any]:
 
 def shard_paths(directory: str | os.PathLike[str], split: str) -> list[str]:
   """Sorted shard files of ``split`` in ``directory``."""
-  return sorted(glob.glob(os.path.join(
-      glob.escape(os.fspath(directory)), f"{split}{SHARD_INFIX}*-of-*"
-  )))
+  return sorted(
+    glob.glob(os.path.join(glob.escape(os.fspath(directory)), f"{split}{SHARD_INFIX}*-of-*"))
+  )
 
 
 class ShardWriter:
@@ -73,21 +73,16 @@ class ShardWriter:
   ``{"files": [basename, ...], "num_records": int, "num_bytes": int}``.
   """
 
-  def __init__(self, out_dir: str | os.PathLike[str], split: str,
-               num_shards: int):
+  def __init__(self, out_dir: str | os.PathLike[str], split: str, num_shards: int):
     if num_shards < 1:
       raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in shard_paths(out_dir, split):
       os.remove(stale)
-    self._names = [
-        f"{split}{SHARD_INFIX}{i:05d}-of-{num_shards:05d}"
-        for i in range(num_shards)
-    ]
+    self._names = [f"{split}{SHARD_INFIX}{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
     self._writers = [
-        array_record_module.ArrayRecordWriter(str(out_dir / n), "group_size:1")
-        for n in self._names
+      array_record_module.ArrayRecordWriter(str(out_dir / n), "group_size:1") for n in self._names
     ]
     self.num_records = self.num_bytes = 0
 
@@ -100,15 +95,18 @@ class ShardWriter:
   def close(self) -> dict[str, Any]:
     for writer in self._writers:
       writer.close()
-    return {"files": list(self._names), "num_records": self.num_records,
-            "num_bytes": self.num_bytes}
+    return {
+      "files": list(self._names),
+      "num_records": self.num_records,
+      "num_bytes": self.num_bytes,
+    }
 
 
 def write_shards(
-    examples: Iterable[Mapping[str, Any]],
-    out_dir: str | os.PathLike[str],
-    split: str,
-    num_shards: int,
+  examples: Iterable[Mapping[str, Any]],
+  out_dir: str | os.PathLike[str],
+  split: str,
+  num_shards: int,
 ) -> dict[str, Any]:
   """Writes examples round-robin into ``num_shards`` ArrayRecord files.
 
@@ -130,7 +128,7 @@ def write_shards(
 
 
 def open_shards(
-    path: str | os.PathLike[str], split: str = "train"
+  path: str | os.PathLike[str], split: str = "train"
 ) -> grain.sources.ArrayRecordDataSource:
   """Random-access source over a split's shards.
 
@@ -152,9 +150,7 @@ def open_shards(
   return grain.sources.ArrayRecordDataSource(files)
 
 
-def write_manifest(
-    out_dir: str | os.PathLike[str], manifest: Mapping[str, Any]
-) -> None:
+def write_manifest(out_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> None:
   """Atomically writes ``manifest.json``; call after all shards are written."""
   out_dir = pathlib.Path(out_dir)
   tmp = out_dir / f".{MANIFEST_NAME}.tmp-{os.getpid()}"

@@ -37,20 +37,33 @@ MIN_DOCSTRING_CHARS = 160
 
 # Never imported (side effects on import, GUI/terminal, deprecated tooling,
 # installers) nor read as sources.
-SKIPPED = frozenset({
-    "antigravity", "this", "tkinter", "idlelib", "turtle", "turtledemo",
-    "lib2to3", "test", "tests", "ensurepip", "venv", "readline", "distutils",
-    "pydoc_data", "site", "sitecustomize", "usercustomize",
-})
+SKIPPED = frozenset(
+  {
+    "antigravity",
+    "this",
+    "tkinter",
+    "idlelib",
+    "turtle",
+    "turtledemo",
+    "lib2to3",
+    "test",
+    "tests",
+    "ensurepip",
+    "venv",
+    "readline",
+    "distutils",
+    "pydoc_data",
+    "site",
+    "sitecustomize",
+    "usercustomize",
+  }
+)
 # Read as docstrings but not as sources: generated tables, not prose.
 NO_SOURCE = frozenset({"encodings"})
 
 
 def _public(qualified_name: str) -> bool:
-  return not any(
-      part in SKIPPED or part.startswith("_")
-      for part in qualified_name.split(".")
-  )
+  return not any(part in SKIPPED or part.startswith("_") for part in qualified_name.split("."))
 
 
 def module_names() -> list[str]:
@@ -63,9 +76,7 @@ def module_names() -> list[str]:
     except Exception:  # Platform-specific module (winreg, msvcrt, ...).
       continue
     if hasattr(module, "__path__"):
-      for info in pkgutil.walk_packages(
-          module.__path__, top + ".", onerror=lambda _: None
-      ):
+      for info in pkgutil.walk_packages(module.__path__, top + ".", onerror=lambda _: None):
         if _public(info.name):
           names.append(info.name)
   return sorted(set(names))
@@ -119,8 +130,10 @@ def source_documents():
     if not _public(top) or top in NO_SOURCE:
       continue
     package = stdlib / top
-    files = [stdlib / f"{top}.py"] if (stdlib / f"{top}.py").is_file() else (
-        sorted(package.rglob("*.py")) if package.is_dir() else []
+    files = (
+      [stdlib / f"{top}.py"]
+      if (stdlib / f"{top}.py").is_file()
+      else (sorted(package.rglob("*.py")) if package.is_dir() else [])
     )
     for path in files:
       rel = path.relative_to(stdlib)
@@ -138,9 +151,9 @@ def source_documents():
 def main(out_path: str) -> None:
   with open(out_path, "w", encoding="utf-8") as f:
     for producer in (
-        docstring_documents(module_names()),
-        reference_documents(),
-        source_documents(),
+      docstring_documents(module_names()),
+      reference_documents(),
+      source_documents(),
     ):
       for doc_id, source, text in producer:
         f.write(json.dumps({"id": doc_id, "source": source, "text": text}))

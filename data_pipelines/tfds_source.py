@@ -57,19 +57,22 @@ from tensorflow_datasets.core import naming
 from tensorflow_datasets.proto import tf_example_pb2
 
 PRESETS = {
-    "librispeech": {
-        "fields": {"audio": "speech", "text": "text", "id": "id"},
-        "task": "asr", "modality": "audio", "sample_rate": 16000,
-    },
-    "coco_captions": {
-        "fields": {"image": "image", "text": "captions/text", "id": "image/id"},
-        "task": "caption", "modality": "image",
-    },
-    "ref_coco": {
-        "fields": {"image": "image", "text": "objects/refexp/raw",
-                   "id": "image/id"},
-        "task": "caption", "modality": "image",
-    },
+  "librispeech": {
+    "fields": {"audio": "speech", "text": "text", "id": "id"},
+    "task": "asr",
+    "modality": "audio",
+    "sample_rate": 16000,
+  },
+  "coco_captions": {
+    "fields": {"image": "image", "text": "captions/text", "id": "image/id"},
+    "task": "caption",
+    "modality": "image",
+  },
+  "ref_coco": {
+    "fields": {"image": "image", "text": "objects/refexp/raw", "id": "image/id"},
+    "task": "caption",
+    "modality": "image",
+  },
 }
 _VERSION_DIR = re.compile(r"^\d+\.\d+\.\d+$")
 
@@ -85,9 +88,13 @@ def _needs_tensorflow(error: BaseException) -> bool:
 def _versions(path: pathlib.Path) -> list[pathlib.Path]:
   """Prepared version folders in ``path``, oldest first."""
   return sorted(
-      (p for p in path.glob("*") if _VERSION_DIR.match(p.name)
-       and (p / "dataset_info.json").is_file()),
-      key=lambda p: tuple(int(x) for x in p.name.split(".")))
+    (
+      p
+      for p in path.glob("*")
+      if _VERSION_DIR.match(p.name) and (p / "dataset_info.json").is_file()
+    ),
+    key=lambda p: tuple(int(x) for x in p.name.split(".")),
+  )
 
 
 def dataset_dir(name: str, data_dir: str | os.PathLike[str]) -> pathlib.Path:
@@ -104,8 +111,9 @@ def dataset_dir(name: str, data_dir: str | os.PathLike[str]) -> pathlib.Path:
   elif not _versions(path):
     configs = [p for p in path.glob("*") if p.is_dir() and _versions(p)]
     if len(configs) > 1:
-      raise ValueError(f"{path} holds configs {sorted(p.name for p in configs)}"
-                       f"; name one ({base}/CONFIG)")
+      raise ValueError(
+        f"{path} holds configs {sorted(p.name for p in configs)}; name one ({base}/CONFIG)"
+      )
     path = configs[0] if configs else path
   if "version" in kwargs:
     path /= str(kwargs["version"])
@@ -119,8 +127,9 @@ def dataset_dir(name: str, data_dir: str | os.PathLike[str]) -> pathlib.Path:
   return path
 
 
-def _feature_specs(features_json: dict, prefix: str = "",
-                   in_sequence: bool = False) -> dict[str, dict[str, Any]]:
+def _feature_specs(
+  features_json: dict, prefix: str = "", in_sequence: bool = False
+) -> dict[str, dict[str, Any]]:
   """features.json -> {flat path: {"class", "sequence", "sample_rate"}}."""
   specs = {}
   if "featuresDict" in features_json:
@@ -148,22 +157,24 @@ class RawTfdsSource(grain.sources.RandomAccessDataSource):
     self._dir = pathlib.Path(directory)
     info = json.loads((self._dir / "dataset_info.json").read_text())
     if info.get("fileFormat", "tfrecord") != "array_record":
-      raise ValueError(f"{self._dir} is {info.get('fileFormat', 'tfrecord')}, "
-                       "not array_record")
+      raise ValueError(f"{self._dir} is {info.get('fileFormat', 'tfrecord')}, not array_record")
     entries = {s["name"]: s for s in info.get("splits", [])}
     if split not in entries:
       raise ValueError(f"No split {split!r} in {self._dir} ({sorted(entries)})")
     entry = entries[split]
     template = naming.ShardedFileTemplate(
-        data_dir=self._dir, dataset_name=info["name"], split=split,
-        filetype_suffix="array_record",
-        **({"template": entry["filepathTemplate"]}
-           if entry.get("filepathTemplate") else {}))
+      data_dir=self._dir,
+      dataset_name=info["name"],
+      split=split,
+      filetype_suffix="array_record",
+      **({"template": entry["filepathTemplate"]} if entry.get("filepathTemplate") else {}),
+    )
     files = template.sharded_filepaths(len(entry.get("shardLengths", [])))
     self._source = grain.sources.ArrayRecordDataSource([str(f) for f in files])
     features_path = self._dir / "features.json"
-    self.specs = (_feature_specs(json.loads(features_path.read_text()))
-                  if features_path.is_file() else {})
+    self.specs = (
+      _feature_specs(json.loads(features_path.read_text())) if features_path.is_file() else {}
+    )
 
   def __len__(self) -> int:
     return len(self._source)
@@ -201,7 +212,8 @@ def _lookup(example: dict[str, Any], path: str) -> Any:
 def _first(value: Any) -> Any:
   """First of a (nested) sequence of strings/bytes (one caption of several)."""
   while isinstance(value, (list, tuple)) or (
-      isinstance(value, np.ndarray) and value.ndim and value.dtype.kind in "OSU"):
+    isinstance(value, np.ndarray) and value.ndim and value.dtype.kind in "OSU"
+  ):
     if not len(value):
       return None
     value = value[0]
@@ -223,11 +235,18 @@ class TfdsSource(grain.sources.RandomAccessDataSource):
     reader: "auto", "tfds" or "raw".
   """
 
-  def __init__(self, name: str, split: str, *,
-               data_dir: str | os.PathLike[str] | None = None,
-               fields: dict[str, str] | None = None, task: str | None = None,
-               modality: str | None = None, sample_rate: int | None = None,
-               reader: str = "auto"):
+  def __init__(
+    self,
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    fields: dict[str, str] | None = None,
+    task: str | None = None,
+    modality: str | None = None,
+    sample_rate: int | None = None,
+    reader: str = "auto",
+  ):
     base = str(naming.parse_builder_name_kwargs(name)[0])
     preset = PRESETS.get(base, {})
     self._fields = fields or preset.get("fields")
@@ -242,8 +261,7 @@ class TfdsSource(grain.sources.RandomAccessDataSource):
     self._source = None
     if reader in ("auto", "tfds"):
       try:
-        self._source = tfds.data_source(name, split=split, data_dir=data_dir,
-                                        download=False)
+        self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         self.reader = "tfds"
       except Exception as e:  # pylint: disable=broad-except
         if reader == "tfds" or not _needs_tensorflow(e):
@@ -262,8 +280,7 @@ class TfdsSource(grain.sources.RandomAccessDataSource):
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     raw = self._source[index]
-    example = {"task": self._task, "modality": self._modality,
-               "source": self._source_name}
+    example = {"task": self._task, "modality": self._modality, "source": self._source_name}
     for ours, path in self._fields.items():
       value = _first(_lookup(raw, path))
       if value is None:
@@ -279,5 +296,4 @@ class TfdsSource(grain.sources.RandomAccessDataSource):
     return example
 
   def __repr__(self) -> str:
-    return (f"TfdsSource({self._source_name}, reader={self.reader}, "
-            f"{len(self)} examples)")
+    return f"TfdsSource({self._source_name}, reader={self.reader}, {len(self)} examples)"

@@ -26,16 +26,16 @@ from data_pipelines.ops import BadRecord
 
 # Qwen3-Omni special tokens, in the id order a locally trained tokenizer uses.
 SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|audio_start|>",
-    "<|audio_end|>",
-    "<|audio_pad|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
+  "<|endoftext|>",
+  "<|im_start|>",
+  "<|im_end|>",
+  "<|audio_start|>",
+  "<|audio_end|>",
+  "<|audio_pad|>",
+  "<|vision_start|>",
+  "<|vision_end|>",
+  "<|image_pad|>",
+  "<|video_pad|>",
 )
 EOS_TOKEN = "<|endoftext|>"
 
@@ -57,16 +57,12 @@ class TextTokenizer:
 
   def encode(self, text: str) -> np.ndarray:
     """int32 token ids of ``text`` (no EOS/BOS added)."""
-    return np.asarray(
-        self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32
-    )
+    return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
     """Text of ``ids``, special tokens included unless ``skip_special_tokens``
     (so by default decode∘encode is identity)."""
-    return self._tokenizer.decode(
-        [int(i) for i in ids], skip_special_tokens=skip_special_tokens
-    )
+    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
   def save(self, path: str | os.PathLike[str]) -> None:
     """Atomically writes the tokenizer.json to ``path``."""
@@ -82,23 +78,19 @@ def load_tokenizer(path: str | os.PathLike[str]) -> TextTokenizer:
   return TextTokenizer(tokenizers.Tokenizer.from_file(os.fspath(path)))
 
 
-def train_bpe_tokenizer(
-    texts: Iterable[str], *, vocab_size: int = 4096
-) -> TextTokenizer:
+def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096) -> TextTokenizer:
   """Trains a byte-level BPE tokenizer with ``SPECIAL_TOKENS`` at ids 0..9."""
   min_size = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
   if vocab_size < min_size:
     raise ValueError(f"vocab_size must be >= {min_size}, got {vocab_size}")
   tokenizer = tokenizers.Tokenizer(models.BPE())
-  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(
-      add_prefix_space=False, use_regex=True
-  )
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tokenizer.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size,
-      special_tokens=list(SPECIAL_TOKENS),
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False,
+    vocab_size=vocab_size,
+    special_tokens=list(SPECIAL_TOKENS),
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
   )
   tokenizer.train_from_iterator(texts, trainer)
   return TextTokenizer(tokenizer)
@@ -115,9 +107,7 @@ def _corpus_texts(corpus_dir: str | os.PathLike[str]) -> Iterator[str]:
       yield text
 
 
-def local_tokenizer(
-    corpus_dir: str | os.PathLike[str], *, vocab_size: int = 4096
-) -> TextTokenizer:
+def local_tokenizer(corpus_dir: str | os.PathLike[str], *, vocab_size: int = 4096) -> TextTokenizer:
   """The BPE tokenizer of a local corpus, trained on its train split once.
 
   Cached at ``corpus_dir/bpe-{vocab_size}/tokenizer.json``; later calls load it.

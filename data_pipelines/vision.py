@@ -28,8 +28,15 @@ import math
 import numpy as np
 from PIL import Image
 
-from data_pipelines.ops import (BadRecord, Example, Op, OpContext,
-                                read_media_bytes, register_op, require)
+from data_pipelines.ops import (
+  BadRecord,
+  Example,
+  Op,
+  OpContext,
+  read_media_bytes,
+  register_op,
+  require,
+)
 
 PATCH_SIZE = 16
 TEMPORAL_PATCH_SIZE = 2
@@ -41,9 +48,13 @@ MAX_PIXELS = 28 * 28 * 16384
 MAX_ASPECT_RATIO = 200
 
 
-def smart_resize(height: int, width: int, factor: int = PATCH_SIZE * MERGE_SIZE,
-                 min_pixels: int = MIN_PIXELS,
-                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def smart_resize(
+  height: int,
+  width: int,
+  factor: int = PATCH_SIZE * MERGE_SIZE,
+  min_pixels: int = MIN_PIXELS,
+  max_pixels: int = MAX_PIXELS,
+) -> tuple[int, int]:
   """Qwen2-VL's target size: sides multiples of ``factor``, area in range.
 
   Raises:
@@ -85,18 +96,16 @@ def decode_image_bytes(data: bytes) -> np.ndarray:
     raise BadRecord("undecodable", f"image: {e}") from e
 
 
-def resize_frames(frames: np.ndarray, min_pixels: int, max_pixels: int,
-                  factor: int = PATCH_SIZE * MERGE_SIZE) -> np.ndarray:
+def resize_frames(
+  frames: np.ndarray, min_pixels: int, max_pixels: int, factor: int = PATCH_SIZE * MERGE_SIZE
+) -> np.ndarray:
   """uint8 (..., H, W, 3) -> smart-resized with Pillow bicubic, same layout."""
   height, width = frames.shape[-3:-1]
   new_h, new_w = smart_resize(height, width, factor, min_pixels, max_pixels)
   if (new_h, new_w) == (height, width):
     return frames
   flat = frames.reshape(-1, height, width, 3)
-  resized = [
-      np.asarray(Image.fromarray(f).resize((new_w, new_h), Image.BICUBIC))
-      for f in flat
-  ]
+  resized = [np.asarray(Image.fromarray(f).resize((new_w, new_h), Image.BICUBIC)) for f in flat]
   return np.stack(resized).reshape(*frames.shape[:-3], new_h, new_w, 3)
 
 
@@ -107,9 +116,12 @@ def normalize(frames: np.ndarray, mean=IMAGE_MEAN, std=IMAGE_STD) -> np.ndarray:
   return np.moveaxis(x, -1, -3)
 
 
-def patchify(frames: np.ndarray, patch_size: int = PATCH_SIZE,
-             temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
-             merge_size: int = MERGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def patchify(
+  frames: np.ndarray,
+  patch_size: int = PATCH_SIZE,
+  temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+  merge_size: int = MERGE_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
   """float (T, C, H, W) -> (pixel_values, grid_thw), Qwen2-VL's patch order.
 
   T is padded to a multiple of ``temporal_patch_size`` by repeating the last
@@ -121,18 +133,22 @@ def patchify(frames: np.ndarray, patch_size: int = PATCH_SIZE,
   t, c, h, w = frames.shape
   gt, gh, gw = t // temporal_patch_size, h // patch_size, w // patch_size
   patches = frames.reshape(
-      gt, temporal_patch_size, c, gh // merge_size, merge_size, patch_size,
-      gw // merge_size, merge_size, patch_size,
+    gt,
+    temporal_patch_size,
+    c,
+    gh // merge_size,
+    merge_size,
+    patch_size,
+    gw // merge_size,
+    merge_size,
+    patch_size,
   ).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-  pixel_values = patches.reshape(
-      gt * gh * gw, c * temporal_patch_size * patch_size * patch_size)
-  return (np.ascontiguousarray(pixel_values, np.float32),
-          np.array([gt, gh, gw], np.int64))
+  pixel_values = patches.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size)
+  return (np.ascontiguousarray(pixel_values, np.float32), np.array([gt, gh, gw], np.int64))
 
 
 @register_op("decode_image")
-def _decode_image(ctx: OpContext, key: str = "image",
-                  media_dir: str | None = None) -> Op:
+def _decode_image(ctx: OpContext, key: str = "image", media_dir: str | None = None) -> Op:
   """``example[key]`` (bytes, path or uint8 array) -> uint8 RGB (H, W, 3)."""
   del ctx
 
@@ -142,7 +158,8 @@ def _decode_image(ctx: OpContext, key: str = "image",
       if value.ndim == 3 and value.shape[-1] == 1:
         value = value[..., 0]
       if value.dtype != np.uint8 or not (
-          value.ndim == 2 or (value.ndim == 3 and value.shape[-1] in (3, 4))):
+        value.ndim == 2 or (value.ndim == 3 and value.shape[-1] in (3, 4))
+      ):
         raise BadRecord("undecodable", f"image array {value.dtype}{value.shape}")
       image = to_rgb(Image.fromarray(value))
     else:
@@ -155,10 +172,14 @@ def _decode_image(ctx: OpContext, key: str = "image",
 
 
 @register_op("resize_image")
-def _resize_image(ctx: OpContext, key: str = "image",
-                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
-                  patch_size: int = PATCH_SIZE,
-                  merge_size: int = MERGE_SIZE) -> Op:
+def _resize_image(
+  ctx: OpContext,
+  key: str = "image",
+  min_pixels: int = MIN_PIXELS,
+  max_pixels: int = MAX_PIXELS,
+  patch_size: int = PATCH_SIZE,
+  merge_size: int = MERGE_SIZE,
+) -> Op:
   """Smart-resizes the uint8 ``example[key]`` (see the module doc)."""
   del ctx
   factor = patch_size * merge_size
@@ -174,11 +195,15 @@ def _resize_image(ctx: OpContext, key: str = "image",
 
 @register_op("patchify_image")
 def _patchify_image(
-    ctx: OpContext, key: str = "image", out_key: str = "pixel_values",
-    grid_key: str = "image_grid_thw", patch_size: int = PATCH_SIZE,
-    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
-    merge_size: int = MERGE_SIZE, mean: tuple = IMAGE_MEAN,
-    std: tuple = IMAGE_STD,
+  ctx: OpContext,
+  key: str = "image",
+  out_key: str = "pixel_values",
+  grid_key: str = "image_grid_thw",
+  patch_size: int = PATCH_SIZE,
+  temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+  merge_size: int = MERGE_SIZE,
+  mean: tuple = IMAGE_MEAN,
+  std: tuple = IMAGE_STD,
 ) -> Op:
   """Resized uint8 ``example[key]`` -> ``pixel_values`` + ``image_grid_thw``.
 
@@ -191,11 +216,12 @@ def _patchify_image(
     factor = patch_size * merge_size
     if image.shape[0] % factor or image.shape[1] % factor:
       raise ValueError(
-          f"patchify_image: image {image.shape[:2]} is not a multiple of "
-          f"{factor}; run resize_image first")
+        f"patchify_image: image {image.shape[:2]} is not a multiple of "
+        f"{factor}; run resize_image first"
+      )
     pixel_values, grid = patchify(
-        normalize(image[None], mean, std), patch_size, temporal_patch_size,
-        merge_size)
+      normalize(image[None], mean, std), patch_size, temporal_patch_size, merge_size
+    )
     out = {k: v for k, v in example.items() if k != key}
     return {**out, out_key: pixel_values, grid_key: grid}
 

@@ -25,12 +25,16 @@ Released scale (the 30B-A3B Thinker; sources under data/ablation/<source>):
 
 from experiments import recipe
 
-ARMS = dict(text=("text", "scene_text"),
-            vision=("text", "scene_text", "image", "video"),
-            omni=("text", "scene_text", "image", "video", "audio", "video_audio"))
+ARMS = dict(
+  text=("text", "scene_text"),
+  vision=("text", "scene_text", "image", "video"),
+  omni=("text", "scene_text", "image", "video", "audio", "video_audio"),
+)
 EVAL_SOURCES = ARMS["omni"]
 EPOCHS = 2.0
-LOCAL_TEXT_DOCS = 250  # stdlib documents in the local text source (~83k tokens; the corpus has 2270)
+LOCAL_TEXT_DOCS = (
+  250  # stdlib documents in the local text source (~83k tokens; the corpus has 2270)
+)
 
 
 def get_config(arg=None):
@@ -40,8 +44,7 @@ def get_config(arg=None):
   if arg.local:
     c = recipe.local_config({name: 1.0 for name in ARMS[arg.arm]})
     # Every text document counts (their lengths are heavy-tailed): the arms' lengths are exact.
-    c.data.mixture.text.update(dict(max_examples=LOCAL_TEXT_DOCS,
-                                    estimate_samples=LOCAL_TEXT_DOCS))
+    c.data.mixture.text.update(dict(max_examples=LOCAL_TEXT_DOCS, estimate_samples=LOCAL_TEXT_DOCS))
     c.data.estimate_samples = 32
     c.eval.mixture = recipe.local_mixture({name: 1.0 for name in EVAL_SOURCES})
     c.train.log_every = 20
@@ -49,8 +52,10 @@ def get_config(arg=None):
     c.eval.batches = 4
   else:
     c = recipe.full_config("ablation", {name: 1.0 for name in ARMS[arg.arm]})
-    c.eval.mixture = {name: dict(path=f"data/ablation/{name}", task=recipe.FULL_TASKS[name],
-                                 weight=1.0) for name in EVAL_SOURCES}
+    c.eval.mixture = {
+      name: dict(path=f"data/ablation/{name}", task=recipe.FULL_TASKS[name], weight=1.0)
+      for name in EVAL_SOURCES
+    }
   c.seed = arg.seed
   c.data.mixture_by = "epochs"
   c.train.epochs = EPOCHS

@@ -13,33 +13,49 @@ from experiments import recipe
 
 UPWEIGHT = 2.0  # on the audio and video sources' token ratios
 LONG_OPS = dict(
-    audio=("decode_text", "decode_audio(truncate=False, max_seconds=300)", "log_mel"),
-    video=("decode_text", "decode_video(fps=2.0, max_seconds=120)"),
-    video_audio=("decode_text", "decode_video(fps=2.0, max_seconds=120)"))
+  audio=("decode_text", "decode_audio(truncate=False, max_seconds=300)", "log_mel"),
+  video=("decode_text", "decode_video(fps=2.0, max_seconds=120)"),
+  video_audio=("decode_text", "decode_video(fps=2.0, max_seconds=120)"),
+)
 
 
 def get_config(arg=None):
   arg = recipe.parse_arg(arg, local=False)
   if arg.local:
-    ratios = {k: v * (UPWEIGHT if k != "text" and k != "image" else 1.0)
-              for k, v in recipe.LOCAL_STAGE2_RATIOS.items()}
+    ratios = {
+      k: v * (UPWEIGHT if k != "text" and k != "image" else 1.0)
+      for k, v in recipe.LOCAL_STAGE2_RATIOS.items()
+    }
     c = recipe.local_config(ratios)
     c.data.seq_len = 1024
-    c.data.buckets.update(dict(audio_frames=(800, 1600), audios_per_row=16,
-                               image_patches=(512, 1024), video_patches=(768, 1536)))
+    c.data.buckets.update(
+      dict(
+        audio_frames=(800, 1600),
+        audios_per_row=16,
+        image_patches=(512, 1024),
+        video_patches=(768, 1536),
+      )
+    )
     c.train.total_steps = 100
     c.train.global_batch_size = 2
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 10
   else:
-    ratios = {k: v * (UPWEIGHT if k in LONG_OPS else 1.0)
-              for k, v in recipe.STAGE2_TOKEN_RATIOS.items()}
+    ratios = {
+      k: v * (UPWEIGHT if k in LONG_OPS else 1.0) for k, v in recipe.STAGE2_TOKEN_RATIOS.items()
+    }
     c = recipe.full_config("pretrain_long_context", ratios)
     for name, ops in LONG_OPS.items():
       c.data.mixture[name].ops = ops
     c.data.seq_len = 32_768
-    c.data.buckets.update(dict(audio_frames=(3000, 12_000, 30_000), audios_per_row=16,
-                               image_patches=(4096, 16_384), video_patches=(16_384, 65_536)))
+    c.data.buckets.update(
+      dict(
+        audio_frames=(3000, 12_000, 30_000),
+        audios_per_row=16,
+        image_patches=(4096, 16_384),
+        video_patches=(16_384, 65_536),
+      )
+    )
     c.train.total_steps = 20_000
     c.train.global_batch_size = 64
     c.optim.learning_rate = 1e-4

@@ -31,8 +31,9 @@ def get_config(arg=None):
     c.train.total_steps = 100
     c.optim.warmup_steps = 10
   else:
-    c = recipe.full_config("pretrain_s1_align", {k: v for k, v in
-                                                 recipe.STAGE2_TOKEN_RATIOS.items() if k != "text"})
+    c = recipe.full_config(
+      "pretrain_s1_align", {k: v for k, v in recipe.STAGE2_TOKEN_RATIOS.items() if k != "text"}
+    )
     c.train.total_steps = 20_000 if arg.phase == "adapters" else 40_000
     c.optim.learning_rate = 1e-3 if arg.phase == "adapters" else 2e-4
   c.optim.trainable = PHASES[arg.phase]

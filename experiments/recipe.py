@@ -20,8 +20,9 @@ LOCAL_MEDIA = os.path.join(CACHE, "local_media")
 # Stage-2 ("general") token budget by source (seed 004), in trillions of tokens.
 STAGE2_TOKEN_RATIOS = dict(text=0.57, audio=0.77, image=0.82, video=0.05, video_audio=0.05)
 # Mixture source -> task (data_pipelines.omni.TASK_OPS) of the released-scale sources.
-FULL_TASKS = dict(text="text", scene_text="text", image="caption", audio="asr", video="video",
-                  video_audio="video")
+FULL_TASKS = dict(
+  text="text", scene_text="text", image="caption", audio="asr", video="video", video_audio="video"
+)
 
 # Stage 1 trains, with the LLM frozen, first each encoder's adapter, then the encoder.
 # Regexes on '/'-joined parameter paths (optim.trainable).
@@ -38,8 +39,10 @@ def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
   for item in filter(None, (arg or "").split(",")):
     key, eq, value = item.partition("=")
     if key not in spec:
-      raise ValueError(f"unknown argument {key!r}; this experiment takes {sorted(spec)} "
-                       "(comma separated, e.g. local,seed=1).")
+      raise ValueError(
+        f"unknown argument {key!r}; this experiment takes {sorted(spec)} "
+        "(comma separated, e.g. local,seed=1)."
+      )
     default = spec[key]
     if not eq:
       if not isinstance(default, bool):
@@ -66,8 +69,10 @@ def full_config(stage: str, ratios: dict[str, float]) -> ml_collections.ConfigDi
   c.model.impl.moe_capacity_factor = 2.0
   c.mesh.update(dict(data=1, fsdp=-1, expert=8, tensor=1))
   c.data.kind = "omni"
-  c.data.mixture = {name: dict(path=f"data/{stage}/{name}", task=FULL_TASKS[name], weight=w)
-                    for name, w in ratios.items()}
+  c.data.mixture = {
+    name: dict(path=f"data/{stage}/{name}", task=FULL_TASKS[name], weight=w)
+    for name, w in ratios.items()
+  }
   c.data.seq_len = 8192
   c.data.worker_count = 8
   c.train.total_steps = 250_000
@@ -83,17 +88,23 @@ def full_config(stage: str, ratios: dict[str, float]) -> ml_collections.ConfigDi
 
 # The local corpus's sources: name -> (path under the cache, task, ops override).
 _LOCAL_SOURCES = dict(
-    text=(LOCAL_TEXT, "text", None),
-    image=(f"{LOCAL_MEDIA}/caption", "caption", None),
-    audio=(f"{LOCAL_MEDIA}/asr", "asr", None),
-    # keep the corpus's 128x96 frames (the default minimum upscales them)
-    video_audio=(f"{LOCAL_MEDIA}/video", "video",
-                 ("decode_text", "decode_video(fps=2.0, min_pixels=12288)")),
-    # the same scenes' facts stated as text (the text side of the cross-modal questions)
-    scene_text=(f"{LOCAL_MEDIA}/text", "text", None),
-    # the narrated videos without their sound (vision only)
-    video=(f"{LOCAL_MEDIA}/video", "video",
-           ("decode_text", "decode_video(fps=2.0, min_pixels=12288, audio=False)")),
+  text=(LOCAL_TEXT, "text", None),
+  image=(f"{LOCAL_MEDIA}/caption", "caption", None),
+  audio=(f"{LOCAL_MEDIA}/asr", "asr", None),
+  # keep the corpus's 128x96 frames (the default minimum upscales them)
+  video_audio=(
+    f"{LOCAL_MEDIA}/video",
+    "video",
+    ("decode_text", "decode_video(fps=2.0, min_pixels=12288)"),
+  ),
+  # the same scenes' facts stated as text (the text side of the cross-modal questions)
+  scene_text=(f"{LOCAL_MEDIA}/text", "text", None),
+  # the narrated videos without their sound (vision only)
+  video=(
+    f"{LOCAL_MEDIA}/video",
+    "video",
+    ("decode_text", "decode_video(fps=2.0, min_pixels=12288, audio=False)"),
+  ),
 )
 
 
@@ -109,10 +120,12 @@ def local_mixture(ratios: dict[str, float]) -> dict:
 
 # Stage-2 ratios on the local corpus: its videos all carry narration, so one source stands for
 # both video shares.
-LOCAL_STAGE2_RATIOS = dict(text=STAGE2_TOKEN_RATIOS["text"], image=STAGE2_TOKEN_RATIOS["image"],
-                           audio=STAGE2_TOKEN_RATIOS["audio"],
-                           video_audio=STAGE2_TOKEN_RATIOS["video"]
-                           + STAGE2_TOKEN_RATIOS["video_audio"])
+LOCAL_STAGE2_RATIOS = dict(
+  text=STAGE2_TOKEN_RATIOS["text"],
+  image=STAGE2_TOKEN_RATIOS["image"],
+  audio=STAGE2_TOKEN_RATIOS["audio"],
+  video_audio=STAGE2_TOKEN_RATIOS["video"] + STAGE2_TOKEN_RATIOS["video_audio"],
+)
 
 
 def local_config(ratios: dict[str, float], preset: str = "tiny") -> ml_collections.ConfigDict:
@@ -125,8 +138,9 @@ def local_config(ratios: dict[str, float], preset: str = "tiny") -> ml_collectio
   c.data.tokenizer_vocab_size = c.model.text.vocab_size
   c.data.mixture = local_mixture(ratios)
   c.data.seq_len = 512
-  c.data.buckets.update(dict(audio_frames=(800,), audios_per_row=8, image_patches=(512,),
-                             video_patches=(768,)))
+  c.data.buckets.update(
+    dict(audio_frames=(800,), audios_per_row=8, image_patches=(512,), video_patches=(768,))
+  )
   c.train.total_steps = 300
   c.train.global_batch_size = 4
   c.train.log_every = 25
@@ -145,8 +159,11 @@ def evaluators(c) -> dict:
   out = dict(heldout=dict(kind="heldout_loss", sources=()))
   sources = c.eval.mixture or c.data.mixture
   if c.data.local_media:
-    decoding = dict(audio=("asr", "asr_wer"), image=("image_scenes", "scene_description"),
-                    video=("video_scenes", "scene_description"))
+    decoding = dict(
+      audio=("asr", "asr_wer"),
+      image=("image_scenes", "scene_description"),
+      video=("video_scenes", "scene_description"),
+    )
     for source, (name, kind) in decoding.items():
       if source in sources:
         out[name] = dict(kind=kind, source=source, max_examples=32)
@@ -155,7 +172,9 @@ def evaluators(c) -> dict:
 
 # The pretraining chain (python -m omnijax.chain): (stage, experiment); each stage starts
 # from the previous stage's params.
-CHAIN = (("s1_adapters", "pretrain_s1_align:phase=adapters"),
-         ("s1_encoders", "pretrain_s1_align:phase=encoders"),
-         ("s2_general", "pretrain_general"),
-         ("s3_long_context", "pretrain_long_context"))
+CHAIN = (
+  ("s1_adapters", "pretrain_s1_align:phase=adapters"),
+  ("s1_encoders", "pretrain_s1_align:phase=encoders"),
+  ("s2_general", "pretrain_general"),
+  ("s3_long_context", "pretrain_long_context"),
+)

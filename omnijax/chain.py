@@ -50,24 +50,31 @@ def param_report(exp: str) -> str:
   from omnijax.models.config import ThinkerConfig
   from omnijax.models.thinker import Thinker
   from omnijax.train import optimizer, step
+
   config = load_experiment(exp)
   model = Thinker(ThinkerConfig.from_dict(config.model))
   counts = optimizer.check_partition(config.optim, step.abstract_params(model))
   trained, frozen = counts[optimizer.TRAIN], counts[optimizer.FROZEN]
   saved = frozen * ADAM_STATE_BYTES
-  return (f"trained {trained / 1e9:.3f}B, frozen {frozen / 1e9:.3f}B params; AdamW state "
-          f"{trained * ADAM_STATE_BYTES / 2**30:.1f} GiB ({saved / 2**30:.1f} GiB less than "
-          "training everything)")
+  return (
+    f"trained {trained / 1e9:.3f}B, frozen {frozen / 1e9:.3f}B params; AdamW state "
+    f"{trained * ADAM_STATE_BYTES / 2**30:.1f} GiB ({saved / 2**30:.1f} GiB less than "
+    "training everything)"
+  )
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m omnijax.chain", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m omnijax.chain",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--root", required=True, help="one workdir per stage below this")
   parser.add_argument("--local", action="store_true", help="the stages' local variants")
   parser.add_argument("--stages", default="", help="comma-separated subset (default: all)")
-  parser.add_argument("--dry_run", action="store_true",
-                      help="print commands and parameter counts; run nothing")
+  parser.add_argument(
+    "--dry_run", action="store_true", help="print commands and parameter counts; run nothing"
+  )
   args, overrides = parser.parse_known_args(argv)
   try:
     stages = plan(args.root, args.local, [s for s in args.stages.split(",") if s])

@@ -69,23 +69,28 @@ def default_eos_ids(config: ThinkerConfig, tokenizer: Any = None) -> list[int]:
 
 def _sampling(temperature, top_k, top_p) -> tuple[bool, tuple[float, int, float]]:
   """Checked sampling settings -> (greedy, (temperature, top_k (0: off), top_p))."""
-  if temperature is not None and not (isinstance(temperature, (int, float, np.number))
-                                      and temperature >= 0):
+  if temperature is not None and not (
+    isinstance(temperature, (int, float, np.number)) and temperature >= 0
+  ):
     raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}.")
   if top_k is not None and not (isinstance(top_k, (int, np.integer)) and top_k >= 1):
     raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}.")
   if top_p is not None and not (isinstance(top_p, (int, float, np.number)) and 0 < top_p <= 1):
     raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}.")
   greedy = temperature == 0 or (temperature is None and top_k is None and top_p is None)
-  return greedy, (float(1.0 if temperature is None else temperature), int(top_k or 0),
-                  float(1.0 if top_p is None else top_p))
+  return greedy, (
+    float(1.0 if temperature is None else temperature),
+    int(top_k or 0),
+    float(1.0 if top_p is None else top_p),
+  )
 
 
 def _token_ids(value, name: str, vocab: int) -> list[int]:
   ids = [value] if isinstance(value, (int, np.integer)) else list(value)
   if not all(isinstance(i, (int, np.integer)) and 0 <= i < vocab for i in ids):
-    raise ValueError(f"{name} must be a token id or a list of token ids in [0, {vocab}), got "
-                     f"{value!r}.")
+    raise ValueError(
+      f"{name} must be a token id or a list of token ids in [0, {vocab}), got {value!r}."
+    )
   return [int(i) for i in ids]
 
 
@@ -106,8 +111,9 @@ def warp(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
   return jnp.where((logits >= kth) & (logits >= cut), logits, -jnp.inf)
 
 
-def select(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, *,
-           greedy: bool) -> jax.Array:
+def select(
+  logits: jax.Array, key: jax.Array, temperature, top_k, top_p, *, greedy: bool
+) -> jax.Array:
   """Next token ids (B,) int32 from logits (B, V): the argmax, or a draw from `warp`'s."""
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -132,8 +138,9 @@ def prefill_fn(config: ThinkerConfig):
 
   def prefill(params, ids, positions, segment_ids, media, cache_len):
     cache = init_cache(config.text, config.impl, ids.shape[0], cache_len)
-    logits, _, cache = model.apply({"params": params}, ids, positions, segment_ids, media,
-                                   cache=cache)
+    logits, _, cache = model.apply(
+      {"params": params}, ids, positions, segment_ids, media, cache=cache
+    )
     return logits[:, 0], cache
 
   return jax.jit(prefill, static_argnums=5)
@@ -147,8 +154,9 @@ def step_fn(config: ThinkerConfig):
 
   def step(params, cache, tokens, delta, done, t, key, sampling, is_eos, pad, greedy):
     positions = (cache["index"] + delta)[..., None]
-    logits, _, cache = model.apply({"params": params}, tokens[:, None], positions,
-                                   jnp.ones_like(tokens)[:, None], cache=cache)
+    logits, _, cache = model.apply(
+      {"params": params}, tokens[:, None], positions, jnp.ones_like(tokens)[:, None], cache=cache
+    )
     logits = logits[:, 0]
     tokens, done = _next(logits, t, done, key, sampling, is_eos, pad, greedy)
     return tokens, done, logits, cache
@@ -156,10 +164,20 @@ def step_fn(config: ThinkerConfig):
   return jax.jit(step, static_argnames="greedy", donate_argnums=1)
 
 
-def generate(model, input_ids, max_new_tokens: int = 32, *, temperature: float | None = None,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             return_logits: bool = False, **multimodal):
+def generate(
+  model,
+  input_ids,
+  max_new_tokens: int = 32,
+  *,
+  temperature: float | None = None,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  seed: int = 0,
+  eos_token_id: int | Sequence[int] | None = None,
+  pad_token_id: int | None = None,
+  return_logits: bool = False,
+  **multimodal,
+):
   """`omnijax.api.Model.generate` (see the module docstring). Returns int64 numpy (B, S + new),
   and with return_logits also the float32 logits (B, new, V) each new token was chosen from."""
   cfg = model.config
@@ -177,18 +195,42 @@ def generate(model, input_ids, max_new_tokens: int = 32, *, temperature: float |
   if pad_token_id is not None:
     if not isinstance(pad_token_id, (int, np.integer)):
       raise ValueError(f"pad_token_id must be one token id, got {pad_token_id!r}.")
-    pad, = _token_ids(pad_token_id, "pad_token_id", vocab)
+    (pad,) = _token_ids(pad_token_id, "pad_token_id", vocab)
 
   ids, positions, seg, media = model._prepare(input_ids, None, multimodal)
-  return decode(cfg, model.params, ids, positions, seg, media, max_new_tokens, eos_ids=eos,
-                pad_id=pad, greedy=greedy, sampling=sampling, seed=seed,
-                return_logits=return_logits)
+  return decode(
+    cfg,
+    model.params,
+    ids,
+    positions,
+    seg,
+    media,
+    max_new_tokens,
+    eos_ids=eos,
+    pad_id=pad,
+    greedy=greedy,
+    sampling=sampling,
+    seed=seed,
+    return_logits=return_logits,
+  )
 
 
-def decode(config: ThinkerConfig, params, ids: np.ndarray, positions: np.ndarray, seg, media,
-           max_new_tokens: int, *, eos_ids: Sequence[int], pad_id: int | None = None,
-           greedy: bool = True, sampling=(1.0, 0, 1.0), seed: int = 0,
-           return_logits: bool = False):
+def decode(
+  config: ThinkerConfig,
+  params,
+  ids: np.ndarray,
+  positions: np.ndarray,
+  seg,
+  media,
+  max_new_tokens: int,
+  *,
+  eos_ids: Sequence[int],
+  pad_id: int | None = None,
+  greedy: bool = True,
+  sampling=(1.0, 0, 1.0),
+  seed: int = 0,
+  return_logits: bool = False,
+):
   """The decoding loop on prepared inputs (as `Thinker` takes them): ids (B, S) left-padded,
   positions (3, B, S), seg (B, S) 1 on tokens / 0 on padding (None: no padding), media buffers.
   Returns the prompt followed by the new tokens, (B, S + new) int64 (see `generate`)."""
@@ -199,27 +241,34 @@ def decode(config: ThinkerConfig, params, ids: np.ndarray, positions: np.ndarray
   if seg is None:
     seg = np.ones((b, s), np.int32)
   elif not (np.isin(seg, (0, 1)).all() and (np.diff(seg, axis=1) >= 0).all() and seg[:, -1].all()):
-    raise ValueError("generate needs a left-padded batch: each row of attention_mask must be 0s "
-                     "(padding) followed by at least one 1.")
+    raise ValueError(
+      "generate needs a left-padded batch: each row of attention_mask must be 0s "
+      "(padding) followed by at least one 1."
+    )
   # Each row continues from its last prompt position (a real token under left padding).
   delta = jnp.asarray(positions[:, :, -1] + 1 - s, jnp.float32)
-  logits, cache = prefill_fn(cfg)(params, jnp.asarray(ids, jnp.int32),
-                                  jnp.asarray(positions, jnp.float32), jnp.asarray(seg), media,
-                                  cache_length(s, max_new_tokens))
+  logits, cache = prefill_fn(cfg)(
+    params,
+    jnp.asarray(ids, jnp.int32),
+    jnp.asarray(positions, jnp.float32),
+    jnp.asarray(seg),
+    media,
+    cache_length(s, max_new_tokens),
+  )
   key = jax.random.key(seed)
   sampling = tuple(jnp.asarray(x) for x in sampling)
   is_eos = jnp.zeros((vocab,), bool).at[jnp.asarray(eos, jnp.int32)].set(True)
   pad = jnp.asarray(pad, jnp.int32)
-  token, done = _first(logits, 0, jnp.zeros((b,), bool), key, sampling, is_eos, pad,
-                       greedy=greedy)
+  token, done = _first(logits, 0, jnp.zeros((b,), bool), key, sampling, is_eos, pad, greedy=greedy)
   tokens = [token]
   all_logits = [logits] if return_logits else None
   step = step_fn(cfg)
   for t in range(1, max_new_tokens):
     # Dispatch step t before waiting for step t-1's flags, so the host check overlaps it.
     finished = done
-    token, done, logits, cache = step(params, cache, token, delta, done, t, key, sampling,
-                                      is_eos, pad, greedy=greedy)
+    token, done, logits, cache = step(
+      params, cache, token, delta, done, t, key, sampling, is_eos, pad, greedy=greedy
+    )
     if bool(finished.all()):
       break
     tokens.append(token)

@@ -1,14 +1,14 @@
 """Convert between omnijax workdirs and transformers Qwen3-Omni checkpoints.
 
-    python -m omnijax.export to-hf --workdir=W --out=DIR [--step=N] [--dtype=bfloat16]
-        W's model.json and newest (or step N) checkpoint -> DIR/config.json + safetensors in
-        the released layout (sharded above --max_shard_size), loadable with
-        `Qwen3OmniMoeForConditionalGeneration.from_pretrained(DIR, enable_audio_output=False)`;
-        with W's tokenizer.json, also the tokenizer and processor files (`AutoTokenizer`,
-        `AutoProcessor`; see omnijax/hf/tokenizer_files.py).
-    python -m omnijax.export from-hf --hf=DIR --workdir=W
-        a transformers checkpoint -> W/model.json + W/init_params (+ W/tokenizer.json when DIR
-        has one), from which training starts.
+python -m omnijax.export to-hf --workdir=W --out=DIR [--step=N] [--dtype=bfloat16]
+    W's model.json and newest (or step N) checkpoint -> DIR/config.json + safetensors in
+    the released layout (sharded above --max_shard_size), loadable with
+    `Qwen3OmniMoeForConditionalGeneration.from_pretrained(DIR, enable_audio_output=False)`;
+    with W's tokenizer.json, also the tokenizer and processor files (`AutoTokenizer`,
+    `AutoProcessor`; see omnijax/hf/tokenizer_files.py).
+python -m omnijax.export from-hf --hf=DIR --workdir=W
+    a transformers checkpoint -> W/model.json + W/init_params (+ W/tokenizer.json when DIR
+    has one), from which training starts.
 """
 
 from __future__ import annotations
@@ -23,9 +23,14 @@ from omnijax.hf.keymap import CheckpointError
 from omnijax.train import checkpoint as ckpt_lib
 
 
-def to_hf(workdir: str | Path, out: str | Path, *, step: int | None = None,
-          dtype: str = "float32",
-          max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE) -> int | None:
+def to_hf(
+  workdir: str | Path,
+  out: str | Path,
+  *,
+  step: int | None = None,
+  dtype: str = "float32",
+  max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE,
+) -> int | None:
   """Exports a workdir's checkpoint (and its tokenizer, when it has one) to a transformers
   directory; returns the step exported (None: the workdir's init_params)."""
   workdir = Path(workdir)
@@ -33,8 +38,14 @@ def to_hf(workdir: str | Path, out: str | Path, *, step: int | None = None,
     raise FileNotFoundError(f"workdir {workdir} does not exist.")
   cfg = ckpt_lib.read_model_config(workdir)
   params, step = ckpt_lib.latest_params(workdir, step)
-  convert.save_hf(cfg, params, out, dtype=dtype, max_shard_size=max_shard_size,
-                  tokenizer=ckpt_lib.load_tokenizer(workdir))
+  convert.save_hf(
+    cfg,
+    params,
+    out,
+    dtype=dtype,
+    max_shard_size=max_shard_size,
+    tokenizer=ckpt_lib.load_tokenizer(workdir),
+  )
   return step
 
 
@@ -46,8 +57,10 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> None:
     raise FileNotFoundError(f"--hf directory {hf_dir} does not exist.")
   ckpt_dir = workdir / ckpt_lib.CHECKPOINTS
   if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-    raise FileExistsError(f"{workdir} already holds train checkpoints, which training would "
-                          f"resume from instead of {ckpt_lib.INIT_PARAMS}; use a new workdir.")
+    raise FileExistsError(
+      f"{workdir} already holds train checkpoints, which training would "
+      f"resume from instead of {ckpt_lib.INIT_PARAMS}; use a new workdir."
+    )
   cfg, params = convert.load_hf(hf_dir)
   tokenizer = ckpt_lib.load_tokenizer(hf_dir)
   if tokenizer is not None:
@@ -59,17 +72,23 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m omnijax.export", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m omnijax.export",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("to-hf", help="omnijax workdir -> transformers checkpoint directory")
   p.add_argument("--workdir", required=True, help="omnijax workdir (has model.json)")
   p.add_argument("--out", required=True, help="directory to write config.json + safetensors to")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--dtype", choices=sorted(convert.EXPORT_DTYPES), default="float32")
-  p.add_argument("--max_shard_size", type=safetensors_io.parse_size,
-                 default=safetensors_io.DEFAULT_MAX_SHARD_SIZE,
-                 help="shard the safetensors above this size (e.g. 500MB; default %(default)s)")
+  p.add_argument(
+    "--max_shard_size",
+    type=safetensors_io.parse_size,
+    default=safetensors_io.DEFAULT_MAX_SHARD_SIZE,
+    help="shard the safetensors above this size (e.g. 500MB; default %(default)s)",
+  )
   p = sub.add_parser("from-hf", help="transformers checkpoint directory -> omnijax workdir")
   p.add_argument("--hf", required=True, help="transformers directory (config.json + safetensors)")
   p.add_argument("--workdir", required=True, help="omnijax workdir to create")
@@ -77,17 +96,22 @@ def main(argv: list[str] | None = None) -> None:
 
   try:
     if args.command == "to-hf":
-      step = to_hf(args.workdir, args.out, step=args.step, dtype=args.dtype,
-                   max_shard_size=args.max_shard_size)
+      step = to_hf(
+        args.workdir, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size
+      )
       source = "init_params" if step is None else f"step {step}"
       print(f"exported {args.workdir} ({source}) to {args.out}")
       if not (Path(args.workdir) / ckpt_lib.TOKENIZER_JSON).exists():
-        print(f"note: {args.workdir} has no {ckpt_lib.TOKENIZER_JSON}, so {args.out} has no "
-              "tokenizer or processor files.")
+        print(
+          f"note: {args.workdir} has no {ckpt_lib.TOKENIZER_JSON}, so {args.out} has no "
+          "tokenizer or processor files."
+        )
     else:
       from_hf(args.hf, args.workdir)
-      print(f"wrote {Path(args.workdir) / ckpt_lib.MODEL_JSON} and "
-            f"{Path(args.workdir) / ckpt_lib.INIT_PARAMS} from {args.hf}")
+      print(
+        f"wrote {Path(args.workdir) / ckpt_lib.MODEL_JSON} and "
+        f"{Path(args.workdir) / ckpt_lib.INIT_PARAMS} from {args.hf}"
+      )
   except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
     parser.exit(1, f"{parser.prog} {args.command}: error: {e}\n")
 

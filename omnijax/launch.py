@@ -25,13 +25,17 @@ NOT_EXPERIMENTS = ("recipe",)  # shared modules of the experiments package
 
 
 def available_experiments() -> list[str]:
-  return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py")
-                if not p.stem.startswith("_") and p.stem not in NOT_EXPERIMENTS)
+  return sorted(
+    p.stem
+    for p in EXPERIMENTS_DIR.glob("*.py")
+    if not p.stem.startswith("_") and p.stem not in NOT_EXPERIMENTS
+  )
 
 
 def load_experiment(exp: str):
   """'NAME[:ARGS]' -> the experiment's config; mistakes become ConfigErrors."""
   from omnijax.errors import ConfigError
+
   name, _, arg = exp.partition(":")
   if name.endswith(".py"):
     if not Path(name).exists():
@@ -42,8 +46,10 @@ def load_experiment(exp: str):
   elif name in available_experiments():
     module = importlib.import_module(f"experiments.{name}")
   else:
-    raise ConfigError(f"unknown experiment {name!r}; available experiments (in "
-                      f"{EXPERIMENTS_DIR}): {', '.join(available_experiments())}.")
+    raise ConfigError(
+      f"unknown experiment {name!r}; available experiments (in "
+      f"{EXPERIMENTS_DIR}): {', '.join(available_experiments())}."
+    )
   try:
     return module.get_config(arg or None)
   except (ValueError, KeyError, TypeError) as e:
@@ -73,8 +79,10 @@ def _split_exp(argv: list[str]) -> tuple[list[str], str]:
       out.append(a)
   if not exp:
     from omnijax.errors import ConfigError
-    raise ConfigError("--exp=NAME is required; available experiments: "
-                      f"{', '.join(available_experiments())}.")
+
+    raise ConfigError(
+      f"--exp=NAME is required; available experiments: {', '.join(available_experiments())}."
+    )
   return out, exp
 
 
@@ -82,10 +90,11 @@ def check_overrides(config, argv: list[str]) -> None:
   """Every --config.a.b=v must name an existing field (ml_collections says only 'KeyError')."""
   import difflib
   from omnijax.errors import ConfigError
+
   for a in argv:
     if not a.startswith("--config."):
       continue
-    path = a[len("--config."):].split("=", 1)[0].split(".")
+    path = a[len("--config.") :].split("=", 1)[0].split(".")
     node = config
     for depth, key in enumerate(path):
       fields = list(node.keys()) if hasattr(node, "keys") else []
@@ -93,8 +102,10 @@ def check_overrides(config, argv: list[str]) -> None:
         where = ".".join(["config"] + path[:depth])
         close = difflib.get_close_matches(key, fields, n=1)
         hint = f" Did you mean {where}.{close[0]}?" if close else ""
-        raise ConfigError(f"--config.{'.'.join(path)}: {where} has no field {key!r}.{hint} "
-                          f"Its fields: {sorted(fields)}.")
+        raise ConfigError(
+          f"--config.{'.'.join(path)}: {where} has no field {key!r}.{hint} "
+          f"Its fields: {sorted(fields)}."
+        )
       node = node[key]
 
 
@@ -102,29 +113,47 @@ def _define_flags(config):
   """A fresh set of flags per call, so main() can run more than once in a process."""
   from absl import flags
   from ml_collections import config_flags
+
   fv = flags.FlagValues()
-  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard events go "
-                      "(default: workdirs/<experiment>).", flag_values=fv)
-  flags.DEFINE_enum("mode", "train", ["train", "eval"], "train, or run the evaluators on the "
-                    "run in --workdir.", flag_values=fv)
-  flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step (default: newest).",
-                       flag_values=fv)
-  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                    "Call jax.distributed.initialize(): auto = when started as one of several "
-                    "processes.", flag_values=fv)
-  config_flags.DEFINE_config_dict("config", config, "Experiment config (from --exp).",
-                                  flag_values=fv, lock_config=True)
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "Where checkpoints, metrics and TensorBoard events go (default: workdirs/<experiment>).",
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval"],
+    "train, or run the evaluators on the run in --workdir.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "step", None, "--mode=eval: the checkpoint step (default: newest).", flag_values=fv
+  )
+  flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "Call jax.distributed.initialize(): auto = when started as one of several processes.",
+    flag_values=fv,
+  )
+  config_flags.DEFINE_config_dict(
+    "config", config, "Experiment config (from --exp).", flag_values=fv, lock_config=True
+  )
   return fv
 
 
 def default_workdir(exp: str) -> str:
-  return str(Path("workdirs") / exp.replace(":", "_").replace("/", "_").replace(",", "_")
-             .replace("=", "-"))
+  return str(
+    Path("workdirs") / exp.replace(":", "_").replace("/", "_").replace(",", "_").replace("=", "-")
+  )
 
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the launch command line; returns the exit code (2 for a configuration mistake)."""
   from omnijax.errors import ConfigError
+
   argv = list(sys.argv if argv is None else argv)
   try:
     argv, exp = _split_exp(argv)
@@ -140,10 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("omnijax").setLevel(logging.INFO)
 
     import jax
+
     if FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and _multi_process()):
       jax.distributed.initialize()
 
     from omnijax.train import trainer
+
     workdir = FLAGS.workdir or default_workdir(exp)
     if FLAGS.mode == "eval":
       trainer.evaluate_workdir(workdir, FLAGS.config, FLAGS.step)

@@ -27,8 +27,7 @@ def load_sweep(root: str | Path) -> dict:
   root = Path(root)
   path = root / SWEEP_JSON
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found: run `python -m omnijax.sweep --root={root}` "
-                            "first.")
+    raise FileNotFoundError(f"{path} not found: run `python -m omnijax.sweep --root={root}` first.")
   sweep = json.loads(path.read_text())
   for run in sweep["runs"]:
     run["metrics"] = read_metrics(run["workdir"])
@@ -79,17 +78,43 @@ def mean_spread(values) -> tuple[float, float]:
 
 # Seed 004's findings as comparisons of arms (metric, better arm, baseline arm, lower is better).
 CLAIMS = (
-    ("No text degradation from early multimodal mixing: omni's held-out text loss is not above "
-     "text-only's", "eval/heldout/loss/text", "omni", "text", "not_worse"),
-    ("... nor on the scene sentences stated as text", "eval/heldout/loss/scene_text", "omni",
-     "text", "not_worse"),
-    ("... nor for the vision arm", "eval/heldout/loss/text", "vision", "text", "not_worse"),
-    ("Audio helps vision: omni's held-out image caption loss is below vision-only's",
-     "eval/heldout/loss/image", "omni", "vision", "better"),
-    ("Audio helps vision: omni's held-out (silent) video description loss is below "
-     "vision-only's", "eval/heldout/loss/video", "omni", "vision", "better"),
-    ("Audio helps vision: omni describes held-out images more accurately (objects right)",
-     "eval/image_scenes/objects", "omni", "vision", "better_higher"),
+  (
+    "No text degradation from early multimodal mixing: omni's held-out text loss is not above "
+    "text-only's",
+    "eval/heldout/loss/text",
+    "omni",
+    "text",
+    "not_worse",
+  ),
+  (
+    "... nor on the scene sentences stated as text",
+    "eval/heldout/loss/scene_text",
+    "omni",
+    "text",
+    "not_worse",
+  ),
+  ("... nor for the vision arm", "eval/heldout/loss/text", "vision", "text", "not_worse"),
+  (
+    "Audio helps vision: omni's held-out image caption loss is below vision-only's",
+    "eval/heldout/loss/image",
+    "omni",
+    "vision",
+    "better",
+  ),
+  (
+    "Audio helps vision: omni's held-out (silent) video description loss is below vision-only's",
+    "eval/heldout/loss/video",
+    "omni",
+    "vision",
+    "better",
+  ),
+  (
+    "Audio helps vision: omni describes held-out images more accurately (objects right)",
+    "eval/image_scenes/objects",
+    "omni",
+    "vision",
+    "better_higher",
+  ),
 )
 
 
@@ -103,10 +128,12 @@ def judge(table: dict, metric: str, a: str, b: str, kind: str) -> str | None:
   diff = ma - mb
   higher_better = kind == "better_higher"
   gain = -diff if not higher_better else diff
-  detail = (f"{a} {ma:.4f} +- {sa:.4f} vs {b} {mb:.4f} +- {sb:.4f} (difference {diff:+.4f}, "
-            f"combined spread {spread:.4f})")
+  detail = (
+    f"{a} {ma:.4f} +- {sa:.4f} vs {b} {mb:.4f} +- {sb:.4f} (difference {diff:+.4f}, "
+    f"combined spread {spread:.4f})"
+  )
   if kind == "not_worse":
-    verdict = ("agrees" if gain >= -spread else "disagrees: worse by more than the spread")
+    verdict = "agrees" if gain >= -spread else "disagrees: worse by more than the spread"
   elif abs(gain) <= spread:
     verdict = "inconclusive: the difference is within the seed spread"
   else:
@@ -116,8 +143,10 @@ def judge(table: dict, metric: str, a: str, b: str, kind: str) -> str | None:
 
 def plot(sweep: dict, arms: list[str], table: dict, out: Path) -> list[str]:
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   files = []
   curves = ("loss", "loss/text", "loss/image", "loss/audio")
   fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4))
@@ -128,8 +157,13 @@ def plot(sweep: dict, arms: list[str], table: dict, out: Path) -> list[str]:
         steps = [s for s in sorted(run["metrics"]) if key in run["metrics"][s]]
         if steps:
           color = f"C{arms.index(arm)}"
-          ax.plot(steps, [run["metrics"][s][key] for s in steps], color=color, alpha=0.7,
-                  label=arm if i == 0 else None)
+          ax.plot(
+            steps,
+            [run["metrics"][s][key] for s in steps],
+            color=color,
+            alpha=0.7,
+            label=arm if i == 0 else None,
+          )
     ax.set_title(f"train {key}")
     ax.set_xlabel("step")
   axes[0].legend(fontsize=8)
@@ -151,7 +185,7 @@ def plot(sweep: dict, arms: list[str], table: dict, out: Path) -> list[str]:
         ax.scatter([i] * len(values), values, color="k", s=8, zorder=3)
     ax.set_xticks(range(len(arms)), [a.replace("arm=", "") for a in arms], fontsize=8)
     ax.set_title(metric.replace("eval/", ""), fontsize=9)
-  for ax in list(axes.flat)[len(metrics):]:
+  for ax in list(axes.flat)[len(metrics) :]:
     ax.axis("off")
   fig.tight_layout()
   fig.savefig(out / "eval_metrics.png", dpi=110)
@@ -166,19 +200,29 @@ def write_report(root: str | Path, out: str | Path, command: str = "") -> Path:
   out.mkdir(parents=True, exist_ok=True)
   arms, table = summarize(sweep)
   if not table:
-    raise ValueError(f"no run of {root} logged evaluator metrics (eval/...): let the runs "
-                     "finish (their evaluators run at the end).")
+    raise ValueError(
+      f"no run of {root} logged evaluator metrics (eval/...): let the runs "
+      "finish (their evaluators run at the end)."
+    )
   seeds = {arm: sum(arm_of(r) == arm for r in sweep["runs"]) for arm in arms}
   lines = [f"# Sweep report: `{sweep['exp']}`", ""]
   if command:
     lines += ["Produced by:", "", "```bash", command, "```", ""]
-  lines += [f"Runs: {len(sweep['runs'])} ({', '.join(f'{a}: {n} seeds' for a, n in seeds.items())}"
-            "). Values: mean +- standard deviation over seeds of each metric's final value.", ""]
-  steps = {arm: [max(r["metrics"]) for r in sweep["runs"] if arm_of(r) == arm and r["metrics"]]
-           for arm in arms}
+  lines += [
+    f"Runs: {len(sweep['runs'])} ({', '.join(f'{a}: {n} seeds' for a, n in seeds.items())}"
+    "). Values: mean +- standard deviation over seeds of each metric's final value.",
+    "",
+  ]
+  steps = {
+    arm: [max(r["metrics"]) for r in sweep["runs"] if arm_of(r) == arm and r["metrics"]]
+    for arm in arms
+  }
   lines += ["| metric | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
-  lines.append("| train steps | " + " | ".join(
-      f"{int(np.mean(steps[a]))}" if steps[a] else "-" for a in arms) + " |")
+  lines.append(
+    "| train steps | "
+    + " | ".join(f"{int(np.mean(steps[a]))}" if steps[a] else "-" for a in arms)
+    + " |"
+  )
   for metric, by_arm in table.items():
     cells = []
     for arm in arms:
@@ -201,13 +245,18 @@ def write_report(root: str | Path, out: str | Path, command: str = "") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m omnijax.report", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m omnijax.report",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--sweep", required=True, help="the sweep's root directory")
-  parser.add_argument("--out", default=None, help="where report.md and the plots go "
-                      "(default: SWEEP/report)")
-  parser.add_argument("--command", default="", help="the command that produced the sweep, "
-                      "quoted in the report")
+  parser.add_argument(
+    "--out", default=None, help="where report.md and the plots go (default: SWEEP/report)"
+  )
+  parser.add_argument(
+    "--command", default="", help="the command that produced the sweep, quoted in the report"
+  )
   args = parser.parse_args(argv)
   try:
     path = write_report(args.sweep, args.out or Path(args.sweep) / "report", args.command)

@@ -26,27 +26,27 @@ BATCH_AXES = ("data", "fsdp", "expert")
 # name of the same dimension would shard differently (parameters shard `embed` over fsdp,
 # activations keep it whole).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    # activations
-    ("batch", BATCH_AXES),
-    ("seq", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_kv", None),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    ("act_exp", None),
-    # parameters
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("exp", "expert"),
-    ("layers", None),
-    ("norm", None),
-    ("router", None),
+  # activations
+  ("batch", BATCH_AXES),
+  ("seq", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv_heads", "tensor"),
+  ("act_kv", None),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
+  ("act_exp", None),
+  # parameters
+  ("embed", "fsdp"),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("kv", None),
+  ("mlp", "tensor"),
+  ("exp", "expert"),
+  ("layers", None),
+  ("norm", None),
+  ("router", None),
 )
 
 
@@ -69,7 +69,9 @@ def axis_rules(overrides: Any = None) -> tuple[tuple[str, Any], ...]:
   known = {name for name, _ in DEFAULT_RULES}
   unknown = sorted(set(overrides) - known)
   if unknown:
-    raise ConfigError(f"sharding.rules names unknown logical axes {unknown}; known: {sorted(known)}.")
+    raise ConfigError(
+      f"sharding.rules names unknown logical axes {unknown}; known: {sorted(known)}."
+    )
   out = []
   for name, default in DEFAULT_RULES:
     axes = _as_tuple(overrides.get(name, default))
@@ -90,19 +92,23 @@ def resolve_mesh_shape(shape: dict[str, int], num_devices: int, where: str) -> t
   if len(fills) > 1:
     raise ConfigError(f"{where}: only one axis may be -1, got {fills}.")
   if any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError(f"{where}: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.")
+    raise ConfigError(
+      f"{where}: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}."
+    )
   known = math.prod(s for s in sizes if s != -1)
   if fills:
     if num_devices % known:
       raise ConfigError(
-          f"{where}: the fixed axes {dict(zip(MESH_AXES, sizes))} multiply to {known}, which does "
-          f"not divide the {num_devices} devices; change the axis sizes.")
+        f"{where}: the fixed axes {dict(zip(MESH_AXES, sizes))} multiply to {known}, which does "
+        f"not divide the {num_devices} devices; change the axis sizes."
+      )
     sizes[MESH_AXES.index(fills[0])] = num_devices // known
   elif known != num_devices:
     raise ConfigError(
-        f"{where} {dict(zip(MESH_AXES, sizes))} has {known} devices but {num_devices} are available; "
-        f"make the sizes multiply to {num_devices} or set one axis to -1 "
-        f"(e.g. --config.mesh.fsdp=-1).")
+      f"{where} {dict(zip(MESH_AXES, sizes))} has {known} devices but {num_devices} are available; "
+      f"make the sizes multiply to {num_devices} or set one axis to -1 "
+      f"(e.g. --config.mesh.fsdp=-1)."
+    )
   return tuple(sizes)
 
 
@@ -120,8 +126,10 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
   dcn_shape = tuple(int(dcn.get(a, 1)) for a in MESH_AXES)
   num_slices = math.prod(dcn_shape)
   if len(devices) % num_slices:
-    raise ConfigError(f"mesh.dcn {dict(dcn)} spans {num_slices} slices, which does not divide the "
-                      f"{len(devices)} devices.")
+    raise ConfigError(
+      f"mesh.dcn {dict(dcn)} spans {num_slices} slices, which does not divide the "
+      f"{len(devices)} devices."
+    )
   ici_shape = resolve_mesh_shape(cfg, len(devices) // num_slices, "mesh")
   if num_slices > 1:
     device_array = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
@@ -130,8 +138,7 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
       device_array = mesh_utils.create_device_mesh(ici_shape, devices)
     except (AssertionError, NotImplementedError, ValueError):
       device_array = np.asarray(devices).reshape(ici_shape)
-  return Mesh(device_array, MESH_AXES,
-              axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(device_array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules) -> Any:

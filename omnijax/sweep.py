@@ -41,8 +41,11 @@ def run_name(point: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m omnijax.sweep", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m omnijax.sweep",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--exp", required=True, help="NAME[:ARGS] the grid's arguments extend")
   parser.add_argument("--grid", action="append", default=[], help="KEY=V1,V2,... (repeatable)")
   parser.add_argument("--root", required=True, help="one workdir per run below this")
@@ -55,25 +58,36 @@ def main(argv: list[str] | None = None) -> int:
     for point in points:
       exp = f"{name}:" + ",".join(filter(None, [base] + [f"{k}={v}" for k, v in point.items()]))
       load_experiment(exp)  # a bad arm or argument fails here, before anything runs
-      runs.append(dict(name=run_name(point), exp=exp, args=point,
-                       workdir=str(Path(args.root) / run_name(point))))
+      runs.append(
+        dict(
+          name=run_name(point), exp=exp, args=point, workdir=str(Path(args.root) / run_name(point))
+        )
+      )
   except ConfigError as e:
     print(f"omnijax.sweep: config error: {e}", file=sys.stderr)
     return 2
   root = Path(args.root)
   root.mkdir(parents=True, exist_ok=True)
-  (root / SWEEP_JSON).write_text(json.dumps(dict(exp=args.exp, grid=args.grid,
-                                                 overrides=overrides, runs=runs), indent=2))
+  (root / SWEEP_JSON).write_text(
+    json.dumps(dict(exp=args.exp, grid=args.grid, overrides=overrides, runs=runs), indent=2)
+  )
   for i, run in enumerate(runs, 1):
-    cmd = [sys.executable, "-m", "omnijax.launch", f"--exp={run['exp']}",
-           f"--workdir={run['workdir']}", *overrides]
+    cmd = [
+      sys.executable,
+      "-m",
+      "omnijax.launch",
+      f"--exp={run['exp']}",
+      f"--workdir={run['workdir']}",
+      *overrides,
+    ]
     print(f"[{i}/{len(runs)}] {' '.join(cmd[1:])}", flush=True)
     if args.dry_run:
       continue
     start = time.time()
     code = subprocess.call(cmd)
-    print(f"[{i}/{len(runs)}] {run['name']}: exit {code} after {time.time() - start:.0f} s",
-          flush=True)
+    print(
+      f"[{i}/{len(runs)}] {run['name']}: exit {code} after {time.time() - start:.0f} s", flush=True
+    )
     if code:
       return code
   return 0

@@ -8,14 +8,22 @@ import numpy as np
 from data_pipelines import records
 from omnijax.train.config import base_config
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven red cubes spin around two "
-         "green spheres and one blue cone under bright light near the old river").split()
+WORDS = (
+  "the quick brown fox jumps over a lazy dog while seven red cubes spin around two "
+  "green spheres and one blue cone under bright light near the old river"
+).split()
 
 
 def write_text_corpus(path: Path, num_docs: int = 120, seed: int = 0) -> Path:
   rng = np.random.default_rng(seed)
-  docs = [{"text": " ".join(rng.choice(WORDS, size=int(rng.integers(8, 60)))), "source": "test",
-           "id": str(i)} for i in range(num_docs)]
+  docs = [
+    {
+      "text": " ".join(rng.choice(WORDS, size=int(rng.integers(8, 60)))),
+      "source": "test",
+      "id": str(i),
+    }
+    for i in range(num_docs)
+  ]
   records.write_shards(docs, path, "train", num_shards=2)
   records.write_manifest(path, {"train": num_docs})
   return path

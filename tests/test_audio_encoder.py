@@ -22,7 +22,8 @@ pytest.importorskip("transformers")
 
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_modeling  # noqa: E402
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (  # noqa: E402
-    Qwen3OmniMoeAudioEncoderConfig)
+  Qwen3OmniMoeAudioEncoderConfig,
+)
 
 from omnijax import sharding as shd  # noqa: E402
 from omnijax.hf import keymap_audio  # noqa: E402
@@ -32,9 +33,16 @@ from omnijax.processing import audio as audio_host  # noqa: E402
 from omnijax.models.config import AudioEncoderConfig, ImplConfig  # noqa: E402
 
 TOL = 1e-4
-CFG = AudioEncoderConfig(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2,
-                         encoder_ffn_dim=64, d_model=32, output_dim=24, downsample_hidden_size=16,
-                         n_window_infer=800)
+CFG = AudioEncoderConfig(
+  num_mel_bins=128,
+  encoder_layers=2,
+  encoder_attention_heads=2,
+  encoder_ffn_dim=64,
+  d_model=32,
+  output_dim=24,
+  downsample_hidden_size=16,
+  n_window_infer=800,
+)
 # 8 s window = 800 frames: 60, 250, 400 (a whole number of chunks) and 777 are inside one window,
 # 1234 and 1650 span two; at 2 s only 60 fits in one window.
 LENGTHS = (250, 1234, 60, 777, 400, 1650)
@@ -42,8 +50,9 @@ PREFIX = "thinker.audio_tower"
 
 
 def _hf_encoder(n_window_infer: int, state_dict=None):
-  hc = Qwen3OmniMoeAudioEncoderConfig(**{**dataclasses.asdict(CFG),
-                                         "n_window_infer": n_window_infer})
+  hc = Qwen3OmniMoeAudioEncoderConfig(
+    **{**dataclasses.asdict(CFG), "n_window_infer": n_window_infer}
+  )
   torch.manual_seed(0)
   enc = hf_modeling.Qwen3OmniMoeAudioEncoder(hc).eval()
   if state_dict is not None:
@@ -100,7 +109,7 @@ def params(hf_weights):
 @functools.lru_cache(maxsize=None)
 def _jitted(**kw):
   model = audio.AudioEncoder(CFG, **kw)
-  return jax.jit(lambda p, f, l, w: model.apply({"params": p}, f, l, w))
+  return jax.jit(lambda p, f, n, w: model.apply({"params": p}, f, n, w))
 
 
 def _apply(p, mels, window=8, frames=None, rows=None, **kw):
@@ -119,7 +128,14 @@ def _valid_rows(out, mask):
 
 def test_bucket_frames_and_lengths():
   assert [audio_host.bucket_frames(n) for n in (1, 100, 101, 250, 400, 401, 1650)] == [
-      100, 100, 200, 400, 400, 800, 3200]
+    100,
+    100,
+    200,
+    400,
+    400,
+    800,
+    3200,
+  ]
   lens = np.array([1, 50, 99, 100, 101, 250, 400, 1234])
   want = [hf_modeling._get_feat_extract_output_lengths(torch.tensor(int(n))).item() for n in lens]
   assert audio_host.feat_extract_output_lengths(lens).tolist() == want
@@ -135,8 +151,9 @@ def test_parity_hf_to_omnijax(hf_weights, params, seconds):
   800 in its config and gets the window as a traced argument, on the full-score path and on
   the block-local path.
   """
-  enc = _hf_encoder(100 * seconds, {k[len(PREFIX) + 1:]: torch.from_numpy(v)
-                                     for k, v in hf_weights.items()})
+  enc = _hf_encoder(
+    100 * seconds, {k[len(PREFIX) + 1 :]: torch.from_numpy(v) for k, v in hf_weights.items()}
+  )
   mels = _mels(LENGTHS)
   ref = _hf_forward(enc, mels)
   for blocked in (False, True):
@@ -144,8 +161,10 @@ def test_parity_hf_to_omnijax(hf_weights, params, seconds):
     got = _valid_rows(out, mask)
     assert got.shape == ref.shape
     diff = float(np.abs(got - ref).max())
-    print(f"\n[audio parity hf->omnijax] window {seconds} s, blocked={blocked}: max|diff| "
-          f"{diff:.3g} (max|ref| {np.abs(ref).max():.3g})")
+    print(
+      f"\n[audio parity hf->omnijax] window {seconds} s, blocked={blocked}: max|diff| "
+      f"{diff:.3g} (max|ref| {np.abs(ref).max():.3g})"
+    )
     assert diff <= TOL
   if seconds != 8:  # the window matters on these lengths
     out8, mask8 = _apply(params, mels, window=8, blocked_attention=True)
@@ -161,7 +180,7 @@ def _random_omnijax_params(seed=3):
     if path.endswith("kernel"):
       proj = path.split("/")[-2] in ("q_proj", "k_proj", "v_proj")
       fan_in = shape[0] if proj else int(np.prod(shape[:-1]))
-      w = rng.standard_normal(leaf.shape) * fan_in ** -0.5
+      w = rng.standard_normal(leaf.shape) * fan_in**-0.5
     elif path.endswith("scale"):
       w = 1.0 + 0.3 * rng.standard_normal(leaf.shape)
     else:
@@ -176,13 +195,15 @@ def test_parity_omnijax_to_hf(lengths):
   the reference pads chunks to the longest one of the call (chunk_padding="batch")."""
   p = _random_omnijax_params()
   tensors = keymap_audio.audio_to_hf(p, CFG)
-  enc = _hf_encoder(800, {k[len(PREFIX) + 1:]: torch.from_numpy(v) for k, v in tensors.items()})
+  enc = _hf_encoder(800, {k[len(PREFIX) + 1 :]: torch.from_numpy(v) for k, v in tensors.items()})
   mels = _mels(lengths, seed=5)
   ref = _hf_forward(enc, mels)
   got = _valid_rows(*_apply(p, mels))
   diff = float(np.abs(got - ref).max())
-  print(f"\n[audio parity omnijax->hf] {lengths}: max|diff| {diff:.3g} "
-        f"(max|ref| {np.abs(ref).max():.3g})")
+  print(
+    f"\n[audio parity omnijax->hf] {lengths}: max|diff| {diff:.3g} "
+    f"(max|ref| {np.abs(ref).max():.3g})"
+  )
   assert got.shape == ref.shape and diff <= TOL
   if lengths == (50, 77):  # "full" pads every chunk to 100 frames: per-audio, not the reference
     full = _valid_rows(*_apply(p, mels, chunk_padding="full"))
@@ -232,8 +253,10 @@ def test_compiles_once_per_bucket(params):
     buckets.add(feats.shape[-1])
     out, mask = fn(params, feats, lens, jnp.int32(1 + i % 8))  # a new window every batch
     assert int(mask[0].sum()) == audio_host.feat_extract_output_lengths(n)
-  print(f"\n[audio compile] {len(stream)} batches, {len(buckets)} buckets {sorted(buckets)}, "
-        f"{len(traces)} traces, cache size {fn._cache_size()}")
+  print(
+    f"\n[audio compile] {len(stream)} batches, {len(buckets)} buckets {sorted(buckets)}, "
+    f"{len(traces)} traces, cache size {fn._cache_size()}"
+  )
   assert len(traces) == len(buckets) == fn._cache_size() == 5
 
 
@@ -284,8 +307,13 @@ def test_logical_axes_and_sharded_forward(params):
   rules = shd.axis_rules()
   p_shard = shd.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fn = jax.jit(lambda p, f, l: model.apply({"params": p}, f, l),
-                 in_shardings=(p_shard, shd.batch_sharding(mesh, rules, 3),
-                               shd.batch_sharding(mesh, rules, 1)))
+    fn = jax.jit(
+      lambda p, f, n: model.apply({"params": p}, f, n),
+      in_shardings=(
+        p_shard,
+        shd.batch_sharding(mesh, rules, 3),
+        shd.batch_sharding(mesh, rules, 1),
+      ),
+    )
     got, _ = fn(params, feats, lens)
   assert np.abs(np.asarray(got) - want).max() <= 1e-5

@@ -31,13 +31,24 @@ def corpora(tmp_path_factory):
 
 def _cfg(media, text, **overrides):
   mixture = dict(
-      text=dict(path=str(text), task="text", weight=0.57),
-      image=dict(path=str(media / "caption"), task="caption", weight=0.82),
-      audio=dict(path=str(media / "asr"), task="asr", weight=0.77),
-      video=dict(path=str(media / "video"), task="video", weight=0.3,
-                 ops=("decode_text", "decode_video(fps=2.0, min_pixels=12288)")))
-  d = dict(mixture=mixture, shuffle=True, num_epochs=None, worker_count=0, estimate_samples=8,
-           buckets=BUCKETS)
+    text=dict(path=str(text), task="text", weight=0.57),
+    image=dict(path=str(media / "caption"), task="caption", weight=0.82),
+    audio=dict(path=str(media / "asr"), task="asr", weight=0.77),
+    video=dict(
+      path=str(media / "video"),
+      task="video",
+      weight=0.3,
+      ops=("decode_text", "decode_video(fps=2.0, min_pixels=12288)"),
+    ),
+  )
+  d = dict(
+    mixture=mixture,
+    shuffle=True,
+    num_epochs=None,
+    worker_count=0,
+    estimate_samples=8,
+    buckets=BUCKETS,
+  )
   d.update(overrides)
   return ml_collections.ConfigDict(d)
 
@@ -54,9 +65,16 @@ def _model_cfg():
 
 
 def _dataset(cfg, tok, batch=4, process_index=0, process_count=1):
-  return omni.make_omni_dataset(cfg, tokenizer=tok, model_cfg=_model_cfg(), seq_len=SEQ,
-                                batch_size=batch, process_index=process_index,
-                                process_count=process_count, seed=0)
+  return omni.make_omni_dataset(
+    cfg,
+    tokenizer=tok,
+    model_cfg=_model_cfg(),
+    seq_len=SEQ,
+    batch_size=batch,
+    process_index=process_index,
+    process_count=process_count,
+    seed=0,
+  )
 
 
 def test_token_proportions_follow_the_configured_ratios(corpora):
@@ -89,14 +107,16 @@ def test_rows_keep_documents_apart_and_media_match_placeholders(corpora):
         assert (np.diff(where) == 1).all()  # contiguous
         doc_pos = b["positions"][r][:, where]
         assert (doc_pos[:, 0] == 0).all()  # positions restart at every document
-        if not np.isin(ids[where], [mc.image_token_id, mc.audio_token_id,
-                                    mc.video_token_id]).any():
-          np.testing.assert_array_equal(doc_pos, np.broadcast_to(np.arange(len(where)),
-                                                                 doc_pos.shape))
+        if not np.isin(ids[where], [mc.image_token_id, mc.audio_token_id, mc.video_token_id]).any():
+          np.testing.assert_array_equal(
+            doc_pos, np.broadcast_to(np.arange(len(where)), doc_pos.shape)
+          )
         # labels never point into the next document: the last target is this document's EOS
-        assert b["targets"][r][where[-1]] in (tok.eos_id, ids[where[-1] + 1] if
-                                              where[-1] + 1 < SEQ else tok.eos_id) or \
-            b["loss_mask"][r][where[-1]] == 1
+        assert (
+          b["targets"][r][where[-1]]
+          in (tok.eos_id, ids[where[-1] + 1] if where[-1] + 1 < SEQ else tok.eos_id)
+          or b["loss_mask"][r][where[-1]] == 1
+        )
       # the row's media fill exactly its placeholders
       n_img = int((ids == mc.image_token_id).sum())
       merged = (b["image_segment_ids"][r][::4] > 0).sum()
@@ -133,9 +153,19 @@ def test_hosts_read_disjoint_examples_covering_the_source(corpora):
   spec = ml_collections.ConfigDict(dict(path=str(media / "caption"), task="caption", weight=1.0))
   seen = []
   for host in range(2):
-    ds, n = omni._source_dataset("image", spec, 0, tokenizer=tok, model_cfg=_model_cfg(),
-                                 seq_len=SEQ, seed=0, shuffle=True, process_index=host,
-                                 process_count=2, num_epochs=1)
+    ds, n = omni._source_dataset(
+      "image",
+      spec,
+      0,
+      tokenizer=tok,
+      model_cfg=_model_cfg(),
+      seq_len=SEQ,
+      seed=0,
+      shuffle=True,
+      process_index=host,
+      process_count=2,
+      num_epochs=1,
+    )
     seen.append([tok.decode(el["targets"][el["loss_mask"] > 0]) for el in ds])
     assert n == len(seen[-1])
   everything = records.open_shards(str(media / "caption"), "train")
@@ -145,15 +175,17 @@ def test_hosts_read_disjoint_examples_covering_the_source(corpora):
 
 def test_bad_inputs_are_counted_and_good_examples_all_arrive(corpora, tmp_path):
   media, _, tok = corpora
-  good = [records.decode_example(r) for r in
-          list(records.open_shards(str(media / "caption"), "train"))[:6]]
+  good = [
+    records.decode_example(r)
+    for r in list(records.open_shards(str(media / "caption"), "train"))[:6]
+  ]
   audio_good = records.decode_example(records.open_shards(str(media / "asr"), "train")[0])
   bad = [
-      dict(good[0], id="corrupt", image=good[0]["image"][:40]),  # truncated PNG
-      dict(good[0], id="noimage", image=None),
-      dict(good[0], id="missing", image="no/such/file.png"),
-      dict(good[0], id="empty", text="   "),
-      dict(good[0], id="utf8", text=b"\xff\xfe caption"),
+    dict(good[0], id="corrupt", image=good[0]["image"][:40]),  # truncated PNG
+    dict(good[0], id="noimage", image=None),
+    dict(good[0], id="missing", image="no/such/file.png"),
+    dict(good[0], id="empty", text="   "),
+    dict(good[0], id="utf8", text=b"\xff\xfe caption"),
   ]
   records.write_shards(good + bad, tmp_path / "caption", "train", num_shards=1)
   silent = dict(audio_good, id="silent", audio=_wav(np.zeros(16000, np.float32)))

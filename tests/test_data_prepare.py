@@ -32,7 +32,7 @@ def _image(array, fmt="PNG"):
 def _frames(num_frames=8):
   frames = np.full((num_frames, 64, 96, 3), 230, np.uint8)
   for i in range(num_frames):
-    frames[i, 20:40, 8 * i:8 * i + 16] = (40, 170, 60)
+    frames[i, 20:40, 8 * i : 8 * i + 16] = (40, 170, 60)
   return frames
 
 
@@ -43,22 +43,21 @@ def _write_raw_folder(root):
   nan = speech.copy()
   nan[10] = np.nan
   files = {
-      "img/good.png": _image(np.full((48, 64, 3), 200, np.uint8)),
-      "img/good.jpg": _image(np.full((100, 80, 3), 90, np.uint8), "JPEG"),
-      "img/cut.png": _image(np.random.default_rng(0).integers(
-          0, 255, (64, 64, 3), np.uint8))[:300],
-      "img/line.png": _image(np.zeros((1, 300, 3), np.uint8)),
-      "a/good.wav": _wav(speech, rate),
-      "a/good.mp3": _wav(speech, rate, "MP3"),
-      "a/long.flac": _wav(np.tile(speech, 3), rate, "FLAC"),
-      "a/cut.wav": _wav(speech, rate)[:5000],
-      "a/silent.wav": _wav(np.zeros(8000, np.float32), 16000),
-      "a/nan.wav": _wav(nan, rate, subtype="FLOAT"),
-      "a/slow.wav": _wav(speech[:2000], 500),
-      "v/narrated.mp4": video.encode_video(_frames(), 4, speech, rate),
-      "v/mute.mp4": video.encode_video(_frames(), 4),
-      "t/doc.txt": "A document in a file.\n".encode(),
-      "t/latin1.txt": "caf\xe9".encode("latin-1"),
+    "img/good.png": _image(np.full((48, 64, 3), 200, np.uint8)),
+    "img/good.jpg": _image(np.full((100, 80, 3), 90, np.uint8), "JPEG"),
+    "img/cut.png": _image(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))[:300],
+    "img/line.png": _image(np.zeros((1, 300, 3), np.uint8)),
+    "a/good.wav": _wav(speech, rate),
+    "a/good.mp3": _wav(speech, rate, "MP3"),
+    "a/long.flac": _wav(np.tile(speech, 3), rate, "FLAC"),
+    "a/cut.wav": _wav(speech, rate)[:5000],
+    "a/silent.wav": _wav(np.zeros(8000, np.float32), 16000),
+    "a/nan.wav": _wav(nan, rate, subtype="FLOAT"),
+    "a/slow.wav": _wav(speech[:2000], 500),
+    "v/narrated.mp4": video.encode_video(_frames(), 4, speech, rate),
+    "v/mute.mp4": video.encode_video(_frames(), 4),
+    "t/doc.txt": "A document in a file.\n".encode(),
+    "t/latin1.txt": "caf\xe9".encode("latin-1"),
   }
   files["v/cut.mp4"] = files["v/narrated.mp4"][:2000]
   for name, data in files.items():
@@ -67,55 +66,69 @@ def _write_raw_folder(root):
   long_seconds = 3 * len(speech) / rate
   assert long_seconds > 5.0
   good = [
-      ({"id": "t1", "text": "The first document.", "lang": "en"}, "text"),
-      ({"id": "t2", "task": "text", "text_file": "t/doc.txt",
-        "split": "validation"}, "text"),
-      ({"id": "c1", "image": "img/good.png", "caption": "a grey box"}, "image"),
-      ({"id": "c2", "task": "caption", "image": "img/good.jpg",
-        "text": "a dark box", "split": "validation"}, "image"),
-      ({"id": "s1", "audio": "a/good.wav", "transcript": SENTENCE}, "audio"),
-      ({"id": "s2", "task": "asr", "audio": "a/good.mp3", "text": SENTENCE,
-        "speaker": "en-us"}, "audio"),
-      ({"id": "a1", "task": "audio", "audio": "a/long.flac",
-        "text": "someone speaks three times"}, "audio"),  # Kept: truncatable.
-      ({"id": "a2", "audio": "a/good.wav"}, "audio"),  # No text: task audio.
-      ({"id": "v1", "video": "v/narrated.mp4", "text": SENTENCE}, "audio_video"),
-      ({"id": "v2", "task": "video", "video": "v/mute.mp4", "text": " "},
-       "video"),  # A blank optional description is dropped.
+    ({"id": "t1", "text": "The first document.", "lang": "en"}, "text"),
+    ({"id": "t2", "task": "text", "text_file": "t/doc.txt", "split": "validation"}, "text"),
+    ({"id": "c1", "image": "img/good.png", "caption": "a grey box"}, "image"),
+    (
+      {
+        "id": "c2",
+        "task": "caption",
+        "image": "img/good.jpg",
+        "text": "a dark box",
+        "split": "validation",
+      },
+      "image",
+    ),
+    ({"id": "s1", "audio": "a/good.wav", "transcript": SENTENCE}, "audio"),
+    (
+      {"id": "s2", "task": "asr", "audio": "a/good.mp3", "text": SENTENCE, "speaker": "en-us"},
+      "audio",
+    ),
+    (
+      {"id": "a1", "task": "audio", "audio": "a/long.flac", "text": "someone speaks three times"},
+      "audio",
+    ),  # Kept: truncatable.
+    ({"id": "a2", "audio": "a/good.wav"}, "audio"),  # No text: task audio.
+    ({"id": "v1", "video": "v/narrated.mp4", "text": SENTENCE}, "audio_video"),
+    (
+      {"id": "v2", "task": "video", "video": "v/mute.mp4", "text": " "},
+      "video",
+    ),  # A blank optional description is dropped.
   ]
   bad = [
-      ({"id": "b1", "task": "caption", "image": "img/good.png", "text": " "},
-       "empty"),
-      ({"id": "b2", "text": "\ud800 lone surrogate"}, "invalid_utf8"),
-      ({"id": "b3", "text_file": "t/latin1.txt"}, "invalid_utf8"),
-      ({"id": "b4", "image": "img/missing.png", "text": "gone"},
-       "missing_media"),
-      ({"id": "b5", "image": "img/cut.png", "text": "cut"}, "undecodable"),
-      ({"id": "b6", "image": "img/line.png", "text": "a line"},
-       "bad_aspect_ratio"),
-      ({"id": "b7", "audio": "a/cut.wav", "text": SENTENCE}, "undecodable"),
-      ({"id": "b8", "audio": "a/silent.wav", "text": "nothing"},
-       "silent_audio"),
-      ({"id": "b9", "audio": "a/nan.wav", "text": SENTENCE}, "non_finite"),
-      ({"id": "b10", "audio": "a/slow.wav", "text": SENTENCE},
-       "bad_sample_rate"),
-      ({"id": "b11", "task": "asr", "audio": "a/long.flac",
-        "text": "a transcript of the whole clip"}, "too_long"),
-      ({"id": "b12", "video": "v/cut.mp4", "text": SENTENCE}, "undecodable"),
-      ({"id": "b13", "task": "dance", "text": "?"}, "missing_field"),
-      ({"id": "b14", "task": "caption", "text": "no image"}, "missing_field"),
-      ({"id": "b15", "task": "asr", "audio": "a/good.wav"}, "missing_field"),
-      ({"id": "b16", "text": "escape", "split": "../up"}, "missing_field"),
+    ({"id": "b1", "task": "caption", "image": "img/good.png", "text": " "}, "empty"),
+    ({"id": "b2", "text": "\ud800 lone surrogate"}, "invalid_utf8"),
+    ({"id": "b3", "text_file": "t/latin1.txt"}, "invalid_utf8"),
+    ({"id": "b4", "image": "img/missing.png", "text": "gone"}, "missing_media"),
+    ({"id": "b5", "image": "img/cut.png", "text": "cut"}, "undecodable"),
+    ({"id": "b6", "image": "img/line.png", "text": "a line"}, "bad_aspect_ratio"),
+    ({"id": "b7", "audio": "a/cut.wav", "text": SENTENCE}, "undecodable"),
+    ({"id": "b8", "audio": "a/silent.wav", "text": "nothing"}, "silent_audio"),
+    ({"id": "b9", "audio": "a/nan.wav", "text": SENTENCE}, "non_finite"),
+    ({"id": "b10", "audio": "a/slow.wav", "text": SENTENCE}, "bad_sample_rate"),
+    (
+      {
+        "id": "b11",
+        "task": "asr",
+        "audio": "a/long.flac",
+        "text": "a transcript of the whole clip",
+      },
+      "too_long",
+    ),
+    ({"id": "b12", "video": "v/cut.mp4", "text": SENTENCE}, "undecodable"),
+    ({"id": "b13", "task": "dance", "text": "?"}, "missing_field"),
+    ({"id": "b14", "task": "caption", "text": "no image"}, "missing_field"),
+    ({"id": "b15", "task": "asr", "audio": "a/good.wav"}, "missing_field"),
+    ({"id": "b16", "text": "escape", "split": "../up"}, "missing_field"),
   ]
   lines = []
   for i, (line, _) in enumerate(good):
     lines.append(json.dumps(line).encode())
     if i < len(bad):
       lines.append(json.dumps(bad[i][0]).encode())
-  lines += [json.dumps(line).encode() for line, _ in bad[len(good):]]
+  lines += [json.dumps(line).encode() for line, _ in bad[len(good) :]]
   lines += [b"{not json", b"[1, 2]", b'{"text": "caf\xe9"}', b"   "]
-  raw_bad = [("undecodable", None), ("undecodable", None),
-             ("invalid_utf8", None)]
+  raw_bad = [("undecodable", None), ("undecodable", None), ("invalid_utf8", None)]
   (root / "manifest.jsonl").write_bytes(b"\n".join(lines) + b"\n")
   return files, good, bad + [(None, r) for r, _ in raw_bad]
 
@@ -126,11 +139,21 @@ def prepared(tmp_path_factory):
   files, good, bad = _write_raw_folder(root)
   out = tmp_path_factory.mktemp("prepared")
   result = subprocess.run(
-      [sys.executable, "-m", "data_pipelines.prepare",
-       f"--manifest={root / 'manifest.jsonl'}", f"--out={out}", "--workers=2",
-       "--max_audio_seconds=5", "--no_progress"],
-      capture_output=True, check=True, timeout=300,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    [
+      sys.executable,
+      "-m",
+      "data_pipelines.prepare",
+      f"--manifest={root / 'manifest.jsonl'}",
+      f"--out={out}",
+      "--workers=2",
+      "--max_audio_seconds=5",
+      "--no_progress",
+    ],
+    capture_output=True,
+    check=True,
+    timeout=300,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   return root, out, files, good, bad, json.loads(result.stdout)
 
 
@@ -146,21 +169,34 @@ def test_summary_counts_are_exact(prepared):
     expected_skips[reason] = expected_skips.get(reason, 0) + 1
   assert summary["skipped"] == expected_skips
   assert summary["counts"]["modality"] == {
-      "audio": 4, "audio_video": 1, "image": 2, "text": 2, "video": 1}
-  assert summary["counts"]["task"] == {
-      "asr": 2, "audio": 2, "caption": 2, "text": 2, "video": 2}
+    "audio": 4,
+    "audio_video": 1,
+    "image": 2,
+    "text": 2,
+    "video": 1,
+  }
+  assert summary["counts"]["task"] == {"asr": 2, "audio": 2, "caption": 2, "text": 2, "video": 2}
   assert summary["skipped_by_task"]["asr"] == {
-      "bad_sample_rate": 1, "missing_field": 1, "non_finite": 1,
-      "silent_audio": 1, "too_long": 1, "undecodable": 1}
+    "bad_sample_rate": 1,
+    "missing_field": 1,
+    "non_finite": 1,
+    "silent_audio": 1,
+    "too_long": 1,
+    "undecodable": 1,
+  }
   assert {s: e["num_records"] for s, e in summary["splits"].items()} == {
-      "asr/train": 2, "audio/train": 2, "caption/train": 1,
-      "caption/validation": 1, "text/train": 1, "text/validation": 1,
-      "video/train": 2}
-  assert sorted(str(p.relative_to(out)) for p in out.glob("*/*array_record*")
-                ) == sorted(f for e in summary["splits"].values()
-                            for f in e["files"])
-  assert summary["record_bytes"] == sum(
-      e["num_bytes"] for e in summary["splits"].values())
+    "asr/train": 2,
+    "audio/train": 2,
+    "caption/train": 1,
+    "caption/validation": 1,
+    "text/train": 1,
+    "text/validation": 1,
+    "video/train": 2,
+  }
+  assert sorted(str(p.relative_to(out)) for p in out.glob("*/*array_record*")) == sorted(
+    f for e in summary["splits"].values() for f in e["files"]
+  )
+  assert summary["record_bytes"] == sum(e["num_bytes"] for e in summary["splits"].values())
 
 
 def test_shards_hold_validated_examples(prepared):
@@ -195,8 +231,8 @@ def test_shards_hold_validated_examples(prepared):
   assert (v1["video_frames"], v1["video_fps"], v1["video_width"]) == (8, 4.0, 96)
   # What prep validated decodes with the training ops.
   decoded = ops.build_ops(
-      ["decode_video(min_pixels=4096, max_pixels=16384)", "log_mel"],
-      ops.OpContext())
+    ["decode_video(min_pixels=4096, max_pixels=16384)", "log_mel"], ops.OpContext()
+  )
   for op in decoded:
     v1 = op(v1)
   assert v1["audio_in_video"] and v1["video_grid_thw"].tolist() == [2, 4, 6]

@@ -12,16 +12,17 @@ from data_pipelines import local_corpus, ops, pipeline, records, tokenizer
 from omnijax.processing import batch as batch_lib
 
 SEQ_LEN = 32
-WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega "
-         "river stone cloud ember frost maple cedar quartz amber").split()
+WORDS = (
+  "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega "
+  "river stone cloud ember frost maple cedar quartz amber"
+).split()
 
 
 def _documents(n=40, seed=0):
   """Distinct synthetic documents, from a few tokens to more than a row."""
   rng = np.random.default_rng(seed)
   return [
-      f"doc {i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(1, 40))))
-      for i in range(n)
+    f"doc {i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(1, 40)))) for i in range(n)
   ]
 
 
@@ -39,8 +40,10 @@ def docs():
 def corpus(tmp_path_factory, docs):
   path = tmp_path_factory.mktemp("corpus")
   records.write_shards(
-      ({"text": t, "source": "test", "id": str(i)} for i, t in enumerate(docs)),
-      path, "train", num_shards=3,
+    ({"text": t, "source": "test", "id": str(i)} for i, t in enumerate(docs)),
+    path,
+    "train",
+    num_shards=3,
   )
   return path
 
@@ -51,11 +54,15 @@ def _cfg(path, **overrides):
   return cfg
 
 
-def _dataset(cfg, tok, *, batch_size=1, process_index=0, process_count=1,
-             seed=0):
+def _dataset(cfg, tok, *, batch_size=1, process_index=0, process_count=1, seed=0):
   return pipeline.make_text_dataset(
-      cfg, tokenizer=tok, seq_len=SEQ_LEN, batch_size=batch_size,
-      process_index=process_index, process_count=process_count, seed=seed,
+    cfg,
+    tokenizer=tok,
+    seq_len=SEQ_LEN,
+    batch_size=batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    seed=seed,
   )
 
 
@@ -137,7 +144,7 @@ def test_packing_keeps_documents_apart(corpus, docs, tok, shuffle):
 def test_two_epochs_reshuffle(corpus, docs, tok):
   cfg = _cfg(corpus, shuffle=True, num_epochs=2)
   found = _doc_ids(list(_dataset(cfg, tok)), tok, docs)
-  first, second = found[:len(docs)], found[len(docs):]
+  first, second = found[: len(docs)], found[len(docs) :]
   assert sorted(first) == sorted(second) == list(range(len(docs)))
   assert first != second
 
@@ -147,8 +154,7 @@ def test_hosts_read_disjoint_documents(corpus, docs, tok, shuffle):
   per_host = []
   for process_index in range(2):
     cfg = _cfg(corpus, shuffle=shuffle, num_epochs=1)
-    batches = list(_dataset(cfg, tok, process_index=process_index,
-                            process_count=2))
+    batches = list(_dataset(cfg, tok, process_index=process_index, process_count=2))
     per_host.append(set(_doc_ids(batches, tok, docs)))
   assert per_host[0].isdisjoint(per_host[1])
   assert per_host[0] | per_host[1] == set(range(len(docs)))
@@ -214,10 +220,13 @@ def test_orbax_checkpoint_manager(corpus, tok, tmp_path, worker_count):
   _take(it, 5)
   train_state = {"step": jnp.asarray(5), "w": jnp.arange(4.0)}
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-    mngr.save(5, args=ocp.args.Composite(
+    mngr.save(
+      5,
+      args=ocp.args.Composite(
         state=ocp.args.StandardSave(train_state),
         data=grain.checkpoint.CheckpointSave(it),
-    ))
+      ),
+    )
     mngr.wait_until_finished()
   expected = _take(it, 6)
   it.close()
@@ -225,10 +234,13 @@ def test_orbax_checkpoint_manager(corpus, tok, tmp_path, worker_count):
   restored_it = iter(ds)
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
     assert mngr.latest_step() == 5
-    restored = mngr.restore(5, args=ocp.args.Composite(
+    restored = mngr.restore(
+      5,
+      args=ocp.args.Composite(
         state=ocp.args.StandardRestore(train_state),
         data=grain.checkpoint.CheckpointRestore(restored_it),
-    ))
+      ),
+    )
   np.testing.assert_array_equal(restored["state"]["w"], train_state["w"])
   _assert_same_batches(_take(restored_it, 6), expected)
   restored_it.close()
@@ -237,28 +249,31 @@ def test_orbax_checkpoint_manager(corpus, tok, tmp_path, worker_count):
 def _bad_corpus(path, good):
   """Good docs (some long, to be split) interleaved with every kind of bad record."""
   bad = [
-      (b"\xc1\x00garbage", "undecodable"),  # Not msgpack.
-      (msgpack.packb({"text": "cut"})[:-2], "undecodable"),  # Truncated.
-      (msgpack.packb([1, 2]), "undecodable"),  # Not a map.
-      (records.encode_example({"text": 42}), "undecodable"),
-      (msgpack.packb({"text": b"bad \xff\xfe"}, use_bin_type=False),
-       "invalid_utf8"),  # msgpack str with invalid UTF-8.
-      (records.encode_example({"text": b"\xe2\x28\xa1"}), "invalid_utf8"),
-      (records.encode_example({"text": ""}), "empty"),
-      (records.encode_example({"text": " \n\t "}), "empty"),
-      (records.encode_example({"source": "no text"}), "missing_field"),
+    (b"\xc1\x00garbage", "undecodable"),  # Not msgpack.
+    (msgpack.packb({"text": "cut"})[:-2], "undecodable"),  # Truncated.
+    (msgpack.packb([1, 2]), "undecodable"),  # Not a map.
+    (records.encode_example({"text": 42}), "undecodable"),
+    (
+      msgpack.packb({"text": b"bad \xff\xfe"}, use_bin_type=False),
+      "invalid_utf8",
+    ),  # msgpack str with invalid UTF-8.
+    (records.encode_example({"text": b"\xe2\x28\xa1"}), "invalid_utf8"),
+    (records.encode_example({"text": ""}), "empty"),
+    (records.encode_example({"text": " \n\t "}), "empty"),
+    (records.encode_example({"source": "no text"}), "missing_field"),
   ]
   stream, expected = [], dict.fromkeys(ops.SKIP_REASONS, 0)
   for i, text in enumerate(good):
     stream.append(records.encode_example({"text": text}))
-    for record, reason in bad[i % 3::3] if i % 4 == 0 else []:
+    for record, reason in bad[i % 3 :: 3] if i % 4 == 0 else []:
       stream.append(record)
       expected[reason] += 1
   stream.append(bad[6][0])  # Bad records after the last good one count too.
   expected["empty"] += 1
   # write_shards encodes examples; these raw records go through a writer.
   writer = array_record_module.ArrayRecordWriter(
-      str(path / "train.array_record-00000-of-00001"), "group_size:1")
+    str(path / "train.array_record-00000-of-00001"), "group_size:1"
+  )
   for record in stream:
     writer.write(record)
   writer.close()
@@ -330,14 +345,20 @@ def test_unknown_op_fails_fast(corpus, tok):
 
 def test_op_specs(corpus, tok):
   assert ops.parse_op_spec("truncate(max_len=8, key='tokens')") == (
-      "truncate", {"max_len": 8, "key": "tokens"})
+    "truncate",
+    {"max_len": 8, "key": "tokens"},
+  )
   for bad in ("truncate(8)", "truncate(max_len=x)", "a.b", "1 +"):
     with pytest.raises(ValueError):
       ops.parse_op_spec(bad)
   with pytest.raises(TypeError, match="truncate"):
     ops.build_ops(["truncate(length=3)"], ops.OpContext())
-  cfg = _cfg(corpus, shuffle=False, num_epochs=1,
-             ops=("decode_text", "tokenize", "truncate(max_len=4)", "lm_shift"))
+  cfg = _cfg(
+    corpus,
+    shuffle=False,
+    num_epochs=1,
+    ops=("decode_text", "tokenize", "truncate(max_len=4)", "lm_shift"),
+  )
   n_tokens = sum(int(b["loss_mask"].sum()) for b in _dataset(cfg, tok))
   assert n_tokens == 3 * 40  # 4 tokens -> 3 pairs per document.
 
@@ -351,8 +372,7 @@ def test_local_corpus_build(tmp_path):
   assert 0 < splits["validation"]["num_records"] < splits["train"]["num_records"] / 10
   text_bytes = sum(s["text_bytes"] for s in manifest["sources"].values())
   assert 3e6 < text_bytes < 30e6
-  assert set(manifest["sources"]) == {
-      "stdlib_docstring", "python_reference", "stdlib_source"}
+  assert set(manifest["sources"]) == {"stdlib_docstring", "python_reference", "stdlib_source"}
 
   mtime = (out / records.MANIFEST_NAME).stat().st_mtime_ns
   local_corpus.build_local_text_corpus(out)  # Complete: does nothing.
@@ -367,8 +387,7 @@ def test_local_corpus_build(tmp_path):
   texts = {}
   for split in ("train", "validation"):
     source = records.open_shards(out, split)
-    texts[split] = {records.decode_example(source[i])["text"]
-                    for i in range(len(source))}
+    texts[split] = {records.decode_example(source[i])["text"] for i in range(len(source))}
     assert len(texts[split]) == len(source)  # Deduplicated.
     assert all(t.strip() for t in texts[split])
   assert texts["train"].isdisjoint(texts["validation"])
@@ -381,9 +400,17 @@ def test_local_corpus_build(tmp_path):
   assert tokenizer.local_tokenizer(out, vocab_size=1024).vocab_size == 1024
   assert cached.stat().st_mtime_ns == mtime  # Trained once, then loaded.
 
-  it = iter(pipeline.make_text_dataset(
-      _cfg(out), tokenizer=tok, seq_len=SEQ_LEN, batch_size=4,
-      process_index=0, process_count=1, seed=0))
+  it = iter(
+    pipeline.make_text_dataset(
+      _cfg(out),
+      tokenizer=tok,
+      seq_len=SEQ_LEN,
+      batch_size=4,
+      process_index=0,
+      process_count=1,
+      seed=0,
+    )
+  )
   for batch in _take(it, 3):
     _check_layout(batch, 4)
     assert batch["loss_mask"].all()

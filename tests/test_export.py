@@ -42,17 +42,25 @@ def _random_params(cfg: ThinkerConfig, seed: int = 0):
   flat = traverse_util.flatten_dict(convert.abstract_params(cfg), sep="/")
   assert {k.split("/")[0] for k in flat} >= set(convert.TOWERS)
   return traverse_util.unflatten_dict(
-      {k: rng.standard_normal(v.shape).astype(np.float32) * 0.05 for k, v in flat.items()},
-      sep="/")
+    {k: rng.standard_normal(v.shape).astype(np.float32) * 0.05 for k, v in flat.items()}, sep="/"
+  )
 
 
 def _hf_keys(cfg: ThinkerConfig) -> set[str]:
   """Every checkpoint key of the Thinker of `cfg`: text, audio tower, vision tower."""
-  text = {k for k, _ in keymap.iter_text_to_hf(
-      {k: v for k, v in _random_params(cfg).items() if k not in convert.TOWERS}, cfg.text,
-      keymap.THINKER_TEXT)}
-  return (text | set(keymap_audio.audio_hf_keys(cfg.audio))
-          | set(keymap_vision.vision_hf_keys(cfg.vision)))
+  text = {
+    k
+    for k, _ in keymap.iter_text_to_hf(
+      {k: v for k, v in _random_params(cfg).items() if k not in convert.TOWERS},
+      cfg.text,
+      keymap.THINKER_TEXT,
+    )
+  }
+  return (
+    text
+    | set(keymap_audio.audio_hf_keys(cfg.audio))
+    | set(keymap_vision.vision_hf_keys(cfg.vision))
+  )
 
 
 def _multimodal_inputs(cfg: ThinkerConfig):
@@ -61,15 +69,20 @@ def _multimodal_inputs(cfg: ThinkerConfig):
   rng = np.random.default_rng(1)
   n_audio = positions.audio_token_count(130)
   n_image = positions.image_token_count((1, 4, 4))
-  ids = ([11, 12, cfg.audio_start_token_id] + [cfg.audio_token_id] * n_audio
-         + [cfg.audio_end_token_id, 13, cfg.vision_start_token_id] + [cfg.image_token_id] * n_image
-         + [cfg.vision_end_token_id, 14])
-  pixels = cfg.vision.in_channels * cfg.vision.temporal_patch_size * cfg.vision.patch_size ** 2
+  ids = (
+    [11, 12, cfg.audio_start_token_id]
+    + [cfg.audio_token_id] * n_audio
+    + [cfg.audio_end_token_id, 13, cfg.vision_start_token_id]
+    + [cfg.image_token_id] * n_image
+    + [cfg.vision_end_token_id, 14]
+  )
+  pixels = cfg.vision.in_channels * cfg.vision.temporal_patch_size * cfg.vision.patch_size**2
   return np.array([ids]), dict(
-      input_features=rng.standard_normal((1, cfg.audio.num_mel_bins, 130)).astype(np.float32),
-      feature_attention_mask=np.ones((1, 130), np.int64),
-      pixel_values=rng.standard_normal((16, pixels)).astype(np.float32),
-      image_grid_thw=np.array([[1, 4, 4]]))
+    input_features=rng.standard_normal((1, cfg.audio.num_mel_bins, 130)).astype(np.float32),
+    feature_attention_mask=np.ones((1, 130), np.int64),
+    pixel_values=rng.standard_normal((16, pixels)).astype(np.float32),
+    image_grid_thw=np.array([[1, 4, 4]]),
+  )
 
 
 def _assert_trees_equal(a, b):
@@ -93,15 +106,15 @@ def train_workdir(tmp_path_factory, cfg):
   ckpt = ckpt_lib.Checkpointer(workdir, save_interval_steps=1, max_to_keep=3, async_save=False)
   for step in (1, 3):
     params = _random_params(cfg, seed=step)
-    state = TrainState(step=jnp.int32(step), params=params,
-                       opt_state=optax.adam(1e-3).init(params))
+    state = TrainState(step=jnp.int32(step), params=params, opt_state=optax.adam(1e-3).init(params))
     ckpt.save(step, state, force=True)
   ckpt.close()
   return workdir
 
 
-@pytest.mark.parametrize("preset,text", [("tiny", {}), ("tiny", dict(mlp_only_layers=(0,))),
-                                         ("qwen3-omni-30b-a3b", {})])
+@pytest.mark.parametrize(
+  "preset,text", [("tiny", {}), ("tiny", dict(mlp_only_layers=(0,))), ("qwen3-omni-30b-a3b", {})]
+)
 def test_config_round_trip(preset, text):
   cd = presets.get(preset)
   for k, v in text.items():
@@ -142,8 +155,9 @@ def test_sharded_safetensors(cfg, tmp_path):
   max_bytes = 100_000
   files = convert.save_hf(cfg, params, tmp_path, max_shard_size=max_bytes)
   assert len(files) > 3 and not (tmp_path / safetensors_io.SINGLE_FILE).exists()
-  assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors"
-                   for i in range(1, len(files) + 1)]
+  assert files == [
+    f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
+  ]
   index = json.loads((tmp_path / safetensors_io.INDEX_FILE).read_text())
   assert sorted(set(index["weight_map"].values())) == files
   total = 0
@@ -165,8 +179,20 @@ def test_load_workdir_and_hf_dir_same_logits(train_workdir, tmp_path):
   out = tmp_path / "hf"
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run(
-      [sys.executable, "-m", "omnijax.export", "to-hf", f"--workdir={train_workdir}",
-       f"--out={out}", "--step=1"], env=env, capture_output=True, text=True, check=False)
+    [
+      sys.executable,
+      "-m",
+      "omnijax.export",
+      "to-hf",
+      f"--workdir={train_workdir}",
+      f"--out={out}",
+      "--step=1",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr
   assert "(step 1)" in proc.stdout
 
@@ -277,9 +303,14 @@ def test_shared_expert_export_refused(tmp_path, capsys):
   assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("key", ["thinker.model.layers.2.mlp.experts.5.up_proj.weight",
-                                 "thinker.audio_tower.layers.1.fc1.bias",
-                                 "thinker.visual.merger_list.1.mlp.2.weight"])
+@pytest.mark.parametrize(
+  "key",
+  [
+    "thinker.model.layers.2.mlp.experts.5.up_proj.weight",
+    "thinker.audio_tower.layers.1.fc1.bias",
+    "thinker.visual.merger_list.1.mlp.2.weight",
+  ],
+)
 def test_missing_tensor_names_key(cfg, tmp_path, capsys, key):
   convert.save_hf(cfg, _random_params(cfg), tmp_path / "hf")
   path = tmp_path / "hf" / safetensors_io.SINGLE_FILE
@@ -301,19 +332,28 @@ def test_wrong_shape_names_key(cfg, tmp_path):
   config = json.loads((tmp_path / "config.json").read_text())
   config["thinker_config"]["text_config"]["moe_intermediate_size"] = 16
   (tmp_path / "config.json").write_text(json.dumps(config))
-  with pytest.raises(CheckpointError, match=r"'thinker\.model\.layers\.0\.mlp\.experts\.0\."
-                                            r"gate_proj\.weight' has shape \(32, 64\)"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"'thinker\.model\.layers\.0\.mlp\.experts\.0\."
+    r"gate_proj\.weight' has shape \(32, 64\)",
+  ):
     convert.load_hf(tmp_path)
   # The towers' shapes are checked too.
   config["thinker_config"]["text_config"]["moe_intermediate_size"] = 32
   config["thinker_config"]["audio_config"]["encoder_ffn_dim"] = 48
   (tmp_path / "config.json").write_text(json.dumps(config))
-  with pytest.raises(CheckpointError, match=r"'thinker\.audio_tower\.layers\.0\.fc1\.weight' "
-                                            r"has shape \(64, 32\)"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"'thinker\.audio_tower\.layers\.0\.fc1\.weight' "
+    r"has shape \(64, 32\)",
+  ):
     convert.load_hf(tmp_path)
   config["thinker_config"]["audio_config"]["encoder_ffn_dim"] = 64
   config["thinker_config"]["vision_config"]["intermediate_size"] = 48
   (tmp_path / "config.json").write_text(json.dumps(config))
-  with pytest.raises(CheckpointError, match=r"'thinker\.visual\.blocks\.0\.mlp\.linear_fc1\."
-                                            r"weight' has shape \(64, 32\)"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"'thinker\.visual\.blocks\.0\.mlp\.linear_fc1\."
+    r"weight' has shape \(64, 32\)",
+  ):
     convert.load_hf(tmp_path)

@@ -54,8 +54,8 @@ def _text(lengths, seed=0):
   ids = np.zeros((len(lengths), s), np.int64)
   mask = np.zeros((len(lengths), s), np.int64)
   for b, n in enumerate(lengths):
-    ids[b, s - n:] = rng.integers(10, CFG.text.vocab_size, n)
-    mask[b, s - n:] = 1
+    ids[b, s - n :] = rng.integers(10, CFG.text.vocab_size, n)
+    mask[b, s - n :] = 1
   return ids, dict(attention_mask=mask)
 
 
@@ -72,16 +72,23 @@ def _left_padded(case, seed):
 
 
 def _torch(kwargs):
-  return {k: (v if isinstance(v, bool) else torch.from_numpy(np.asarray(v)))
-          for k, v in kwargs.items()}
+  return {
+    k: (v if isinstance(v, bool) else torch.from_numpy(np.asarray(v))) for k, v in kwargs.items()
+  }
 
 
 def _hf_generate(hf_model, ids, kwargs, max_new, **gen):
   """transformers' greedy generate: (sequences, logits (B, new, V))."""
   with torch.no_grad():
-    out = hf_model.thinker.generate(input_ids=torch.from_numpy(ids), **_torch(kwargs),
-                                    max_new_tokens=max_new, do_sample=False,
-                                    return_dict_in_generate=True, output_logits=True, **gen)
+    out = hf_model.thinker.generate(
+      input_ids=torch.from_numpy(ids),
+      **_torch(kwargs),
+      max_new_tokens=max_new,
+      do_sample=False,
+      return_dict_in_generate=True,
+      output_logits=True,
+      **gen,
+    )
   return out.sequences.numpy(), torch.stack(out.logits, 1).float().numpy()
 
 
@@ -97,11 +104,11 @@ def _min_margin(logits):
 
 
 CASES_GREEDY = {
-    "text": lambda: _text([11]),
-    "text_left_padded_batch": lambda: _text([5, 11], seed=1),
-    "audio_left_padded_batch": lambda: _left_padded("audio_batch_of_two_rows", 2),
-    "image": lambda: _left_padded("one_image", 3),
-    "video": lambda: _left_padded("video", 4),
+  "text": lambda: _text([11]),
+  "text_left_padded_batch": lambda: _text([5, 11], seed=1),
+  "audio_left_padded_batch": lambda: _left_padded("audio_batch_of_two_rows", 2),
+  "image": lambda: _left_padded("one_image", 3),
+  "video": lambda: _left_padded("video", 4),
 }
 
 
@@ -118,14 +125,17 @@ def test_greedy_equals_transformers(models, case):
   # each token. transformers' forward in every case (cheap); omnijax's (one more compile) for
   # the left-padded text batch.
   s = ids.shape[1]
-  full_kw = kw | dict(attention_mask=np.pad(kw["attention_mask"], ((0, 0), (0, NEW)),
-                                            constant_values=1))
-  d_full = float(np.abs(logits - _hf_logits(hf_model, ours, full_kw)[:, s - 1:-1]).max())
-  msg = (f"\n[generate] {case}: {ids.shape} + {NEW}: tokens equal transformers': "
-         f"{np.array_equal(ours, theirs)}; min top-2 margin {margin:.3g}; max|logits diff| vs "
-         f"transformers' generate {d_hf:.3g}, vs transformers' full forward {d_full:.3g}")
+  full_kw = kw | dict(
+    attention_mask=np.pad(kw["attention_mask"], ((0, 0), (0, NEW)), constant_values=1)
+  )
+  d_full = float(np.abs(logits - _hf_logits(hf_model, ours, full_kw)[:, s - 1 : -1]).max())
+  msg = (
+    f"\n[generate] {case}: {ids.shape} + {NEW}: tokens equal transformers': "
+    f"{np.array_equal(ours, theirs)}; min top-2 margin {margin:.3g}; max|logits diff| vs "
+    f"transformers' generate {d_hf:.3g}, vs transformers' full forward {d_full:.3g}"
+  )
   if case == "text_left_padded_batch":
-    d_ours = float(np.abs(logits - model.logits(ours, **full_kw)[:, s - 1:-1]).max())
+    d_ours = float(np.abs(logits - model.logits(ours, **full_kw)[:, s - 1 : -1]).max())
     msg += f", vs omnijax's full forward {d_ours:.3g}"
     assert d_ours <= TOL
   print(msg + f" (max|logits| {np.abs(logits).max():.3g})")
@@ -145,8 +155,10 @@ def test_step_compiles_once(models):
     out = model.generate(ids, new, eos_token_id=[], **kw)
     assert out.shape == (1, n + new)
     sizes.append(decode.step_fn(CFG)._cache_size())
-  print(f"\n[generate compile] step compilations before / after each of 2 prompts x {new} "
-        f"tokens: {sizes}")
+  print(
+    f"\n[generate compile] step compilations before / after each of 2 prompts x {new} "
+    f"tokens: {sizes}"
+  )
   assert sizes[1] == sizes[0] + 1 and sizes[2] == sizes[1]
 
 
@@ -158,19 +170,25 @@ def test_sampling(models):
   a = model.generate(ids, NEW, **hot, **kw)
   np.testing.assert_array_equal(a, model.generate(ids, NEW, **hot, **kw))
   other = model.generate(ids, NEW, **hot | dict(seed=4), **kw)
-  print(f"\n[generate sampling] T=5: {np.mean(a[:, -NEW:] != greedy[:, -NEW:]):.2f} of the tokens "
-        f"differ from greedy, {np.mean(a[:, -NEW:] != other[:, -NEW:]):.2f} from another seed")
+  print(
+    f"\n[generate sampling] T=5: {np.mean(a[:, -NEW:] != greedy[:, -NEW:]):.2f} of the tokens "
+    f"differ from greedy, {np.mean(a[:, -NEW:] != other[:, -NEW:]):.2f} from another seed"
+  )
   assert not np.array_equal(a, greedy) and not np.array_equal(a, other)
-  np.testing.assert_array_equal(a[:, :ids.shape[1]], ids)
+  np.testing.assert_array_equal(a[:, : ids.shape[1]], ids)
   for narrow in (dict(top_k=1), dict(top_p=1e-6), dict(top_k=1, top_p=0.9, temperature=3.0)):
     np.testing.assert_array_equal(
-        model.generate(ids, NEW, eos_token_id=[], seed=5, **narrow, **kw), greedy)
+      model.generate(ids, NEW, eos_token_id=[], seed=5, **narrow, **kw), greedy
+    )
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [
-    (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 20, 0.9), (2.0, 3, 0.05)])
+@pytest.mark.parametrize(
+  "temperature,top_k,top_p",
+  [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 20, 0.9), (2.0, 3, 0.05)],
+)
 def test_warpers_equal_transformers(temperature, top_k, top_p):
   from transformers.generation import logits_process as lp
+
   logits = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32) * 2
   ours = np.asarray(decode.warp(jnp.asarray(logits), temperature, top_k, top_p))
   warpers = [lp.TemperatureLogitsWarper(temperature)]
@@ -196,21 +214,23 @@ def test_eos_and_padding(models):
   ours = model.generate(ids, NEW, eos_token_id=eos, pad_token_id=1, **kw)
   theirs, _ = _hf_generate(hf_model, ids, kw, NEW, eos_token_id=eos, pad_token_id=1)
   np.testing.assert_array_equal(ours, theirs)
-  np.testing.assert_array_equal(ours[0, :s + j + 1], greedy[0, :s + j + 1])
-  assert (ours[0, s + j + 1:] == 1).all()
+  np.testing.assert_array_equal(ours[0, : s + j + 1], greedy[0, : s + j + 1])
+  assert (ours[0, s + j + 1 :] == 1).all()
   hit = np.flatnonzero(greedy[1, s:] == eos)
   end = s + (hit[0] + 1 if len(hit) else ours.shape[1] - s)
   np.testing.assert_array_equal(ours[1, :end], greedy[1, :end])
   assert (ours[1, end:] == 1).all()
   # A list of EOS ids: pad_token_id defaults to the first.
   listed = model.generate(ids, NEW, eos_token_id=[7, eos], **kw)
-  np.testing.assert_array_equal(listed[0, :s + j + 1], ours[0, :s + j + 1])
-  assert (listed[0, s + j + 1:] == 7).all()
+  np.testing.assert_array_equal(listed[0, : s + j + 1], ours[0, : s + j + 1])
+  assert (listed[0, s + j + 1 :] == 7).all()
   # Every row finished: the loop stops there.
   one = model.generate(ids[:1], NEW, eos_token_id=eos, attention_mask=kw["attention_mask"][:1])
-  np.testing.assert_array_equal(one, greedy[:1, :s + j + 1])
-  print(f"\n[generate eos] eos={eos}: rows end at {s + j + 1} and {end} of {ours.shape[1]}; "
-        f"row 0 alone returns {one.shape}")
+  np.testing.assert_array_equal(one, greedy[:1, : s + j + 1])
+  print(
+    f"\n[generate eos] eos={eos}: rows end at {s + j + 1} and {end} of {ours.shape[1]}; "
+    f"row 0 alone returns {one.shape}"
+  )
 
 
 def test_default_eos_ids():
@@ -227,14 +247,14 @@ def test_argument_errors(models):
   model, _ = models
   ids, kw = _text([5, 11], seed=1)
   bad = [
-      (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
-      (dict(temperature=-1.0), "temperature must be a number >= 0"),
-      (dict(top_k=0), "top_k must be an integer >= 1"),
-      (dict(top_p=0.0), r"top_p must lie in \(0, 1\]"),
-      (dict(top_p=1.5), r"top_p must lie in \(0, 1\]"),
-      (dict(eos_token_id=CFG.text.vocab_size), "eos_token_id must be a token id"),
-      (dict(pad_token_id=[1, 2]), "pad_token_id must be one token id"),
-      (dict(attention_mask=kw["attention_mask"][:, ::-1]), "left-padded"),
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(temperature=-1.0), "temperature must be a number >= 0"),
+    (dict(top_k=0), "top_k must be an integer >= 1"),
+    (dict(top_p=0.0), r"top_p must lie in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must lie in \(0, 1\]"),
+    (dict(eos_token_id=CFG.text.vocab_size), "eos_token_id must be a token id"),
+    (dict(pad_token_id=[1, 2]), "pad_token_id must be one token id"),
+    (dict(attention_mask=kw["attention_mask"][:, ::-1]), "left-padded"),
   ]
   for args, match in bad:
     with pytest.raises(ValueError, match=match):
@@ -257,8 +277,11 @@ def test_moe_kernels_at_decode_shapes():
     w, idx, _ = moe.route(x @ router, k, True, jnp.float32)
     slot_token = jnp.arange(idx.size, dtype=jnp.int32) // k
     blocked = moe.expert_ffn(x, slot_token, idx.reshape(-1), wg, wu, wd, "blocked", 128)
-    return (moe.dense_reference(x, idx, w, wg, wu, wd),
-            moe.local_experts(x, idx, w, wg, wu, wd, "blocked", 128), moe.combine(blocked, w))
+    return (
+      moe.dense_reference(x, idx, w, wg, wu, wd),
+      moe.local_experts(x, idx, w, wg, wu, wd, "blocked", 128),
+      moe.combine(blocked, w),
+    )
 
   want, gathered, blocked = paths(jnp.asarray(rng.standard_normal((2, d)), jnp.float32))
   np.testing.assert_allclose(gathered, want, atol=1e-5)  # 2 tokens: 8 slots, 16 experts

@@ -52,11 +52,13 @@ def _config(name: str) -> ThinkerConfig:
 def _inputs(cfg: ThinkerConfig):
   ids = np.random.default_rng(0).integers(0, cfg.text.vocab_size, (BATCH, SEQ))
   s = np.arange(SEQ)
-  positions = np.stack([
+  positions = np.stack(
+    [
       np.stack([s, s + 7]),  # T
       np.stack([s // 3, (2 * s) % 11]),  # H
       np.stack([s % 4, s // 2 + 1]),  # W
-  ])
+    ]
+  )
   return ids, positions
 
 
@@ -71,10 +73,17 @@ def _random_omnijax_params(cfg: ThinkerConfig, seed: int = 1):
   rng = np.random.default_rng(seed)
   flat = traverse_util.flatten_dict(convert.abstract_params(cfg), sep="/")
   assert {k.split("/")[0] for k in flat} >= set(convert.TOWERS)
-  return traverse_util.unflatten_dict({
-      k: (1 + 0.1 * rng.standard_normal(v.shape) if _is_norm_scale(k)
-          else 0.05 * rng.standard_normal(v.shape)).astype(np.float32)
-      for k, v in flat.items()}, sep="/")
+  return traverse_util.unflatten_dict(
+    {
+      k: (
+        1 + 0.1 * rng.standard_normal(v.shape)
+        if _is_norm_scale(k)
+        else 0.05 * rng.standard_normal(v.shape)
+      ).astype(np.float32)
+      for k, v in flat.items()
+    },
+    sep="/",
+  )
 
 
 def _text(params):
@@ -88,10 +97,16 @@ def _towers(params):
 
 def _assert_towers_match(cfg: ThinkerConfig, params, hf_model) -> None:
   """transformers holds exactly the tower tensors of `params` (under the checkpoint keys)."""
-  ours = {k: w for k, w in convert.hf_tensors(cfg, params)
-          if k.startswith(("thinker.audio_tower.", "thinker.visual."))}
-  theirs = {f"thinker.{name}.{k}": v.numpy() for name in ("audio_tower", "visual")
-            for k, v in getattr(hf_model.thinker.model, name).state_dict().items()}
+  ours = {
+    k: w
+    for k, w in convert.hf_tensors(cfg, params)
+    if k.startswith(("thinker.audio_tower.", "thinker.visual."))
+  }
+  theirs = {
+    f"thinker.{name}.{k}": v.numpy()
+    for name in ("audio_tower", "visual")
+    for k, v in getattr(hf_model.thinker.model, name).state_dict().items()
+  }
   assert ours and sorted(ours) == sorted(theirs)
   for k, w in ours.items():
     np.testing.assert_array_equal(w, theirs[k], err_msg=k)
@@ -110,16 +125,35 @@ def _full_config_with_talker(talker_cfg: ThinkerConfig) -> dict:
   d = hf_config.to_hf_config(ThinkerConfig.from_dict(presets.get("tiny")))
   d["enable_audio_output"] = True
   d["talker_config"] = dict(
-      text_config=hf_config.talker_text_config_to_hf(talker_cfg.text),
-      thinker_hidden_size=d["thinker_config"]["text_config"]["hidden_size"],
-      code_predictor_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=1, head_dim=16, num_code_groups=2),
-      num_code_groups=2, accept_hidden_layer=1, spatial_merge_size=2)
-  d["code2wav_config"] = dict(codebook_size=64, hidden_size=32, num_attention_heads=2,
-                              num_key_value_heads=2, intermediate_size=64, num_hidden_layers=1,
-                              num_quantizers=2, decoder_dim=32, upsample_rates=[2, 2, 2, 2],
-                              upsampling_ratios=[2, 2], sliding_window=8)
+    text_config=hf_config.talker_text_config_to_hf(talker_cfg.text),
+    thinker_hidden_size=d["thinker_config"]["text_config"]["hidden_size"],
+    code_predictor_config=dict(
+      vocab_size=64,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      num_key_value_heads=1,
+      head_dim=16,
+      num_code_groups=2,
+    ),
+    num_code_groups=2,
+    accept_hidden_layer=1,
+    spatial_merge_size=2,
+  )
+  d["code2wav_config"] = dict(
+    codebook_size=64,
+    hidden_size=32,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_quantizers=2,
+    decoder_dim=32,
+    upsample_rates=[2, 2, 2, 2],
+    upsampling_ratios=[2, 2],
+    sliding_window=8,
+  )
   return d
 
 
@@ -132,11 +166,13 @@ def _hf_outputs(hf_model, cfg: ThinkerConfig, talker: bool, ids, positions):
       out = hf_model.thinker(input_ids=ids_t, position_ids=pos_t, output_router_logits=True)
       return out.logits.float().numpy(), float(out.aux_loss)
     decoder = hf_model.talker.model
-    out = decoder(inputs_embeds=decoder.codec_embedding(ids_t), position_ids=pos_t,
-                  output_router_logits=True)
+    out = decoder(
+      inputs_embeds=decoder.codec_embedding(ids_t), position_ids=pos_t, output_router_logits=True
+    )
     logits = hf_model.talker.codec_head(out.last_hidden_state)
-    aux = hf_modeling.load_balancing_loss_func(out.router_logits, cfg.text.num_experts,
-                                               cfg.text.num_experts_per_tok)
+    aux = hf_modeling.load_balancing_loss_func(
+      out.router_logits, cfg.text.num_experts, cfg.text.num_experts_per_tok
+    )
     return logits.float().numpy(), float(aux)
 
 
@@ -148,9 +184,11 @@ def _check_parity(label: str, model: api.Model, hf_model, talker: bool) -> None:
     theirs = _hf_outputs(hf_model, model.config, talker, ids, pos)
     d_logits = float(np.abs(ours[0] - theirs[0]).max())
     d_aux = abs(ours[1] - theirs[1])
-    print(f"\n[parity] {label}, {pos_name}: max|logits diff|={d_logits:.3g} "
-          f"(|logits| max {np.abs(theirs[0]).max():.3g}), |aux diff|={d_aux:.3g} "
-          f"(aux {theirs[1]:.6f})")
+    print(
+      f"\n[parity] {label}, {pos_name}: max|logits diff|={d_logits:.3g} "
+      f"(|logits| max {np.abs(theirs[0]).max():.3g}), |aux diff|={d_aux:.3g} "
+      f"(aux {theirs[1]:.6f})"
+    )
     assert ours[0].shape == (BATCH, SEQ, model.config.text.vocab_size)
     assert d_logits <= TOL and d_aux <= TOL
     results[pos_name] = ours[0]
@@ -171,11 +209,15 @@ def test_omnijax_to_transformers(name, tmp_path):
   out = tmp_path / "hf"
   if name == "talker_shared_expert":
     out.mkdir()
-    safetensors_io.write(keymap.iter_text_to_hf(_text(params), cfg.text, keymap.TALKER_TEXT),
-                         out, safetensors_io.parse_size("2GB"))
+    safetensors_io.write(
+      keymap.iter_text_to_hf(_text(params), cfg.text, keymap.TALKER_TEXT),
+      out,
+      safetensors_io.parse_size("2GB"),
+    )
     (out / "config.json").write_text(json.dumps(_full_config_with_talker(cfg)))
     hf_model, info = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-        out, dtype=torch.float32, output_loading_info=True)
+      out, dtype=torch.float32, output_loading_info=True
+    )
     _assert_weights_loaded(info, ("talker.model.", "talker.codec_head"))
   else:
     workdir = tmp_path / "workdir"
@@ -185,11 +227,16 @@ def test_omnijax_to_transformers(name, tmp_path):
     export.main(["to-hf", f"--workdir={workdir}", f"--out={out}", *shard])
     assert (out / safetensors_io.INDEX_FILE).exists() == bool(shard)
     hf_model, info = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-        out, enable_audio_output=False, dtype=torch.float32, output_loading_info=True)
+      out, enable_audio_output=False, dtype=torch.float32, output_loading_info=True
+    )
     _assert_weights_loaded(info, ("thinker.",))  # text decoder and both towers
     _assert_towers_match(cfg, params, hf_model)
-  _check_parity(f"{name}: omnijax -> transformers", api.Model(cfg, params), hf_model.eval(),
-                talker=name == "talker_shared_expert")
+  _check_parity(
+    f"{name}: omnijax -> transformers",
+    api.Model(cfg, params),
+    hf_model.eval(),
+    talker=name == "talker_shared_expert",
+  )
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -199,18 +246,24 @@ def test_transformers_to_omnijax(name, tmp_path):
   torch.manual_seed(0)
   if name == "talker_shared_expert":
     hf_model = transformers.Qwen3OmniMoeForConditionalGeneration(
-        transformers.Qwen3OmniMoeConfig(**_full_config_with_talker(cfg)))
+      transformers.Qwen3OmniMoeConfig(**_full_config_with_talker(cfg))
+    )
     _randomize_torch(hf_model.talker.model)
     _randomize_torch(hf_model.talker.codec_head)
     hf_model.save_pretrained(hf_dir)
-    text = keymap.text_from_hf(safetensors_io.Reader(hf_dir),
-                               _text(convert.abstract_params(cfg)), cfg.text, keymap.TALKER_TEXT)
+    text = keymap.text_from_hf(
+      safetensors_io.Reader(hf_dir),
+      _text(convert.abstract_params(cfg)),
+      cfg.text,
+      keymap.TALKER_TEXT,
+    )
     params = text | _towers(_random_omnijax_params(cfg))  # towers: unused by text-only inputs
     convert.check_params(cfg, params)
     model = api.Model(cfg, params)
   else:
     hf_model = transformers.Qwen3OmniMoeForConditionalGeneration(
-        transformers.Qwen3OmniMoeConfig(**hf_config.to_hf_config(cfg)))
+      transformers.Qwen3OmniMoeConfig(**hf_config.to_hf_config(cfg))
+    )
     _randomize_torch(hf_model.thinker.model.language_model)
     _randomize_torch(hf_model.thinker.lm_head)
     shard = dict(max_shard_size="100KB") if name == "thinker_dense_layers" else {}
@@ -222,5 +275,9 @@ def test_transformers_to_omnijax(name, tmp_path):
     assert model.config == cfg
     convert.check_params(cfg, model.params)
     _assert_towers_match(cfg, jax.device_get(model.params), hf_model)
-  _check_parity(f"{name}: transformers -> omnijax", model, hf_model.eval(),
-                talker=name == "talker_shared_expert")
+  _check_parity(
+    f"{name}: transformers -> omnijax",
+    model,
+    hf_model.eval(),
+    talker=name == "talker_shared_expert",
+  )

@@ -16,8 +16,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _launch(workdir: Path, cache: Path, *overrides: str) -> None:
   env = dict(os.environ, OMNIJAX_CACHE=str(cache), XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "omnijax.launch", "--exp=pretrain_general:local",
-         f"--workdir={workdir}", *overrides]
+  cmd = [
+    sys.executable,
+    "-m",
+    "omnijax.launch",
+    "--exp=pretrain_general:local",
+    f"--workdir={workdir}",
+    *overrides,
+  ]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
   assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -25,11 +31,20 @@ def _launch(workdir: Path, cache: Path, *overrides: str) -> None:
 def _check_run(workdir: Path, last_step: int, log_every: int) -> None:
   metrics = read_metrics(workdir)
   first, last = metrics[log_every], metrics[last_step]
-  print(f"\nloss {first['loss']:.3f} (step {log_every}) -> {last['loss']:.3f} (step {last_step}); "
-        f"{last['tokens_per_sec']:.0f} tokens/s, MFU {last['mfu']:.3f}")
+  print(
+    f"\nloss {first['loss']:.3f} (step {log_every}) -> {last['loss']:.3f} (step {last_step}); "
+    f"{last['tokens_per_sec']:.0f} tokens/s, MFU {last['mfu']:.3f}"
+  )
   assert last["loss"] < first["loss"] - 0.5
-  assert {"tokens_per_sec", "mfu", "step_time_s", "grad_norm", "aux_loss", "learning_rate",
-          "expert_load_max_over_mean"} <= set(last)
+  assert {
+    "tokens_per_sec",
+    "mfu",
+    "step_time_s",
+    "grad_norm",
+    "aux_loss",
+    "learning_rate",
+    "expert_load_max_over_mean",
+  } <= set(last)
   for modality in ("image", "audio", "video"):  # every modality trained, per-source losses logged
     assert sum(m.get(f"tokens/{modality}", 0) for m in metrics.values()) > 0, modality
   assert {"loss/text", "loss/image", "loss/audio", "loss/video_audio"} <= set(last)
@@ -42,8 +57,13 @@ def _check_run(workdir: Path, last_step: int, log_every: int) -> None:
 
 
 def test_local_default_short(tmp_path):
-  _launch(tmp_path / "run", tmp_path / "cache", "--config.train.total_steps=50",
-          "--config.train.log_every=10", "--config.optim.warmup_steps=10")
+  _launch(
+    tmp_path / "run",
+    tmp_path / "cache",
+    "--config.train.total_steps=50",
+    "--config.train.log_every=10",
+    "--config.optim.warmup_steps=10",
+  )
   _check_run(tmp_path / "run", 50, 10)
 
 

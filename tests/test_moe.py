@@ -36,10 +36,12 @@ def test_local_paths_match_dense(impl, block):
 
 def test_local_path_gradients_match_dense():
   x, top_i, top_w, ws = _inputs(29)
+
   def loss(path, x, ws):
     if path == "dense":
       return jnp.sum(moe.dense_reference(x, top_i, top_w, *ws) ** 2)
     return jnp.sum(moe.local_experts(x, top_i, top_w, *ws, path, 8) ** 2)
+
   ref = jax.grad(loss, argnums=(1, 2))("dense", x, ws)
   for path in ("ragged_dot", "blocked"):
     got = jax.grad(loss, argnums=(1, 2))(path, x, ws)
@@ -59,9 +61,14 @@ def _run_moe_experts(mesh_shape, impl_cfg, x, top_i, top_w, ws):
 
 
 @pytest.mark.parametrize("path", ["blocked", "ragged_dot", "dense"])
-@pytest.mark.parametrize("mesh_shape", [dict(data=2, fsdp=2, expert=2),
-                                        dict(data=1, fsdp=1, expert=8),
-                                        dict(data=1, fsdp=2, expert=2, tensor=2)])
+@pytest.mark.parametrize(
+  "mesh_shape",
+  [
+    dict(data=2, fsdp=2, expert=2),
+    dict(data=1, fsdp=1, expert=8),
+    dict(data=1, fsdp=2, expert=2, tensor=2),
+  ],
+)
 def test_expert_parallel_matches_dense_reference(path, mesh_shape):
   x, top_i, top_w, ws = _inputs(8 * 12, seed=1)
   ref = moe.dense_reference(x, top_i, top_w, *ws)
@@ -74,14 +81,14 @@ def test_capacity_bounded_exchange_counts_drops():
   x, top_i, top_w, ws = _inputs(8 * 16, seed=2, skew=True)
   mesh_shape = dict(data=1, fsdp=1, expert=8)
   cf = 1.0
-  out, dropped = _run_moe_experts(mesh_shape, ImplConfig(moe_impl="blocked", moe_capacity_factor=cf),
-                                  x, top_i, top_w, ws)
+  out, dropped = _run_moe_experts(
+    mesh_shape, ImplConfig(moe_impl="blocked", moe_capacity_factor=cf), x, top_i, top_w, ws
+  )
   # Independent count: per source device, slots beyond capacity per destination device.
   tokens_per_dev, ep = 16, 8
   capacity = moe.exchange_capacity(tokens_per_dev * K, ep, cf)
   dest = np.asarray(top_i).reshape(ep, tokens_per_dev * K) // (E // ep)
-  expected = sum(max(0, int(np.sum(dest[s] == d)) - capacity)
-                 for s in range(ep) for d in range(ep))
+  expected = sum(max(0, int(np.sum(dest[s] == d)) - capacity) for s in range(ep) for d in range(ep))
   assert expected > 0 and dropped == expected
   # Kept slots are exact: tokens none of whose slots were dropped match the reference.
   ref = np.asarray(moe.dense_reference(x, top_i, top_w, *ws))

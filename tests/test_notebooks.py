@@ -29,8 +29,9 @@ def _execute(name: str, **env):
   os.environ.update({k: str(v) for k, v in env.items()})
   os.environ["XLA_FLAGS"] = ""  # one device in the kernel
   try:
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    NotebookClient(
+      nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    ).execute()
   finally:
     for k, v in old.items():
       os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -38,8 +39,9 @@ def _execute(name: str, **env):
 
 
 def _outputs(nb) -> str:
-  return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                   for o in c.get("outputs", []))
+  return "\n".join(
+    o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+  )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,8 @@ def tiny_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("explore")
   cfg = ThinkerConfig.from_dict(presets.get("tiny"))
   params = jax.jit(lambda r: nn.meta.unbox(step_lib.init_params(Thinker(cfg), r, 1, 16)))(
-      jax.random.key(0))
+    jax.random.key(0)
+  )
   ckpt_lib.write_model_config(workdir, cfg)
   ckpt_lib.save_params(workdir / ckpt_lib.INIT_PARAMS, jax.device_get(params))
   texts = [" ".join(np.random.default_rng(i).choice(WORDS, 12)) for i in range(200)]
@@ -71,13 +74,26 @@ def test_ablation_notebook(tmp_path):
     for seed in ("0", "1"):
       workdir = tmp_path / f"seed-{seed}_arm-{arm}"
       workdir.mkdir()
-      lines = [{"step": s, "loss": 8 - s / 10 + rng.normal(0, .05), "loss/text": 8 - s / 10}
-               for s in (10, 20, 30)]
-      lines.append({"step": 30, "eval/heldout/loss/text": 6 + rng.normal(0, .1),
-                    "eval/heldout/loss/image": 7 + (arm == "text") + rng.normal(0, .1)})
+      lines = [
+        {"step": s, "loss": 8 - s / 10 + rng.normal(0, 0.05), "loss/text": 8 - s / 10}
+        for s in (10, 20, 30)
+      ]
+      lines.append(
+        {
+          "step": 30,
+          "eval/heldout/loss/text": 6 + rng.normal(0, 0.1),
+          "eval/heldout/loss/image": 7 + (arm == "text") + rng.normal(0, 0.1),
+        }
+      )
       (workdir / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
-      runs.append(dict(name=workdir.name, exp=f"ablation:local,seed={seed},arm={arm}",
-                       args=dict(seed=seed, arm=arm), workdir=str(workdir)))
+      runs.append(
+        dict(
+          name=workdir.name,
+          exp=f"ablation:local,seed={seed},arm={arm}",
+          args=dict(seed=seed, arm=arm),
+          workdir=str(workdir),
+        )
+      )
   (tmp_path / "sweep.json").write_text(json.dumps(dict(exp="ablation:local", runs=runs)))
   out = _outputs(_execute("ablation", OMNIJAX_SWEEP=tmp_path))
   assert "4 runs" in out and "heldout/loss/image" in out

@@ -25,7 +25,8 @@ pytest.importorskip("transformers")
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_modeling  # noqa: E402
 from transformers.models.qwen3_omni_moe import processing_qwen3_omni_moe as hf_processing  # noqa: E402
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (  # noqa: E402
-    Qwen3OmniMoeThinkerConfig)
+  Qwen3OmniMoeThinkerConfig,
+)
 
 T = P.QWEN3_OMNI_TOKENS
 PPS = 13
@@ -37,10 +38,16 @@ _REF_CLS = hf_modeling.Qwen3OmniMoePreTrainedModelForConditionalGeneration
 @pytest.fixture(scope="module")
 def ref():
   config = Qwen3OmniMoeThinkerConfig(
-      audio_token_id=T.audio, image_token_id=T.image, video_token_id=T.video,
-      audio_start_token_id=T.audio_start, vision_start_token_id=T.vision_start,
-      position_id_per_seconds=PPS)
-  model = types.SimpleNamespace(config=config, spatial_merge_size=config.vision_config.spatial_merge_size)
+    audio_token_id=T.audio,
+    image_token_id=T.image,
+    video_token_id=T.video,
+    audio_start_token_id=T.audio_start,
+    vision_start_token_id=T.vision_start,
+    position_id_per_seconds=PPS,
+  )
+  model = types.SimpleNamespace(
+    config=config, spatial_merge_size=config.vision_config.spatial_merge_size
+  )
   model.get_llm_pos_ids_for_vision = types.MethodType(_REF_CLS.get_llm_pos_ids_for_vision, model)
   return model
 
@@ -52,6 +59,7 @@ def test_reference_is_the_thinkers_method():
 
 
 # ---- sequence builders (placeholder counts as the processor makes them) -------------------------
+
 
 def text(n):
   return [int(x) for x in RNG.integers(0, 150000, n)]
@@ -75,13 +83,22 @@ def audio(mel):
 def audio_in_video(grid, seconds_per_grid, mel):
   """The processor's layout: its replace_video_with_audio_token inside the chat template's
   <vision_start> ... <vision_end>."""
-  proc = types.SimpleNamespace(video_processor=types.SimpleNamespace(merge_size=MERGE),
-                               audio_bos_token="<", audio_eos_token=">", video_token="V",
-                               audio_token="A")
+  proc = types.SimpleNamespace(
+    video_processor=types.SimpleNamespace(merge_size=MERGE),
+    audio_bos_token="<",
+    audio_eos_token=">",
+    video_token="V",
+    audio_token="A",
+  )
   n_audio = hf_processing._get_feat_extract_output_lengths(np.array([mel]))
   s = hf_processing.Qwen3OmniMoeProcessor.replace_video_with_audio_token(
-      proc, {"video_grid_thw": [np.array(grid)], "video_second_per_grid": [seconds_per_grid]}, 0,
-      {"num_audio_tokens": n_audio}, 0, position_id_per_seconds=PPS)
+    proc,
+    {"video_grid_thw": [np.array(grid)], "video_second_per_grid": [seconds_per_grid]},
+    0,
+    {"num_audio_tokens": n_audio},
+    0,
+    position_id_per_seconds=PPS,
+  )
   table = {"<": T.audio_start, ">": T.audio_end, "V": T.video, "A": T.audio}
   return [T.vision_start] + [table[c] for c in s] + [T.vision_end]
 
@@ -91,6 +108,7 @@ def fps_to_seconds(fps):
 
 
 # ---- comparison -----------------------------------------------------------------------------------
+
 
 def pad_batch(rows, side="right"):
   s = max(map(len, rows))
@@ -103,22 +121,47 @@ def pad_batch(rows, side="right"):
   return ids, mask
 
 
-def reference(ref, ids, mask, *, images=None, videos=None, seconds=None, audios=None,
-              use_audio_in_video=False):
+def reference(
+  ref, ids, mask, *, images=None, videos=None, seconds=None, audios=None, use_audio_in_video=False
+):
   t = lambda x, dt=torch.long: None if x is None else torch.tensor(np.asarray(x), dtype=dt)
   pos, delta = _REF_CLS.get_rope_index(
-      ref, t(ids), image_grid_thw=t(images), video_grid_thw=t(videos), attention_mask=t(mask),
-      use_audio_in_video=use_audio_in_video, audio_seqlens=t(audios),
-      second_per_grids=t(seconds, torch.float64))
+    ref,
+    t(ids),
+    image_grid_thw=t(images),
+    video_grid_thw=t(videos),
+    attention_mask=t(mask),
+    use_audio_in_video=use_audio_in_video,
+    audio_seqlens=t(audios),
+    second_per_grids=t(seconds, torch.float64),
+  )
   return pos.numpy(), delta.numpy()
 
 
-def ours(ids, mask=None, *, images=None, videos=None, seconds=None, audios=None,
-         use_audio_in_video=False, **kw):
-  return P.rope_index(ids, tokens=T, image_grid_thw=images, video_grid_thw=videos,
-                      video_second_per_grid=seconds, audio_seqlens=audios,
-                      use_audio_in_video=use_audio_in_video, attention_mask=mask,
-                      spatial_merge_size=MERGE, position_id_per_seconds=PPS, **kw)
+def ours(
+  ids,
+  mask=None,
+  *,
+  images=None,
+  videos=None,
+  seconds=None,
+  audios=None,
+  use_audio_in_video=False,
+  **kw,
+):
+  return P.rope_index(
+    ids,
+    tokens=T,
+    image_grid_thw=images,
+    video_grid_thw=videos,
+    video_second_per_grid=seconds,
+    audio_seqlens=audios,
+    use_audio_in_video=use_audio_in_video,
+    attention_mask=mask,
+    spatial_merge_size=MERGE,
+    position_id_per_seconds=PPS,
+    **kw,
+  )
 
 
 def check(ref, rows, side="right", dtype=np.int32, **meta):
@@ -135,6 +178,7 @@ def check(ref, rows, side="right", dtype=np.int32, **meta):
 
 # ---- cases ---------------------------------------------------------------------------------------
 
+
 def test_text_only(ref):
   pos, delta = check(ref, [text(17)])
   assert np.array_equal(pos[:, 0], np.broadcast_to(np.arange(17), (3, 17)))
@@ -143,7 +187,7 @@ def test_text_only(ref):
 
 def test_one_image(ref):
   pos, _ = check(ref, [text(5) + image([1, 8, 12]) + text(4)], images=[[1, 8, 12]])
-  block = pos[:, 0, 6:6 + 24]  # after 5 text + vision_start
+  block = pos[:, 0, 6 : 6 + 24]  # after 5 text + vision_start
   assert (block[0] == 6).all() and block[1].max() == 6 + 3 and block[2].max() == 6 + 5
 
 
@@ -158,8 +202,12 @@ def test_two_images_different_grids(ref):
 def test_videos_at_two_fps_integral(ref, fps):
   grids = [[6, 8, 8], [4, 12, 4]]
   seconds = [fps_to_seconds(f) for f in fps]
-  check(ref, [text(4) + video(grids[0]) + text(3) + video(grids[1]) + text(5)],
-        videos=grids, seconds=seconds)
+  check(
+    ref,
+    [text(4) + video(grids[0]) + text(3) + video(grids[1]) + text(5)],
+    videos=grids,
+    seconds=seconds,
+  )
 
 
 @pytest.mark.parametrize("fps", [(3.0, 4.0), (1.5, 24.0)])
@@ -190,12 +238,12 @@ def test_audio_shorter_and_longer_than_8s(ref, mel):
 
 
 AIV_CASES = [  # (grid, fps, mel frames)
-    ([4, 8, 8], 2.0, 400),      # audio as long as the video
-    ([6, 4, 6], 2.0, 1234),     # audio outlasts the video: audio tail is the last piece
-    ([8, 6, 6], 2.0, 150),      # video outlasts the audio: video tail is the last piece
-    ([2, 40, 40], 1.0, 350),    # short audio under large frames
-    ([1, 60, 8], 2.0, 99),      # audio tail is last piece but the video's H ids go higher (quirk)
-    ([10, 4, 4], 0.5, 2600),    # 4 s per temporal patch
+  ([4, 8, 8], 2.0, 400),  # audio as long as the video
+  ([6, 4, 6], 2.0, 1234),  # audio outlasts the video: audio tail is the last piece
+  ([8, 6, 6], 2.0, 150),  # video outlasts the audio: video tail is the last piece
+  ([2, 40, 40], 1.0, 350),  # short audio under large frames
+  ([1, 60, 8], 2.0, 99),  # audio tail is last piece but the video's H ids go higher (quirk)
+  ([10, 4, 4], 0.5, 2600),  # 4 s per temporal patch
 ]
 
 
@@ -203,10 +251,17 @@ AIV_CASES = [  # (grid, fps, mel frames)
 def test_audio_in_video(ref, grid, fps, mel):
   sec = fps_to_seconds(fps)
   span = audio_in_video(grid, sec, mel)
-  assert np.array_equal(P.audio_in_video_layout(grid, sec, P.audio_token_count(mel), tokens=T),
-                        span)
-  pos, _ = check(ref, [text(3) + span + text(4)], videos=[grid], seconds=[sec], audios=[mel],
-                 use_audio_in_video=True)
+  assert np.array_equal(
+    P.audio_in_video_layout(grid, sec, P.audio_token_count(mel), tokens=T), span
+  )
+  pos, _ = check(
+    ref,
+    [text(3) + span + text(4)],
+    videos=[grid],
+    seconds=[sec],
+    audios=[mel],
+    use_audio_in_video=True,
+  )
   # audio_seqlens optional: audio-in-video lengths are then read from the span.
   ids, mask = pad_batch([text(3) + span + text(4)])
   got, _ = ours(ids, mask, videos=[grid], seconds=[sec])
@@ -215,8 +270,15 @@ def test_audio_in_video(ref, grid, fps, mel):
 
 def test_audio_in_video_fractional_fps(ref):
   grid, sec, mel = [6, 8, 8], fps_to_seconds(3.0), 700
-  check(ref, [text(3) + audio_in_video(grid, sec, mel) + text(4)], dtype=np.float32,
-        videos=[grid], seconds=[sec], audios=[mel], use_audio_in_video=True)
+  check(
+    ref,
+    [text(3) + audio_in_video(grid, sec, mel) + text(4)],
+    dtype=np.float32,
+    videos=[grid],
+    seconds=[sec],
+    audios=[mel],
+    use_audio_in_video=True,
+  )
 
 
 def mixed_plain():
@@ -224,9 +286,21 @@ def mixed_plain():
   videos = [[6, 8, 8], [4, 12, 4]]
   seconds = [fps_to_seconds(2.0), fps_to_seconds(0.5)]
   mels = [350, 1234, 99]
-  row = (text(6) + image(images[0]) + text(3) + audio(mels[0]) + video(videos[0]) + text(2)
-         + image(images[1]) + audio(mels[1]) + text(5) + video(videos[1]) + audio(mels[2])
-         + image(images[2]) + text(3))
+  row = (
+    text(6)
+    + image(images[0])
+    + text(3)
+    + audio(mels[0])
+    + video(videos[0])
+    + text(2)
+    + image(images[1])
+    + audio(mels[1])
+    + text(5)
+    + video(videos[1])
+    + audio(mels[2])
+    + image(images[2])
+    + text(3)
+  )
   return row, dict(images=images, videos=videos, seconds=seconds, audios=mels)
 
 
@@ -235,11 +309,21 @@ def mixed_aiv():
   videos = [[4, 8, 8], [3, 20, 4]]
   seconds = [fps_to_seconds(2.0), fps_to_seconds(1.0)]
   mels = [350, 400, 2000, 99]  # order of appearance, audio-in-video audios included
-  row = (text(4) + image(images[0]) + audio(mels[0]) + text(2)
-         + audio_in_video(videos[0], seconds[0], mels[1]) + text(3) + audio(mels[2])
-         + audio_in_video(videos[1], seconds[1], mels[3]) + image(images[1]) + text(2))
-  return row, dict(images=images, videos=videos, seconds=seconds, audios=mels,
-                   use_audio_in_video=True)
+  row = (
+    text(4)
+    + image(images[0])
+    + audio(mels[0])
+    + text(2)
+    + audio_in_video(videos[0], seconds[0], mels[1])
+    + text(3)
+    + audio(mels[2])
+    + audio_in_video(videos[1], seconds[1], mels[3])
+    + image(images[1])
+    + text(2)
+  )
+  return row, dict(
+    images=images, videos=videos, seconds=seconds, audios=mels, use_audio_in_video=True
+  )
 
 
 def test_everything_mixed_in_one_sequence(ref):
@@ -256,10 +340,17 @@ def test_plain_video_and_audio_in_video_together(ref):
   first = text(3) + video(grid) + text(2)
   second = audio_in_video([3, 4, 8], sec, 500) + text(3)
   p1, d1 = reference(ref, *pad_batch([first]), videos=[grid], seconds=[sec])
-  p2, _ = reference(ref, *pad_batch([second]), videos=[[3, 4, 8]], seconds=[sec], audios=[500],
-                    use_audio_in_video=True)
-  got, _ = ours(np.array([first + second]), videos=[grid, [3, 4, 8]], seconds=[sec, sec],
-                audios=[500])
+  p2, _ = reference(
+    ref,
+    *pad_batch([second]),
+    videos=[[3, 4, 8]],
+    seconds=[sec],
+    audios=[500],
+    use_audio_in_video=True,
+  )
+  got, _ = ours(
+    np.array([first + second]), videos=[grid, [3, 4, 8]], seconds=[sec, sec], audios=[500]
+  )
   shift = p1.max() + 1
   assert np.array_equal(got[:, 0], np.concatenate([p1[:, 0], p2[:, 0] + shift], axis=1))
 
@@ -269,8 +360,12 @@ def test_padded_batches(ref, side):
   row_a, meta_a = mixed_plain()
   # Multimodal branch: padded slots are 0 in the reference.
   rows = [text(9) + image([1, 4, 8]) + text(2), row_a, text(1)]
-  meta = dict(images=[[1, 4, 8]] + meta_a["images"], videos=meta_a["videos"],
-              seconds=meta_a["seconds"], audios=meta_a["audios"])
+  meta = dict(
+    images=[[1, 4, 8]] + meta_a["images"],
+    videos=meta_a["videos"],
+    seconds=meta_a["seconds"],
+    audios=meta_a["audios"],
+  )
   check(ref, rows, side=side, **meta)
   # Audio-in-video rows.
   row_b, meta_b = mixed_aiv()
@@ -304,17 +399,22 @@ def test_packed_rows_equal_documents_alone(ref):
   for b, docs in enumerate([row0, row1]):
     at = 0
     for k, d in enumerate(docs):
-      ids[b, at:at + len(d)] = d
-      seg[b, at:at + len(d)] = k + 1
+      ids[b, at : at + len(d)] = d
+      seg[b, at : at + len(d)] = k + 1
       at += len(d)
-  metas = {id(doc_plain): meta_plain, id(doc_aiv): meta_aiv,
-           id(doc_img): dict(images=[[1, 8, 8]]), id(doc_txt): {}}
+  metas = {
+    id(doc_plain): meta_plain,
+    id(doc_aiv): meta_aiv,
+    id(doc_img): dict(images=[[1, 8, 8]]),
+    id(doc_txt): {},
+  }
   images = meta_plain["images"] + [[1, 8, 8]] + meta_aiv["images"]
   videos = meta_plain["videos"] + meta_aiv["videos"]
   seconds = meta_plain["seconds"] + meta_aiv["seconds"]
   audios = meta_plain["audios"] + meta_aiv["audios"]
-  got_pos, got_delta = ours(ids, segment_ids=seg, images=images, videos=videos, seconds=seconds,
-                            audios=audios)
+  got_pos, got_delta = ours(
+    ids, segment_ids=seg, images=images, videos=videos, seconds=seconds, audios=audios
+  )
   for b, docs in enumerate([row0, row1]):
     at = 0
     for d in docs:
@@ -322,13 +422,20 @@ def test_packed_rows_equal_documents_alone(ref):
       if not meta.get("images") and not meta.get("videos"):
         meta = dict(meta, images=np.zeros((0, 3), np.int64))  # reference's multimodal branch
       want_pos, want_delta = reference(ref, *pad_batch([d]), **meta)
-      assert np.array_equal(got_pos[:, b, at:at + len(d)], want_pos[:, 0])
+      assert np.array_equal(got_pos[:, b, at : at + len(d)], want_pos[:, 0])
       at += len(d)
     assert got_delta[b, 0] == want_delta[0, 0]  # the last document's delta
     assert (got_pos[:, b, at:] == 0).all()
   # attention_mask alongside segment_ids must agree with it.
-  same = ours(ids, (seg > 0).astype(np.int64), segment_ids=seg, images=images, videos=videos,
-              seconds=seconds, audios=audios)
+  same = ours(
+    ids,
+    (seg > 0).astype(np.int64),
+    segment_ids=seg,
+    images=images,
+    videos=videos,
+    seconds=seconds,
+    audios=audios,
+  )
   assert np.array_equal(same[0], got_pos)
   # Text-only packing.
   pos, delta = ours(np.array([text(10)]), segment_ids=np.array([[1, 1, 1, 2, 2, 0, 3, 3, 3, 0]]))
@@ -357,10 +464,23 @@ def test_token_count_helpers():
 def test_token_ids_from_config():
   tiny = ThinkerConfig.from_dict(presets.get("tiny"))
   got = P.TokenIds.from_config(tiny)
-  assert (got.image, got.video, got.audio, got.vision_start, got.audio_start, got.vision_end,
-          got.audio_end) == (tiny.image_token_id, tiny.video_token_id, tiny.audio_token_id,
-                             tiny.vision_start_token_id, tiny.audio_start_token_id,
-                             tiny.vision_end_token_id, tiny.audio_end_token_id)
+  assert (
+    got.image,
+    got.video,
+    got.audio,
+    got.vision_start,
+    got.audio_start,
+    got.vision_end,
+    got.audio_end,
+  ) == (
+    tiny.image_token_id,
+    tiny.video_token_id,
+    tiny.audio_token_id,
+    tiny.vision_start_token_id,
+    tiny.audio_start_token_id,
+    tiny.vision_end_token_id,
+    tiny.audio_end_token_id,
+  )
   released = ThinkerConfig(text=tiny.text)  # the dataclass defaults are the released ids
   assert P.TokenIds.from_config(released) == T
   kw = P.rope_kwargs_from_config(released)
@@ -368,8 +488,11 @@ def test_token_ids_from_config():
   assert kw["position_id_per_seconds"] == 13 and kw["n_window"] == 50
   # A transformers thinker config works too (it has no end-marker ids).
   hf = Qwen3OmniMoeThinkerConfig(
-      audio_token_id=T.audio, audio_start_token_id=T.audio_start,
-      vision_start_token_id=T.vision_start, position_id_per_seconds=PPS)
+    audio_token_id=T.audio,
+    audio_start_token_id=T.audio_start,
+    vision_start_token_id=T.vision_start,
+    position_id_per_seconds=PPS,
+  )
   kw = P.rope_kwargs_from_config(hf)
   assert kw["tokens"] == dataclasses.replace(T, vision_end=None, audio_end=None)
   assert kw["spatial_merge_size"] == 2 and kw["position_id_per_seconds"] == 13

@@ -42,7 +42,7 @@ SENSITIVITY = 1e-2  # a tower's input must move the logits at/after its placehol
 CFG = ThinkerConfig.from_dict(presets.get("tiny"))
 TOK = P.TokenIds.from_config(CFG)
 MERGE = CFG.vision.spatial_merge_size
-PIXELS = CFG.vision.in_channels * CFG.vision.temporal_patch_size * CFG.vision.patch_size ** 2
+PIXELS = CFG.vision.in_channels * CFG.vision.temporal_patch_size * CFG.vision.patch_size**2
 PLACEHOLDER = {"audio": TOK.audio, "image": TOK.image, "video": TOK.video}
 # The tower input each modality's sensitivity check perturbs.
 MEDIA_INPUT = {"audio": "input_features", "image": "pixel_values", "video": "pixel_values_videos"}
@@ -85,21 +85,28 @@ def make_batch(rows, seed: int = 0, seq_len: int | None = None) -> Batch:
         ids += [TOK.audio_start] + [TOK.audio] * mel(args[0]) + [TOK.audio_end]
       elif kind == "image":
         images.append((pixels(args[0]), args[0]))
-        ids += ([TOK.vision_start] + [TOK.image] * P.image_token_count(args[0], MERGE)
-                + [TOK.vision_end])
+        ids += (
+          [TOK.vision_start] + [TOK.image] * P.image_token_count(args[0], MERGE) + [TOK.vision_end]
+        )
       elif kind == "video":
         grid, fps = args
         videos.append((pixels(grid), grid))
         seconds.append(_seconds_per_grid(fps))
-        ids += ([TOK.vision_start] + [TOK.video] * P.video_token_count(grid, MERGE)
-                + [TOK.vision_end])
+        ids += (
+          [TOK.vision_start] + [TOK.video] * P.video_token_count(grid, MERGE) + [TOK.vision_end]
+        )
       elif kind == "aiv":
         grid, fps, frames = args
         videos.append((pixels(grid), grid))
         seconds.append(_seconds_per_grid(fps))
         ids += P.audio_in_video_layout(
-            grid, seconds[-1], mel(frames), tokens=TOK, spatial_merge_size=MERGE,
-            position_id_per_seconds=CFG.position_id_per_seconds).tolist()
+          grid,
+          seconds[-1],
+          mel(frames),
+          tokens=TOK,
+          spatial_merge_size=MERGE,
+          position_id_per_seconds=CFG.position_id_per_seconds,
+        ).tolist()
         aiv = True
       else:
         raise ValueError(kind)
@@ -109,8 +116,8 @@ def make_batch(rows, seed: int = 0, seq_len: int | None = None) -> Batch:
   ids = np.zeros((len(rows), s), np.int64)
   mask = np.zeros((len(rows), s), np.int64)
   for b, r in enumerate(ids_rows):
-    ids[b, :len(r)] = r
-    mask[b, :len(r)] = 1
+    ids[b, : len(r)] = r
+    mask[b, : len(r)] = 1
   kwargs = dict(attention_mask=mask)
   modalities = []
   if mels:
@@ -118,18 +125,22 @@ def make_batch(rows, seed: int = 0, seq_len: int | None = None) -> Batch:
     feats = np.zeros((len(mels), CFG.audio.num_mel_bins, frames), np.float32)
     fmask = np.zeros((len(mels), frames), np.int64)
     for i, m in enumerate(mels):
-      feats[i, :, :m.shape[1]] = m
-      fmask[i, :m.shape[1]] = 1
+      feats[i, :, : m.shape[1]] = m
+      fmask[i, : m.shape[1]] = 1
     kwargs |= dict(input_features=feats, feature_attention_mask=fmask)
     modalities.append("audio")
   if images:
-    kwargs |= dict(pixel_values=np.concatenate([p for p, _ in images]),
-                   image_grid_thw=np.array([g for _, g in images], np.int64))
+    kwargs |= dict(
+      pixel_values=np.concatenate([p for p, _ in images]),
+      image_grid_thw=np.array([g for _, g in images], np.int64),
+    )
     modalities.append("image")
   if videos:
-    kwargs |= dict(pixel_values_videos=np.concatenate([p for p, _ in videos]),
-                   video_grid_thw=np.array([g for _, g in videos], np.int64),
-                   video_second_per_grid=np.array(seconds, np.float32))
+    kwargs |= dict(
+      pixel_values_videos=np.concatenate([p for p, _ in videos]),
+      video_grid_thw=np.array([g for _, g in videos], np.int64),
+      video_second_per_grid=np.array(seconds, np.float32),
+    )
     modalities.append("video")
   if aiv:
     kwargs["use_audio_in_video"] = True
@@ -137,24 +148,40 @@ def make_batch(rows, seed: int = 0, seq_len: int | None = None) -> Batch:
 
 
 CASES = {
-    # 150 frames: < 1 chunk window; 900 frames: longer than the 8 s (800-frame) attention window
-    "audio_two_in_one_row": [[("text", 5), ("audio", 150), ("text", 3), ("audio", 900),
-                              ("text", 4)]],
-    "audio_batch_of_two_rows": [[("text", 4), ("audio", 300), ("text", 6)],
-                                [("text", 2), ("audio", 700), ("text", 3)]],
-    "one_image": [[("text", 5), ("image", (1, 4, 6)), ("text", 6)]],
-    "two_images_different_grids": [[("text", 3), ("image", (1, 4, 6)), ("text", 4),
-                                    ("image", (1, 8, 4)), ("text", 5)]],
-    # 3 temporal patches at 2 fps: 1 s per temporal patch, T steps of 13
-    "video": [[("text", 4), ("video", (3, 4, 4), 2.0), ("text", 5)]],
-    # 3 s of video at 2 fps with its 300-frame (3 s) audio track, interleaved by time
-    "audio_in_video": [[("text", 4), ("aiv", (3, 4, 4), 2.0, 300), ("text", 5)]],
-    # everything, batch 2 (right-padded); a 3 fps video has fractional T positions
-    "mixed_batch": [
-        [("text", 3), ("image", (1, 4, 6)), ("text", 2), ("audio", 250), ("text", 2),
-         ("video", (2, 4, 6), 3.0), ("text", 4)],
-        [("text", 2), ("video", (3, 4, 4), 2.0), ("audio", 120), ("text", 3),
-         ("image", (1, 6, 4)), ("text", 3)]],
+  # 150 frames: < 1 chunk window; 900 frames: longer than the 8 s (800-frame) attention window
+  "audio_two_in_one_row": [[("text", 5), ("audio", 150), ("text", 3), ("audio", 900), ("text", 4)]],
+  "audio_batch_of_two_rows": [
+    [("text", 4), ("audio", 300), ("text", 6)],
+    [("text", 2), ("audio", 700), ("text", 3)],
+  ],
+  "one_image": [[("text", 5), ("image", (1, 4, 6)), ("text", 6)]],
+  "two_images_different_grids": [
+    [("text", 3), ("image", (1, 4, 6)), ("text", 4), ("image", (1, 8, 4)), ("text", 5)]
+  ],
+  # 3 temporal patches at 2 fps: 1 s per temporal patch, T steps of 13
+  "video": [[("text", 4), ("video", (3, 4, 4), 2.0), ("text", 5)]],
+  # 3 s of video at 2 fps with its 300-frame (3 s) audio track, interleaved by time
+  "audio_in_video": [[("text", 4), ("aiv", (3, 4, 4), 2.0, 300), ("text", 5)]],
+  # everything, batch 2 (right-padded); a 3 fps video has fractional T positions
+  "mixed_batch": [
+    [
+      ("text", 3),
+      ("image", (1, 4, 6)),
+      ("text", 2),
+      ("audio", 250),
+      ("text", 2),
+      ("video", (2, 4, 6), 3.0),
+      ("text", 4),
+    ],
+    [
+      ("text", 2),
+      ("video", (3, 4, 4), 2.0),
+      ("audio", 120),
+      ("text", 3),
+      ("image", (1, 6, 4)),
+      ("text", 3),
+    ],
+  ],
 }
 
 
@@ -187,10 +214,14 @@ def _hf_tensors(module, prefix: str) -> dict[str, np.ndarray]:
 
 def _assert_towers_equal(model: api.Model, hf_model) -> None:
   """The tower tensors omnijax would export are those transformers holds, exactly."""
-  ours = {k: v for k, v in convert.hf_tensors(model.config, model.params)
-          if k.startswith(("thinker.audio_tower.", "thinker.visual."))}
-  theirs = (_hf_tensors(hf_model.thinker.model.audio_tower, "thinker.audio_tower")
-            | _hf_tensors(hf_model.thinker.model.visual, "thinker.visual"))
+  ours = {
+    k: v
+    for k, v in convert.hf_tensors(model.config, model.params)
+    if k.startswith(("thinker.audio_tower.", "thinker.visual."))
+  }
+  theirs = _hf_tensors(hf_model.thinker.model.audio_tower, "thinker.audio_tower") | _hf_tensors(
+    hf_model.thinker.model.visual, "thinker.visual"
+  )
   assert sorted(ours) == sorted(theirs)
   for k, v in ours.items():
     np.testing.assert_array_equal(v, theirs[k], err_msg=k)
@@ -201,7 +232,8 @@ def from_hf(tmp_path_factory):
   """transformers (rescaled random init) -> save_pretrained -> omnijax.load."""
   torch.manual_seed(0)
   hf_model = transformers.Qwen3OmniMoeForConditionalGeneration(
-      transformers.Qwen3OmniMoeConfig(**hf_config.to_hf_config(CFG))).eval()
+    transformers.Qwen3OmniMoeConfig(**hf_config.to_hf_config(CFG))
+  ).eval()
   _randomize_hf(hf_model.thinker)
   hf_dir = tmp_path_factory.mktemp("hf")
   hf_model.save_pretrained(hf_dir)
@@ -219,12 +251,17 @@ def to_hf(from_hf, tmp_path_factory):
   rng = np.random.default_rng(7)
   flat = traverse_util.flatten_dict(jax.device_get(model.params), sep="/")
   params = traverse_util.unflatten_dict(
-      {k: (np.asarray(v) * (1 + 0.2 * rng.standard_normal(v.shape))).astype(np.float32)
-       for k, v in flat.items()}, sep="/")
+    {
+      k: (np.asarray(v) * (1 + 0.2 * rng.standard_normal(v.shape))).astype(np.float32)
+      for k, v in flat.items()
+    },
+    sep="/",
+  )
   out = tmp_path_factory.mktemp("export")
   convert.save_hf(CFG, params, out)
   hf_model, info = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-      out, dtype=torch.float32, output_loading_info=True)
+    out, dtype=torch.float32, output_loading_info=True
+  )
   assert not info["missing_keys"] and not info["unexpected_keys"]
   assert not info["mismatched_keys"]
   ours = api.Model(CFG, params)
@@ -251,9 +288,11 @@ def _check_parity(label: str, model: api.Model, hf_model, batch: Batch) -> np.nd
   assert ours.shape == theirs.shape == batch.ids.shape + (CFG.text.vocab_size,)
   d_logits = float(np.abs(ours - theirs)[real].max())
   d_aux = abs(aux - their_aux)
-  print(f"\n[mm parity] {label}: max|logits diff|={d_logits:.3g} (max|logits| "
-        f"{np.abs(theirs[real]).max():.3g}, {int(real.sum())} tokens), |aux diff|={d_aux:.3g} "
-        f"(aux {their_aux:.6f})")
+  print(
+    f"\n[mm parity] {label}: max|logits diff|={d_logits:.3g} (max|logits| "
+    f"{np.abs(theirs[real]).max():.3g}, {int(real.sum())} tokens), |aux diff|={d_aux:.3g} "
+    f"(aux {their_aux:.6f})"
+  )
   assert d_logits <= TOL and d_aux <= TOL
   return ours
 
@@ -266,8 +305,9 @@ def _check_sensitivity(label: str, model: api.Model, batch: Batch, base: np.ndar
   for kind in batch.modalities:
     name = MEDIA_INPUT[kind]
     x = batch.kwargs[name]
-    moved = model.logits(batch.ids, **batch.kwargs | {name: x + rng.standard_normal(x.shape)
-                                                      .astype(np.float32)})
+    moved = model.logits(
+      batch.ids, **batch.kwargs | {name: x + rng.standard_normal(x.shape).astype(np.float32)}
+    )
     diff = np.where(real[..., None], np.abs(moved - base), 0).max(-1)  # (B, S)
     after = []
     for b in range(len(batch.ids)):
@@ -277,8 +317,10 @@ def _check_sensitivity(label: str, model: api.Model, batch: Batch, base: np.ndar
       if len(hits):
         after.append(float(diff[b, first:].max()))
         assert diff[b, hits].max() > SENSITIVITY, (kind, b)
-    print(f"[mm sensitivity] {label}: {name} perturbed -> max|logits change| at/after the "
-          f"{kind} placeholders {min(after):.3g} (min over rows)")
+    print(
+      f"[mm sensitivity] {label}: {name} perturbed -> max|logits change| at/after the "
+      f"{kind} placeholders {min(after):.3g} (min over rows)"
+    )
     assert min(after) > SENSITIVITY
 
 
@@ -304,13 +346,16 @@ def test_argument_variants(from_hf):
   batch = make_batch(CASES["audio_two_in_one_row"], seed=0)
   kw = batch.kwargs
   want = model.logits(batch.ids, **kw)
-  got = model.logits(torch.from_numpy(batch.ids[0]),
-                     attention_mask=torch.from_numpy(kw["attention_mask"][0]),
-                     input_features=torch.from_numpy(kw["input_features"]),
-                     audio_feature_lengths=torch.from_numpy(kw["feature_attention_mask"].sum(-1)))
+  got = model.logits(
+    torch.from_numpy(batch.ids[0]),
+    attention_mask=torch.from_numpy(kw["attention_mask"][0]),
+    input_features=torch.from_numpy(kw["input_features"]),
+    audio_feature_lengths=torch.from_numpy(kw["feature_attention_mask"].sum(-1)),
+  )
   np.testing.assert_array_equal(got, want)
-  pos, _ = P.rope_index(batch.ids, **P.rope_kwargs_from_config(CFG),
-                        audio_seqlens=kw["feature_attention_mask"].sum(-1))
+  pos, _ = P.rope_index(
+    batch.ids, **P.rope_kwargs_from_config(CFG), audio_seqlens=kw["feature_attention_mask"].sum(-1)
+  )
   np.testing.assert_array_equal(model.logits(batch.ids, pos, **kw), want)
   with pytest.raises(ValueError, match="attention_mask must have the shape of input_ids"):
     model.logits(batch.ids, **kw | dict(attention_mask=kw["attention_mask"][:, 1:]))
@@ -321,19 +366,21 @@ def test_argument_variants(from_hf):
 # (row 0 audio frames, row 0 image grid), (row 1 ...): audio buckets 200/400 frames, vision
 # buckets 64/96 patches per row.
 STREAM = [
-    ((150, (1, 4, 6)), (60, (1, 4, 4))),
-    ((180, (1, 8, 8)), (199, (1, 2, 4))),
-    ((350, (1, 4, 4)), (90, (1, 6, 6))),
-    ((120, (1, 8, 4)), (390, (1, 4, 8))),
-    ((120, (1, 8, 10)), (40, (1, 4, 4))),
-    ((199, (1, 4, 6)), (101, (1, 6, 6))),
+  ((150, (1, 4, 6)), (60, (1, 4, 4))),
+  ((180, (1, 8, 8)), (199, (1, 2, 4))),
+  ((350, (1, 4, 4)), (90, (1, 6, 6))),
+  ((120, (1, 8, 4)), (390, (1, 4, 8))),
+  ((120, (1, 8, 10)), (40, (1, 4, 4))),
+  ((199, (1, 4, 6)), (101, (1, 6, 6))),
 ]
 STREAM_SEQ = 160  # every batch is right-padded to this length (as a data pipeline would)
 
 
 def _stream_batch(i: int) -> Batch:
-  rows = [[("text", 3), ("audio", frames), ("text", 2), ("image", grid), ("text", 4)]
-          for frames, grid in STREAM[i]]
+  rows = [
+    [("text", 3), ("audio", frames), ("text", 2), ("image", grid), ("text", 4)]
+    for frames, grid in STREAM[i]
+  ]
   return make_batch(rows, seed=100 + i, seq_len=STREAM_SEQ)
 
 
@@ -342,13 +389,19 @@ def test_compiles_once_per_bucket_combination(from_hf):
   api._forward.cache_clear()  # a fresh jitted forward for this config: its cache starts empty
   combos, outputs = [], []
   for i, rows in enumerate(STREAM):
-    combos.append((audio_lib.bucket_frames(max(f for f, _ in rows)),
-                   vision_lib.bucket_patches(max(int(np.prod(g)) for _, g in rows))))
+    combos.append(
+      (
+        audio_lib.bucket_frames(max(f for f, _ in rows)),
+        vision_lib.bucket_patches(max(int(np.prod(g)) for _, g in rows)),
+      )
+    )
     batch = _stream_batch(i)
     outputs.append(model.logits(batch.ids, **batch.kwargs))
   compiles = api._forward(model.config)._cache_size()
-  print(f"\n[mm compile] {len(STREAM)} calls, bucket combinations (audio frames, patches) "
-        f"{sorted(set(combos))}, {compiles} compiles")
+  print(
+    f"\n[mm compile] {len(STREAM)} calls, bucket combinations (audio frames, patches) "
+    f"{sorted(set(combos))}, {compiles} compiles"
+  )
   assert len(set(combos)) == 3 and compiles == 3
 
   # The same inputs padded into bigger buckets (audio frames and audios per row, patches per
@@ -361,28 +414,39 @@ def test_compiles_once_per_bucket_combination(from_hf):
   rng = np.random.default_rng(3)
   frame_pad = np.arange(800) >= media["audio_lengths"][..., None, None]
   media["audio_features"] = np.where(
-      frame_pad, 10 * rng.standard_normal(media["audio_features"].shape),
-      media["audio_features"]).astype(np.float32)
+    frame_pad, 10 * rng.standard_normal(media["audio_features"].shape), media["audio_features"]
+  ).astype(np.float32)
   grids = kw["image_grid_thw"]
   starts = np.concatenate([[0], np.cumsum(grids.prod(-1))])
-  image_rows = [(kw["pixel_values"][starts[i]:starts[i + 1]], grids[i:i + 1]) for i in range(2)]
+  image_rows = [(kw["pixel_values"][starts[i] : starts[i + 1]], grids[i : i + 1]) for i in range(2)]
   media |= media_lib.vision_buffers(CFG, "image", image_rows, bucket=192)
   patch_pad = media["image_segment_ids"] == 0
   media["image_patches"] = np.where(
-      patch_pad[..., None], 10 * rng.standard_normal(media["image_patches"].shape),
-      media["image_patches"]).astype(np.float32)
+    patch_pad[..., None],
+    10 * rng.standard_normal(media["image_patches"].shape),
+    media["image_patches"],
+  ).astype(np.float32)
   extra = 32
   ids = np.pad(batch.ids, ((0, 0), (0, extra)))
   mask = np.pad(kw["attention_mask"], ((0, 0), (0, extra)))
-  pos, _ = P.rope_index(ids, **P.rope_kwargs_from_config(CFG), dtype=np.float32,
-                        attention_mask=mask, image_grid_thw=grids,
-                        audio_seqlens=lengths)
-  logits, stats = api._forward(CFG)(model.params, jnp.asarray(ids, jnp.int32),
-                                    jnp.asarray(pos), jnp.asarray(mask, jnp.int32), media)
+  pos, _ = P.rope_index(
+    ids,
+    **P.rope_kwargs_from_config(CFG),
+    dtype=np.float32,
+    attention_mask=mask,
+    image_grid_thw=grids,
+    audio_seqlens=lengths,
+  )
+  logits, stats = api._forward(CFG)(
+    model.params, jnp.asarray(ids, jnp.int32), jnp.asarray(pos), jnp.asarray(mask, jnp.int32), media
+  )
   real = kw["attention_mask"].astype(bool)
   diff = float(np.abs(np.asarray(logits)[:, :STREAM_SEQ] - outputs[0])[real].max())
-  d_aux = abs(float(load_balancing_loss(stats, CFG.text.num_experts))
-              - model.aux_loss(batch.ids, **kw))
-  print(f"[mm padding] bigger buckets (800 frames x 2 audios, 192 patches, +{extra} tokens): "
-        f"max|logits diff| {diff:.3g}, |aux diff| {d_aux:.3g}")
+  d_aux = abs(
+    float(load_balancing_loss(stats, CFG.text.num_experts)) - model.aux_loss(batch.ids, **kw)
+  )
+  print(
+    f"[mm padding] bigger buckets (800 frames x 2 audios, 192 patches, +{extra} tokens): "
+    f"max|logits diff| {diff:.3g}, |aux diff| {d_aux:.3g}"
+  )
   assert diff <= 1e-5 and d_aux <= 1e-6

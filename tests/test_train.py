@@ -27,12 +27,16 @@ def _batch(b, s, seed=0):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, 4096, (b, s + 1)).astype(np.int32)
   seg = np.ones((b, s), np.int32)
-  seg[:, s // 2:] = 2
+  seg[:, s // 2 :] = 2
   seg[0, -5:] = 0  # padding
   pos = np.concatenate([np.arange(s // 2), np.arange(s - s // 2)])
-  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=seg,
-              positions=np.broadcast_to(pos, (b, 3, s)).astype(np.int32).copy(),
-              loss_mask=(seg != 0).astype(np.float32))
+  return dict(
+    inputs=tokens[:, :-1],
+    targets=tokens[:, 1:],
+    segment_ids=seg,
+    positions=np.broadcast_to(pos, (b, 3, s)).astype(np.int32).copy(),
+    loss_mask=(seg != 0).astype(np.float32),
+  )
 
 
 def _one_step(mesh_shape, devices, cfg, batch, grad_accum=2):
@@ -45,19 +49,26 @@ def _one_step(mesh_shape, devices, cfg, batch, grad_accum=2):
   with st.mesh_context(mesh, rules):
     init, _, shardings = st.state_shardings(model, tx, mesh, rules, batch["inputs"].shape[1])
     state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
-    step = st.compile_train_step(model, tx, sched, mesh, rules, shardings,
-                                 grad_accum_steps=grad_accum, z_loss=1e-4)
+    step = st.compile_train_step(
+      model, tx, sched, mesh, rules, shardings, grad_accum_steps=grad_accum, z_loss=1e-4
+    )
     sharded_batch = jax.device_put(batch, st.batch_shardings(batch, mesh, rules))
     grads = jax.jit(jax.grad(lambda p, b: st.loss_terms(model, p, b, 507.0, 1, 1e-4)[0]))(
-        state.params, sharded_batch)
+      state.params, sharded_batch
+    )
     state, metrics = step(state, sharded_batch)
     # Every parameter is laid out by the rules, e.g. experts split over the expert axis.
-    return (jax.device_get(state.params), jax.device_get(metrics), jax.device_get(grads),
-            state.params)
+    return (
+      jax.device_get(state.params),
+      jax.device_get(metrics),
+      jax.device_get(grads),
+      state.params,
+    )
 
 
-@pytest.mark.parametrize("mesh_shape", [dict(data=2, fsdp=2, expert=2),
-                                        dict(data=1, fsdp=2, expert=2, tensor=2)])
+@pytest.mark.parametrize(
+  "mesh_shape", [dict(data=2, fsdp=2, expert=2), dict(data=1, fsdp=2, expert=2, tensor=2)]
+)
 def test_sharded_step_matches_single_device(mesh_shape):
   cd = presets.get("tiny")
   cd.text.shared_expert_intermediate_size = 32
@@ -69,11 +80,14 @@ def test_sharded_step_matches_single_device(mesh_shape):
   p8, m8, g8, sharded = _one_step(mesh_shape, jax.devices(), cfg, batch)
   for k in ("ce_sum", "aux_loss", "grad_norm"):
     assert abs(float(m1[k]) - float(m8[k])) <= LOSS_RTOL * abs(float(m1[k])), k
-  max_diff = lambda x, y: max(jax.tree.leaves(
-      jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), x, y)))
+  max_diff = lambda x, y: max(
+    jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), x, y))
+  )
   grad_diff, param_diff = max_diff(g1, g8), max_diff(p1, p8)
-  print(f"\nmesh {mesh_shape}: ce sum {float(m1['ce_sum']):.7f} vs {float(m8['ce_sum']):.7f}, "
-        f"max |grad diff| {grad_diff:.1e}, max |param diff| after one AdamW step {param_diff:.1e}")
+  print(
+    f"\nmesh {mesh_shape}: ce sum {float(m1['ce_sum']):.7f} vs {float(m8['ce_sum']):.7f}, "
+    f"max |grad diff| {grad_diff:.1e}, max |param diff| after one AdamW step {param_diff:.1e}"
+  )
   assert grad_diff <= GRAD_ATOL
   assert param_diff <= PARAM_ATOL
   experts = sharded["model"]["layers_0_1"]["mlp"]["experts_gate_proj"]

@@ -29,25 +29,37 @@ def _batch(cfg: ThinkerConfig, seed: int = 0):
   n_img = positions.image_token_count(image_grid[0])
   n_vid = positions.image_token_count(video_grid[0])
   n_aud = positions.audio_token_count(230)
-  ids[0, 3:5 + n_img] = [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [
-      cfg.vision_end_token_id]
-  ids[1, 10:12 + n_aud] = [cfg.audio_start_token_id] + [cfg.audio_token_id] * n_aud + [
-      cfg.audio_end_token_id]
-  ids[2, 7:9 + n_vid] = [cfg.vision_start_token_id] + [cfg.video_token_id] * n_vid + [
-      cfg.vision_end_token_id]
-  hf = dict(input_features=rng.normal(size=(1, 128, 230)).astype(np.float32),
-            pixel_values=rng.normal(size=(int(image_grid.prod()), in_dim)).astype(np.float32),
-            image_grid_thw=image_grid,
-            pixel_values_videos=rng.normal(size=(int(video_grid.prod()), in_dim)).astype(
-                np.float32),
-            video_grid_thw=video_grid)
-  pos, _ = positions.rope_index(ids, **positions.rope_kwargs_from_config(cfg),
-                                image_grid_thw=image_grid, video_grid_thw=video_grid,
-                                video_second_per_grid=np.array([1.0]), audio_seqlens=[230])
-  batch = dict(inputs=ids, targets=np.roll(ids, -1, axis=1),
-               segment_ids=np.ones((4, SEQ), np.int32),
-               positions=np.ascontiguousarray(np.swapaxes(pos, 0, 1)),
-               loss_mask=np.ones((4, SEQ), np.float32))
+  ids[0, 3 : 5 + n_img] = (
+    [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id]
+  )
+  ids[1, 10 : 12 + n_aud] = (
+    [cfg.audio_start_token_id] + [cfg.audio_token_id] * n_aud + [cfg.audio_end_token_id]
+  )
+  ids[2, 7 : 9 + n_vid] = (
+    [cfg.vision_start_token_id] + [cfg.video_token_id] * n_vid + [cfg.vision_end_token_id]
+  )
+  hf = dict(
+    input_features=rng.normal(size=(1, 128, 230)).astype(np.float32),
+    pixel_values=rng.normal(size=(int(image_grid.prod()), in_dim)).astype(np.float32),
+    image_grid_thw=image_grid,
+    pixel_values_videos=rng.normal(size=(int(video_grid.prod()), in_dim)).astype(np.float32),
+    video_grid_thw=video_grid,
+  )
+  pos, _ = positions.rope_index(
+    ids,
+    **positions.rope_kwargs_from_config(cfg),
+    image_grid_thw=image_grid,
+    video_grid_thw=video_grid,
+    video_second_per_grid=np.array([1.0]),
+    audio_seqlens=[230],
+  )
+  batch = dict(
+    inputs=ids,
+    targets=np.roll(ids, -1, axis=1),
+    segment_ids=np.ones((4, SEQ), np.int32),
+    positions=np.ascontiguousarray(np.swapaxes(pos, 0, 1)),
+    loss_mask=np.ones((4, SEQ), np.float32),
+  )
   return batch | media.from_hf_inputs(cfg, ids, **hf)
 
 
@@ -62,8 +74,9 @@ def _step(cfg: ThinkerConfig, batch):
     init, _, shardings = st.state_shardings(model, tx, mesh, rules, SEQ)
     state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
     before = jax.device_get(state.params)
-    step = st.compile_train_step(model, tx, sched, mesh, rules, shardings, grad_accum_steps=1,
-                                 z_loss=0.0)
+    step = st.compile_train_step(
+      model, tx, sched, mesh, rules, shardings, grad_accum_steps=1, z_loss=0.0
+    )
     state, metrics = step(state, jax.device_put(batch, st.batch_shardings(batch, mesh, rules)))
   return before, jax.device_get(state.params), jax.device_get(metrics)
 

@@ -21,7 +21,8 @@ pytest.importorskip("transformers")
 from transformers import vision_utils  # noqa: E402
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_modeling  # noqa: E402
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (  # noqa: E402
-    Qwen3OmniMoeVisionEncoderConfig)
+  Qwen3OmniMoeVisionEncoderConfig,
+)
 
 from omnijax.hf import keymap_vision  # noqa: E402
 from omnijax.hf.keymap import CheckpointError  # noqa: E402
@@ -30,27 +31,43 @@ from omnijax.processing import vision as vision_host  # noqa: E402
 from omnijax.models.config import ImplConfig, VisionEncoderConfig  # noqa: E402
 
 TOL = 1e-4
-CFG = VisionEncoderConfig(depth=3, hidden_size=32, intermediate_size=64, num_heads=2,
-                          in_channels=3, patch_size=16, spatial_merge_size=2,
-                          temporal_patch_size=2, out_hidden_size=24, num_position_embeddings=64,
-                          deepstack_visual_indexes=(0, 2))
+CFG = VisionEncoderConfig(
+  depth=3,
+  hidden_size=32,
+  intermediate_size=64,
+  num_heads=2,
+  in_channels=3,
+  patch_size=16,
+  spatial_merge_size=2,
+  temporal_patch_size=2,
+  out_hidden_size=24,
+  num_position_embeddings=64,
+  deepstack_visual_indexes=(0, 2),
+)
 IN_DIM = 3 * 2 * 16 * 16
 CASES = {
-    "one_image": [(1, 4, 6)],
-    "two_images": [(1, 4, 6), (1, 8, 4)],
-    "video": [(3, 4, 4)],
-    # + a 12x10 grid, larger than the 8x8 table (interpolation upsamples): 224 patches
-    "packed": [(1, 4, 6), (1, 8, 4), (3, 4, 4), (1, 12, 10)],
+  "one_image": [(1, 4, 6)],
+  "two_images": [(1, 4, 6), (1, 8, 4)],
+  "video": [(3, 4, 4)],
+  # + a 12x10 grid, larger than the 8x8 table (interpolation upsamples): 224 patches
+  "packed": [(1, 4, 6), (1, 8, 4), (3, 4, 4), (1, 12, 10)],
 }
 
 
 def _torch_model(seed: int):
   hf_cfg = Qwen3OmniMoeVisionEncoderConfig(
-      depth=CFG.depth, hidden_size=CFG.hidden_size, intermediate_size=CFG.intermediate_size,
-      num_heads=CFG.num_heads, in_channels=CFG.in_channels, patch_size=CFG.patch_size,
-      spatial_merge_size=CFG.spatial_merge_size, temporal_patch_size=CFG.temporal_patch_size,
-      out_hidden_size=CFG.out_hidden_size, num_position_embeddings=CFG.num_position_embeddings,
-      deepstack_visual_indexes=list(CFG.deepstack_visual_indexes))
+    depth=CFG.depth,
+    hidden_size=CFG.hidden_size,
+    intermediate_size=CFG.intermediate_size,
+    num_heads=CFG.num_heads,
+    in_channels=CFG.in_channels,
+    patch_size=CFG.patch_size,
+    spatial_merge_size=CFG.spatial_merge_size,
+    temporal_patch_size=CFG.temporal_patch_size,
+    out_hidden_size=CFG.out_hidden_size,
+    num_position_embeddings=CFG.num_position_embeddings,
+    deepstack_visual_indexes=list(CFG.deepstack_visual_indexes),
+  )
   torch.manual_seed(seed)
   return hf_modeling.Qwen3OmniMoeVisionEncoder(hf_cfg).eval()
 
@@ -98,7 +115,7 @@ def _abstract():
 
 def _to_torch_state(hf: dict) -> dict:
   prefix = keymap_vision.PREFIX + "."
-  return {k[len(prefix):]: torch.from_numpy(np.array(v)) for k, v in hf.items()}
+  return {k[len(prefix) :]: torch.from_numpy(np.array(v)) for k, v in hf.items()}
 
 
 def _inputs(grids, seed: int = 0):
@@ -152,9 +169,11 @@ def test_parity_transformers_to_omnijax(from_hf, case):
   ref = _torch_outputs(tm, pv, grid)
   packed = vision_host.pack_patches(pv, grid)
   diffs = _max_diffs(_valid(_apply()(params, packed)), ref)
-  print(f"\n{case}: {len(pv)} patches in bucket {len(packed['patches'])}, |ref| max "
-        f"{np.abs(ref[0]).max():.3f}; max abs diff merged {diffs[0]:.2e}, deepstack "
-        + ", ".join(f"{d:.2e}" for d in diffs[1:]))
+  print(
+    f"\n{case}: {len(pv)} patches in bucket {len(packed['patches'])}, |ref| max "
+    f"{np.abs(ref[0]).max():.3f}; max abs diff merged {diffs[0]:.2e}, deepstack "
+    + ", ".join(f"{d:.2e}" for d in diffs[1:])
+  )
   assert max(diffs) <= TOL
 
 
@@ -167,8 +186,10 @@ def test_parity_omnijax_to_transformers():
   ref = _torch_outputs(tm, pv, grid)
   packed = vision_host.pack_patches(pv, grid)
   diffs = _max_diffs(_valid(_apply(query_block=64)(params, packed)), ref)
-  print(f"\nomnijax->transformers packed (4 query blocks): max abs diff merged {diffs[0]:.2e}, "
-        "deepstack " + ", ".join(f"{d:.2e}" for d in diffs[1:]))
+  print(
+    f"\nomnijax->transformers packed (4 query blocks): max abs diff merged {diffs[0]:.2e}, "
+    "deepstack " + ", ".join(f"{d:.2e}" for d in diffs[1:])
+  )
   assert max(diffs) <= TOL
 
 
@@ -234,8 +255,9 @@ def test_gradients_reach_every_param():
   packed = vision_host.pack_patches(pv, grid)
   model = vision.VisionEncoder(CFG, ImplConfig(remat_policy="full"))
   rng = np.random.default_rng(0)
-  weights = [jnp.asarray(rng.standard_normal((16, CFG.out_hidden_size)), jnp.float32)
-             for _ in range(3)]
+  weights = [
+    jnp.asarray(rng.standard_normal((16, CFG.out_hidden_size)), jnp.float32) for _ in range(3)
+  ]
 
   def loss(p):
     out = model.apply({"params": p}, **packed)
@@ -265,8 +287,9 @@ def test_keymap_round_trip_exact(from_hf):
     assert back[k].shape == v.shape and back[k].dtype == v.dtype and np.array_equal(back[k], v), k
   # omnijax -> transformers -> omnijax (boxed params from init are accepted too)
   ours = _random_omnijax_params(4)
-  again = keymap_vision.vision_from_hf(keymap_vision.vision_to_hf(ours, CFG).__getitem__,
-                                       vision.init_params(CFG), CFG)
+  again = keymap_vision.vision_from_hf(
+    keymap_vision.vision_to_hf(ours, CFG).__getitem__, vision.init_params(CFG), CFG
+  )
   flat_a = traverse_util.flatten_dict(ours, sep="/")
   flat_b = traverse_util.flatten_dict(again, sep="/")
   assert set(flat_a) == set(flat_b)
@@ -294,8 +317,9 @@ def test_packing_metadata_matches_transformers():
   sizes = [vision_host.bucket_patches(n) for n in range(0, 5000, 7)]
   assert all(s % 4 == 0 and s >= n for s, n in zip(sizes, range(0, 5000, 7)))
   # 14 buckets up to 6144; padding is at most a third of a bucket
-  assert len(set(sizes)) == 14 and all(2 * s <= 3 * max(n, 64) for s, n in
-                                       zip(sizes, range(0, 5000, 7)))
+  assert len(set(sizes)) == 14 and all(
+    2 * s <= 3 * max(n, 64) for s, n in zip(sizes, range(0, 5000, 7))
+  )
   with pytest.raises(ValueError, match="bucket"):
     vision_host.pack_patches(np.zeros((24, IN_DIM), np.float32), [[1, 4, 6]], bucket=16)
   with pytest.raises(ValueError, match="multiples"):
@@ -305,8 +329,14 @@ def test_packing_metadata_matches_transformers():
 def test_processor_patch_order():
   """The image processor's patch i sits at (rows[i], cols[i]): 2x2 merge windows contiguous."""
   pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
-  proc = pil.Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2,
-                                      do_normalize=False, do_rescale=False, do_resize=False)
+  proc = pil.Qwen2VLImageProcessorPil(
+    patch_size=16,
+    temporal_patch_size=2,
+    merge_size=2,
+    do_normalize=False,
+    do_rescale=False,
+    do_resize=False,
+  )
   h, w = 8, 6
   img = np.repeat(np.repeat(np.arange(h)[:, None] * 100 + np.arange(w)[None], 16, 0), 16, 1)
   img = np.broadcast_to(img.astype(np.float32), (3, h * 16, w * 16)).copy()

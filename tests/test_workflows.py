@@ -43,14 +43,28 @@ def _local(exp: str, corpora, steps: int, **train):
   """A stage's local config on the small test corpora, sized for the 8 test devices."""
   media, text = corpora
   c = load_experiment(exp)
-  paths = dict(text=str(text), image=str(media / "caption"), audio=str(media / "asr"),
-               video_audio=str(media / "video"))
+  paths = dict(
+    text=str(text),
+    image=str(media / "caption"),
+    audio=str(media / "asr"),
+    video_audio=str(media / "video"),
+  )
   for name, spec in c.data.mixture.items():
     spec.path = paths[name]
-  c.data.update(dict(local_text="", local_media="", tokenizer_corpus=str(text),
-                     tokenizer_vocab_size=512))
-  c.train.update(dict(total_steps=steps, global_batch_size=8, log_every=1, checkpoint_every=1,
-                      keep_checkpoints=10, async_checkpoint=False, **train))
+  c.data.update(
+    dict(local_text="", local_media="", tokenizer_corpus=str(text), tokenizer_vocab_size=512)
+  )
+  c.train.update(
+    dict(
+      total_steps=steps,
+      global_batch_size=8,
+      log_every=1,
+      checkpoint_every=1,
+      keep_checkpoints=10,
+      async_checkpoint=False,
+      **train,
+    )
+  )
   c.optim.warmup_steps = 1  # step 1 has learning rate 0: its checkpoint holds the initial params
   c.eval.update(dict(batches=1, batch_size=8))
   return c
@@ -74,8 +88,9 @@ def test_stage_chain(corpora, tmp_path):
   """Stage 1 freezes the LLM bit-exactly, trains adapters then encoders; stages 2 and 3 start
   from the previous stage's params; stage 3 trains at the longer length."""
   s1a, s1b, s2, s3 = (tmp_path / n for n in ("s1a", "s1b", "s2", "s3"))
-  trainer.train(_local("pretrain_s1_align:local,phase=adapters", corpora, 3,
-                       profile_steps=(1, 2)), s1a)
+  trainer.train(
+    _local("pretrain_s1_align:local,phase=adapters", corpora, 3, profile_steps=(1, 2)), s1a
+  )
   assert list((s1a / "profile").rglob("*.xplane.pb"))
   init, a = _params(s1a, 1), _params(s1a, 3)
   adapters, rest = _split(a, recipe.ADAPTERS)
@@ -86,14 +101,16 @@ def test_stage_chain(corpora, tmp_path):
   # Frozen params have no optimizer state: Adam's moments hold only the adapters.
   with ocp.PyTreeCheckpointer() as ckpt:
     meta = ckpt.metadata(s1a / "checkpoints" / "3" / "state").item_metadata.tree["opt_state"]
-  state_sizes = [int(np.prod(m.shape)) for m in
-                 jax.tree.leaves(meta, is_leaf=lambda x: hasattr(x, "shape"))]
+  state_sizes = [
+    int(np.prod(m.shape)) for m in jax.tree.leaves(meta, is_leaf=lambda x: hasattr(x, "shape"))
+  ]
   adapter_size = sum(a[n].size for n in adapters)
   scalars = sum(n for n in state_sizes if n == 1)
   assert sum(state_sizes) - scalars == 2 * adapter_size  # Adam's mu and nu, adapters only
 
-  trainer.train(_local("pretrain_s1_align:local,phase=encoders", corpora, 3,
-                       init_from=str(s1a)), s1b)
+  trainer.train(
+    _local("pretrain_s1_align:local,phase=encoders", corpora, 3, init_from=str(s1a)), s1b
+  )
   b0, b = _params(s1b, 1), _params(s1b, 3)
   assert _changed(a, b0, a) == set()  # started from stage 1a's params
   assert _changed(b0, b, llm) == set()
@@ -112,8 +129,13 @@ def test_stage_chain(corpora, tmp_path):
 
   # Evaluators ran inside training (at the end), and run again on the finished workdir.
   final = metrics[2]
-  assert {"eval/heldout/loss/text", "eval/heldout/loss/image", "eval/heldout/loss/audio",
-          "eval/heldout/perplexity/text", "eval/heldout/loss/modality/video"} <= set(final)
+  assert {
+    "eval/heldout/loss/text",
+    "eval/heldout/loss/image",
+    "eval/heldout/loss/audio",
+    "eval/heldout/perplexity/text",
+    "eval/heldout/loss/modality/video",
+  } <= set(final)
   again = trainer.evaluate_workdir(s3, _local("pretrain_long_context:local", corpora, 2))
   for k, v in again.items():
     np.testing.assert_allclose(v, final[k], rtol=1e-5, err_msg=k)
@@ -122,13 +144,21 @@ def test_stage_chain(corpora, tmp_path):
 def test_interval_metrics_are_token_weighted_and_omit_absent_sources():
   interval = Interval(["audio", "text"], aux_loss_coef=0.0)
   step = lambda ce, tokens, audio: dict(
-      ce_sum=jnp.float32(sum(ce)), loss_tokens=jnp.float32(sum(tokens)), aux_loss=jnp.float32(0),
-      grad_norm=jnp.float32(1), param_norm=jnp.float32(1), learning_rate=jnp.float32(0.1),
-      nonfinite=jnp.int32(0), consecutive_nonfinite=jnp.int32(0), moe_dropped=jnp.float32(0),
-      expert_load_max_over_mean=jnp.float32(1),
-      modality_tokens=jnp.array([tokens[1], 0, audio, 0], jnp.float32),
-      task_ce_sum=jnp.array(ce, jnp.float32), task_loss_tokens=jnp.array(tokens, jnp.float32),
-      task_tokens=jnp.array(tokens, jnp.float32))
+    ce_sum=jnp.float32(sum(ce)),
+    loss_tokens=jnp.float32(sum(tokens)),
+    aux_loss=jnp.float32(0),
+    grad_norm=jnp.float32(1),
+    param_norm=jnp.float32(1),
+    learning_rate=jnp.float32(0.1),
+    nonfinite=jnp.int32(0),
+    consecutive_nonfinite=jnp.int32(0),
+    moe_dropped=jnp.float32(0),
+    expert_load_max_over_mean=jnp.float32(1),
+    modality_tokens=jnp.array([tokens[1], 0, audio, 0], jnp.float32),
+    task_ce_sum=jnp.array(ce, jnp.float32),
+    task_loss_tokens=jnp.array(tokens, jnp.float32),
+    task_tokens=jnp.array(tokens, jnp.float32),
+  )
   interval.add(step([0.0, 30.0], [0, 10], 0))  # no audio in this step
   interval.add(step([0.0, 10.0], [0, 30], 0))
   m = interval.summary()
@@ -154,8 +184,11 @@ def test_nonfinite_step_is_skipped_and_counted():
     train_step = jax.jit(step_lib.make_train_step(model, tx, schedule, 1, 0.0))
     rng = np.random.default_rng(0)
     good = batch_lib.text_batch(rng.integers(0, 4096, (2, 17)))
-    bad = dict(good, loss_mask=np.where(np.arange(16) == 3, np.nan, 1.0).astype(np.float32)
-               * np.ones((2, 1), np.float32))
+    bad = dict(
+      good,
+      loss_mask=np.where(np.arange(16) == 3, np.nan, 1.0).astype(np.float32)
+      * np.ones((2, 1), np.float32),
+    )
     before = jax.device_get(state.params)
     state, m = train_step(state, bad)
     assert int(m["nonfinite"]) == 1 and int(m["consecutive_nonfinite"]) == 1
@@ -163,8 +196,10 @@ def test_nonfinite_step_is_skipped_and_counted():
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
     state, m = train_step(state, good)
     assert int(m["nonfinite"]) == 0 and int(m["consecutive_nonfinite"]) == 0
-    assert any(not np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before)))
+    assert any(
+      not np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before))
+    )
 
 
 def test_parse_arg():
@@ -179,11 +214,23 @@ def test_parse_arg():
 def test_sweep_grid_and_dry_run(tmp_path, capsys):
   points = sweep.grid_points(["arm=text,omni", "seed=0,1"])
   assert points[1] == {"arm": "text", "seed": "1"} and len(points) == 4
-  assert sweep.main(["--exp=ablation:local", "--grid=arm=text,vision", "--grid=seed=0",
-                     f"--root={tmp_path}", "--dry_run"]) == 0
+  assert (
+    sweep.main(
+      [
+        "--exp=ablation:local",
+        "--grid=arm=text,vision",
+        "--grid=seed=0",
+        f"--root={tmp_path}",
+        "--dry_run",
+      ]
+    )
+    == 0
+  )
   runs = json.loads((tmp_path / sweep.SWEEP_JSON).read_text())["runs"]
-  assert [r["exp"] for r in runs] == ["ablation:local,arm=text,seed=0",
-                                      "ablation:local,arm=vision,seed=0"]
+  assert [r["exp"] for r in runs] == [
+    "ablation:local,arm=text,seed=0",
+    "ablation:local,arm=vision,seed=0",
+  ]
   assert runs[1]["workdir"] == str(tmp_path / "arm-vision_seed-0")
 
 
@@ -202,7 +249,8 @@ def test_workflow_config_errors(capsys, tmp_path):
   err = _fails(capsys, *exp, "--config.eval.evaluators.heldout.sources=('nope',)")
   assert "unknown source(s) ['nope']" in err
   assert "arm='sound' is not one of ['omni', 'text', 'vision']" in _fails(
-      capsys, "--exp=ablation:local,arm=sound")
+    capsys, "--exp=ablation:local,arm=sound"
+  )
   assert "phase='both' is not one of" in _fails(capsys, "--exp=pretrain_s1_align:phase=both")
   err = _fails(capsys, *exp, f"--config.train.init_from={tmp_path / 'nowhere'}")
   assert "is not an omnijax workdir" in err and "run the previous stage there first" in err
@@ -215,6 +263,5 @@ def test_workflow_config_errors(capsys, tmp_path):
   (tmp_path / "other" / ckpt_lib.INIT_PARAMS).mkdir()
   err = _fails(capsys, *exp, f"--config.train.init_from={tmp_path / 'other'}")
   assert "model.text.num_hidden_layers (2 here, 3 there)" in err
-  assert chain.main(["--root", str(tmp_path), "--stages=s2_general,s4_finetune",
-                     "--dry_run"]) == 2
+  assert chain.main(["--root", str(tmp_path), "--stages=s2_general,s4_finetune", "--dry_run"]) == 2
   assert "unknown stage(s) ['s4_finetune']" in capsys.readouterr().err

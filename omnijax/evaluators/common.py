@@ -20,6 +20,7 @@ def register(kind: str):
     KINDS[kind] = cls
     cls.kind = kind
     return cls
+
   return add
 
 
@@ -35,8 +36,10 @@ class Evaluator:
   def __init__(self, name: str, config, model_cfg, options: dict[str, Any]):
     unknown = sorted(set(options) - set(self.OPTIONS))
     if unknown:
-      raise ConfigError(f"config.eval.evaluators.{name} ({self.kind}) has no option(s) "
-                        f"{unknown}; its options: {sorted(self.OPTIONS)}.")
+      raise ConfigError(
+        f"config.eval.evaluators.{name} ({self.kind}) has no option(s) "
+        f"{unknown}; its options: {sorted(self.OPTIONS)}."
+      )
     self.name, self.config, self.model_cfg = name, config, model_cfg
     self.options = {**self.OPTIONS, **options}
     self.batch_size = config.eval.batch_size or config.train.global_batch_size
@@ -45,8 +48,9 @@ class Evaluator:
     """Called before training compiles anything: a missing held-out split fails here."""
     self.model, self.mesh, self.rules, self.tokenizer = model, mesh, rules, tokenizer
     for source in self.sources():
-      inputs_lib.check_eval_source(self.config, source,
-                                   self.options.get("split") or self.config.eval.split)
+      inputs_lib.check_eval_source(
+        self.config, source, self.options.get("split") or self.config.eval.split
+      )
 
   def run(self, params) -> dict[str, float]:
     raise NotImplementedError
@@ -59,16 +63,19 @@ class Evaluator:
     wanted = self.options.get("sources") or sorted(mixture)
     unknown = [s for s in wanted if s not in mixture]
     if unknown:
-      raise ConfigError(f"config.eval.evaluators.{self.name}: unknown source(s) {unknown}; "
-                        f"the evaluation sources are {sorted(mixture)}.")
+      raise ConfigError(
+        f"config.eval.evaluators.{self.name}: unknown source(s) {unknown}; "
+        f"the evaluation sources are {sorted(mixture)}."
+      )
     return list(wanted)
 
   def device_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """A host batch (padded to the eval batch) placed on the mesh like a train batch."""
     host_batch = pad_rows(host_batch, self.batch_size // jax.process_count())
     shardings = step_lib.batch_shardings(host_batch, self.mesh, self.rules)
-    return {k: jax.make_array_from_process_local_data(shardings[k], v)
-            for k, v in host_batch.items()}
+    return {
+      k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host_batch.items()
+    }
 
 
 def pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -96,16 +103,19 @@ def from_config(config, model_cfg) -> list[Evaluator]:
   out = []
   batch = config.eval.batch_size or config.train.global_batch_size
   if batch % jax.process_count():
-    raise ConfigError(f"eval.batch_size ({batch}) must be a multiple of the "
-                      f"{jax.process_count()} processes.")
+    raise ConfigError(
+      f"eval.batch_size ({batch}) must be a multiple of the {jax.process_count()} processes."
+    )
   for name, spec in config.eval.evaluators.items():
     spec = dict(spec)
     kind = spec.pop("kind", None)
     if kind not in KINDS:
       close = difflib.get_close_matches(str(kind), KINDS, n=1)
-      raise ConfigError(f"config.eval.evaluators.{name}.kind={kind!r} is not an evaluator"
-                        + (f" (did you mean {close[0]!r}?)" if close else "")
-                        + f"; kinds: {sorted(KINDS)}.")
+      raise ConfigError(
+        f"config.eval.evaluators.{name}.kind={kind!r} is not an evaluator"
+        + (f" (did you mean {close[0]!r}?)" if close else "")
+        + f"; kinds: {sorted(KINDS)}."
+      )
     ev = KINDS[kind](name, config, model_cfg, spec)
     ev.sources()  # unknown sources fail here
     out.append(ev)

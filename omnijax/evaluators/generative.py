@@ -33,14 +33,18 @@ def prompt_batch(cfg, prompts: list[tuple[np.ndarray, dict[str, Any]]]):
   ids = np.zeros((len(prompts), s), np.int32)
   mask = np.zeros((len(prompts), s), np.int32)
   for b, (tokens, _) in enumerate(prompts):
-    ids[b, s - len(tokens):], mask[b, s - len(tokens):] = tokens, 1
+    ids[b, s - len(tokens) :], mask[b, s - len(tokens) :] = tokens, 1
   grids = lambda key: np.array([g for _, m in prompts for g in m.get(key, [])]).reshape(-1, 3)
   pos, _ = positions_lib.rope_index(
-      ids, **positions_lib.rope_kwargs_from_config(cfg), dtype=np.float32, attention_mask=mask,
-      image_grid_thw=grids("image_grid"), video_grid_thw=grids("video_grid"),
-      video_second_per_grid=np.array([x for _, m in prompts for x in m.get("video_spg", [])]),
-      audio_seqlens=np.array([x for _, m in prompts for x in m.get("audio_frames", [])],
-                             np.int64))
+    ids,
+    **positions_lib.rope_kwargs_from_config(cfg),
+    dtype=np.float32,
+    attention_mask=mask,
+    image_grid_thw=grids("image_grid"),
+    video_grid_thw=grids("video_grid"),
+    video_second_per_grid=np.array([x for _, m in prompts for x in m.get("video_spg", [])]),
+    audio_seqlens=np.array([x for _, m in prompts for x in m.get("audio_frames", [])], np.int64),
+  )
   media = {}
   if any(m.get("audio") for _, m in prompts):
     media |= media_lib.audio_buffers(cfg, [m.get("audio", []) for _, m in prompts])
@@ -49,9 +53,14 @@ def prompt_batch(cfg, prompts: list[tuple[np.ndarray, dict[str, Any]]]):
       rows = []
       for _, m in prompts:
         items = m.get(kind, [])
-        rows.append((np.concatenate([p for p, _ in items]) if items else
-                     np.zeros((0, media_lib.patch_dim(cfg)), np.float32),
-                     np.concatenate([g for _, g in items]) if items else np.zeros((0, 3))))
+        rows.append(
+          (
+            np.concatenate([p for p, _ in items])
+            if items
+            else np.zeros((0, media_lib.patch_dim(cfg)), np.float32),
+            np.concatenate([g for _, g in items]) if items else np.zeros((0, 3)),
+          )
+        )
       media |= media_lib.vision_buffers(cfg, kind, rows)
   return ids, mask, pos, media
 
@@ -66,22 +75,28 @@ class _Decoding(Evaluator):
     mixture = inputs_lib.eval_sources(self.config)
     source = self.options["source"]
     if source not in mixture:
-      raise ConfigError(f"config.eval.evaluators.{self.name}.source={source!r} is not an "
-                        f"evaluation source; sources: {sorted(mixture)}.")
+      raise ConfigError(
+        f"config.eval.evaluators.{self.name}.source={source!r} is not an "
+        f"evaluation source; sources: {sorted(mixture)}."
+      )
     if mixture[source].task not in self.TASKS:
-      raise ConfigError(f"config.eval.evaluators.{self.name}: source {source!r} has task "
-                        f"{mixture[source].task!r}; {self.kind} needs one of {self.TASKS}.")
+      raise ConfigError(
+        f"config.eval.evaluators.{self.name}: source {source!r} has task "
+        f"{mixture[source].task!r}; {self.kind} needs one of {self.TASKS}."
+      )
     return [source]
 
   def _examples(self) -> list[tuple[np.ndarray, dict, dict]]:
     """(prompt tokens, media, example) of the first max_examples decodable examples."""
-    spec = inputs_lib.eval_data_config(self.config, self.options["source"],
-                                       self.options["split"] or self.config.eval.split
-                                       ).mixture[self.options["source"]]
-    ops = build_ops(list(spec.get("ops", None) or TASK_OPS[spec.task]),
-                    OpContext(tokenizer=self.tokenizer))
-    to_seq = ToSequence(spec.task, 0, self.tokenizer, self.model_cfg, self.config.data.seq_len,
-                        self.config.seed)
+    spec = inputs_lib.eval_data_config(
+      self.config, self.options["source"], self.options["split"] or self.config.eval.split
+    ).mixture[self.options["source"]]
+    ops = build_ops(
+      list(spec.get("ops", None) or TASK_OPS[spec.task]), OpContext(tokenizer=self.tokenizer)
+    )
+    to_seq = ToSequence(
+      spec.task, 0, self.tokenizer, self.model_cfg, self.config.data.seq_len, self.config.seed
+    )
     ds = grain.MapDataset.source(open_source(spec)).map(ApplyOps(ops))
     out = []
     for i in range(len(ds)):
@@ -93,15 +108,18 @@ class _Decoding(Evaluator):
       if len(out) == self.options["max_examples"]:
         break
     if not out:
-      raise ValueError(f"evaluator {self.name}: no decodable held-out example in "
-                       f"{self.options['source']}.")
+      raise ValueError(
+        f"evaluator {self.name}: no decodable held-out example in {self.options['source']}."
+      )
     return out
 
   def setup(self, model, mesh, rules, param_sharding, tokenizer) -> None:
     super().setup(model, mesh, rules, param_sharding, tokenizer)
     if tokenizer is None:
-      raise ConfigError(f"evaluator {self.name} ({self.kind}) decodes text: the run needs a "
-                        "tokenizer (data.kind text or omni).")
+      raise ConfigError(
+        f"evaluator {self.name} ({self.kind}) decodes text: the run needs a "
+        "tokenizer (data.kind text or omni)."
+      )
     self._prompts = None
     self._eos = decode.default_eos_ids(self.model_cfg, tokenizer)
 
@@ -111,13 +129,21 @@ class _Decoding(Evaluator):
       self._prompts = self._examples()
     out, n = [], self.options["decode_batch"]
     for start in range(0, len(self._prompts), n):
-      chunk = self._prompts[start:start + n]
+      chunk = self._prompts[start : start + n]
       ids, mask, pos, media = prompt_batch(self.model_cfg, [(t, m) for t, m, _ in chunk])
-      new = decode.decode(self.model_cfg, params, ids, pos, mask, media,
-                          self.options["max_new_tokens"], eos_ids=self._eos)[:, ids.shape[1]:]
+      new = decode.decode(
+        self.model_cfg,
+        params,
+        ids,
+        pos,
+        mask,
+        media,
+        self.options["max_new_tokens"],
+        eos_ids=self._eos,
+      )[:, ids.shape[1] :]
       for row, (_, _, example) in zip(new, chunk):
         ends = [i for i, t in enumerate(row) if t in self._eos]
-        out.append((self.tokenizer.decode(row[:ends[0]] if ends else row), example))
+        out.append((self.tokenizer.decode(row[: ends[0]] if ends else row), example))
     return out
 
 
@@ -135,8 +161,11 @@ class AsrWer(_Decoding):
   def run(self, params) -> dict[str, float]:
     pairs = [(_words(text), _words(example["text"])) for text, example in self.outputs(params)]
     hyps, refs = [h for h, _ in pairs], [r for _, r in pairs]
-    return dict(wer=float(jiwer.wer(refs, hyps)),
-                exact=float(np.mean([h == r for h, r in pairs])), examples=float(len(pairs)))
+    return dict(
+      wer=float(jiwer.wer(refs, hyps)),
+      exact=float(np.mean([h == r for h, r in pairs])),
+      examples=float(len(pairs)),
+    )
 
 
 @register("scene_description")

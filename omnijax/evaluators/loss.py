@@ -27,8 +27,10 @@ class HeldoutLoss(Evaluator):
     super().setup(model, mesh, rules, param_sharding, tokenizer)
     shards = shd.num_batch_shards(mesh, rules)
     if self.batch_size % shards:
-      raise ConfigError(f"eval.batch_size ({self.batch_size}) must be a multiple of the {shards} "
-                        "devices the batch is split over.")
+      raise ConfigError(
+        f"eval.batch_size ({self.batch_size}) must be a multiple of the {shards} "
+        "devices the batch is split over."
+      )
 
     def sums(params, batch):
       _, metrics = step_lib.loss_terms(model, params, batch, 1.0, 1, 0.0)
@@ -40,9 +42,13 @@ class HeldoutLoss(Evaluator):
     out, by_modality = {}, {}
     for source in self.sources():
       it = inputs_lib.make_eval_iterator(
-          self.config, self.model_cfg, self.tokenizer, source=source,
-          split=self.options["split"] or self.config.eval.split,
-          batch_size=self.batch_size // jax.process_count())
+        self.config,
+        self.model_cfg,
+        self.tokenizer,
+        source=source,
+        split=self.options["split"] or self.config.eval.split,
+        batch_size=self.batch_size // jax.process_count(),
+      )
       nll, tokens = 0.0, 0.0
       for host_batch in limited(it, self.options["batches"] or self.config.eval.batches):
         host_batch.pop("task_ids", None)
@@ -51,8 +57,10 @@ class HeldoutLoss(Evaluator):
       name = source or "text"
       task = "text" if source is None else inputs_lib.eval_sources(self.config)[source].task
       if not tokens:
-        raise ValueError(f"evaluator {self.name}: the held-out split of {name} gave no labelled "
-                         "tokens; check config.eval.split and the source's shards.")
+        raise ValueError(
+          f"evaluator {self.name}: the held-out split of {name} gave no labelled "
+          "tokens; check config.eval.split and the source's shards."
+        )
       out[f"loss/{name}"] = nll / tokens
       out[f"tokens/{name}"] = tokens
       if task == "text":

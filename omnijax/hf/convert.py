@@ -39,23 +39,35 @@ def abstract_params(cfg: ThinkerConfig):
   """ShapeDtypeStructs of the Thinker's params (dtype: cfg.impl.param_dtype)."""
   model = Thinker(cfg)
   ids = jnp.zeros((1, 1), jnp.int32)
-  return jax.eval_shape(lambda: nn.meta.unbox(
-      model.init(jax.random.key(0), ids, media=media.empty_media(cfg, 1))["params"]))
+  return jax.eval_shape(
+    lambda: nn.meta.unbox(
+      model.init(jax.random.key(0), ids, media=media.empty_media(cfg, 1))["params"]
+    )
+  )
 
 
 def check_params(cfg: ThinkerConfig, params) -> None:
   """Raises CheckpointError unless `params` has exactly the leaves and shapes `cfg` implies."""
-  want = {k: tuple(v.shape) for k, v in
-          traverse_util.flatten_dict(abstract_params(cfg), sep="/").items()}
-  have = {k: tuple(np.shape(v)) for k, v in
-          traverse_util.flatten_dict(nn.meta.unbox(params), sep="/").items()}
+  want = {
+    k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_params(cfg), sep="/").items()
+  }
+  have = {
+    k: tuple(np.shape(v))
+    for k, v in traverse_util.flatten_dict(nn.meta.unbox(params), sep="/").items()
+  }
   problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
   problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
-  problems += [f"{k}: shape {have[k]}, config needs {want[k]}"
-               for k in sorted(set(want) & set(have)) if have[k] != want[k]]
+  problems += [
+    f"{k}: shape {have[k]}, config needs {want[k]}"
+    for k in sorted(set(want) & set(have))
+    if have[k] != want[k]
+  ]
   if problems:
-    raise CheckpointError("params do not match the model config: " + "; ".join(problems[:10])
-                          + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
+    raise CheckpointError(
+      "params do not match the model config: "
+      + "; ".join(problems[:10])
+      + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
+    )
 
 
 def hf_tensors(cfg: ThinkerConfig, params, dtype: str = "float32") -> Iterator[tuple[str, Any]]:
@@ -63,16 +75,24 @@ def hf_tensors(cfg: ThinkerConfig, params, dtype: str = "float32") -> Iterator[t
   np_dtype = EXPORT_DTYPES[dtype]
   params = nn.meta.unbox(params)
   text = {k: v for k, v in params.items() if k not in TOWERS}
-  tensors = (iter_text_to_hf(text, cfg.text, THINKER_TEXT),
-             iter_audio_to_hf(params["audio_tower"], cfg.audio),
-             iter_vision_to_hf(params["visual"], cfg.vision))
+  tensors = (
+    iter_text_to_hf(text, cfg.text, THINKER_TEXT),
+    iter_audio_to_hf(params["audio_tower"], cfg.audio),
+    iter_vision_to_hf(params["visual"], cfg.vision),
+  )
   for key, w in (kw for part in tensors for kw in part):
     yield key, w.astype(np_dtype, copy=False)
 
 
-def save_hf(cfg: ThinkerConfig, params, out_dir: str | Path, *, dtype: str = "float32",
-            max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE,
-            tokenizer=None) -> list[str]:
+def save_hf(
+  cfg: ThinkerConfig,
+  params,
+  out_dir: str | Path,
+  *,
+  dtype: str = "float32",
+  max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE,
+  tokenizer=None,
+) -> list[str]:
   """Writes config.json + safetensors to out_dir, and the tokenizer and processor files when
   given a `tokenizer` (a data_pipelines TextTokenizer); returns the safetensors file names."""
   if dtype not in EXPORT_DTYPES:
@@ -83,8 +103,9 @@ def save_hf(cfg: ThinkerConfig, params, out_dir: str | Path, *, dtype: str = "fl
     tokenizer_files.check(tokenizer, cfg)
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  files = safetensors_io.write(hf_tensors(cfg, params, dtype), out_dir,
-                               safetensors_io.parse_size(max_shard_size))
+  files = safetensors_io.write(
+    hf_tensors(cfg, params, dtype), out_dir, safetensors_io.parse_size(max_shard_size)
+  )
   (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
   if tokenizer is not None:
     tokenizer_files.write(out_dir, tokenizer, cfg)
@@ -94,20 +115,24 @@ def save_hf(cfg: ThinkerConfig, params, out_dir: str | Path, *, dtype: str = "fl
 def is_hf_dir(path: str | Path) -> bool:
   path = Path(path)
   return (path / CONFIG_FILE).exists() and (
-      (path / safetensors_io.SINGLE_FILE).exists() or (path / safetensors_io.INDEX_FILE).exists())
+    (path / safetensors_io.SINGLE_FILE).exists() or (path / safetensors_io.INDEX_FILE).exists()
+  )
 
 
 def load_hf(hf_dir: str | Path, impl: ImplConfig = ImplConfig()) -> tuple[ThinkerConfig, Any]:
   """(ThinkerConfig, numpy params) of the Thinker in a transformers checkpoint directory."""
   hf_dir = Path(hf_dir)
   if not (hf_dir / CONFIG_FILE).exists():
-    raise FileNotFoundError(f"{hf_dir / CONFIG_FILE} not found: --hf must be a transformers "
-                            "checkpoint directory (config.json + safetensors).")
+    raise FileNotFoundError(
+      f"{hf_dir / CONFIG_FILE} not found: --hf must be a transformers "
+      "checkpoint directory (config.json + safetensors)."
+    )
   cfg = from_hf_config(json.loads((hf_dir / CONFIG_FILE).read_text()), impl)
   reader = safetensors_io.Reader(hf_dir)
   abstract = abstract_params(cfg)
-  params = text_from_hf(reader, {k: v for k, v in abstract.items() if k not in TOWERS}, cfg.text,
-                        THINKER_TEXT)
+  params = text_from_hf(
+    reader, {k: v for k, v in abstract.items() if k not in TOWERS}, cfg.text, THINKER_TEXT
+  )
   params["audio_tower"] = audio_from_hf(reader, abstract["audio_tower"], cfg.audio)
   params["visual"] = vision_from_hf(reader, abstract["visual"], cfg.vision)
   return cfg, params

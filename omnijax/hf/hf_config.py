@@ -10,11 +10,23 @@ import dataclasses
 from typing import Any
 
 from omnijax.errors import ConfigError
-from omnijax.models.config import (AudioEncoderConfig, ImplConfig, TextConfig, ThinkerConfig,
-                                   VisionEncoderConfig)
+from omnijax.models.config import (
+  AudioEncoderConfig,
+  ImplConfig,
+  TextConfig,
+  ThinkerConfig,
+  VisionEncoderConfig,
+)
 
-_TOKEN_FIELDS = ("audio_token_id", "image_token_id", "video_token_id", "audio_start_token_id",
-                 "audio_end_token_id", "vision_start_token_id", "vision_end_token_id")
+_TOKEN_FIELDS = (
+  "audio_token_id",
+  "image_token_id",
+  "video_token_id",
+  "audio_start_token_id",
+  "audio_end_token_id",
+  "vision_start_token_id",
+  "vision_end_token_id",
+)
 
 
 def text_config_to_hf(t: TextConfig) -> dict[str, Any]:
@@ -22,13 +34,17 @@ def text_config_to_hf(t: TextConfig) -> dict[str, Any]:
   for k in ("rope_theta", "mrope_section", "shared_expert_intermediate_size", "modality_routers"):
     d.pop(k)
   d.update(
-      mlp_only_layers=list(t.mlp_only_layers),
-      hidden_act="silu",
-      attention_bias=False,
-      tie_word_embeddings=False,
-      rope_parameters=dict(rope_type="default", rope_theta=t.rope_theta,
-                           mrope_section=list(t.mrope_section), interleaved=True,
-                           mrope_interleaved=True),
+    mlp_only_layers=list(t.mlp_only_layers),
+    hidden_act="silu",
+    attention_bias=False,
+    tie_word_embeddings=False,
+    rope_parameters=dict(
+      rope_type="default",
+      rope_theta=t.rope_theta,
+      mrope_section=list(t.mrope_section),
+      interleaved=True,
+      mrope_interleaved=True,
+    ),
   )
   return d
 
@@ -40,14 +56,17 @@ def talker_text_config_to_hf(t: TextConfig) -> dict[str, Any]:
   mlp_only_layers and decoder_sparse_step), so only such decoders have this layout.
   """
   if not t.shared_expert_intermediate_size or not all(
-      t.is_moe_layer(i) for i in range(t.num_hidden_layers)):
+    t.is_moe_layer(i) for i in range(t.num_hidden_layers)
+  ):
     raise ConfigError(
-        "the Qwen3-Omni Talker layout has a shared expert and sparse-MoE blocks in every layer; "
-        "set model.text.shared_expert_intermediate_size > 0, mlp_only_layers=() and "
-        "decoder_sparse_step=1.")
+      "the Qwen3-Omni Talker layout has a shared expert and sparse-MoE blocks in every layer; "
+      "set model.text.shared_expert_intermediate_size > 0, mlp_only_layers=() and "
+      "decoder_sparse_step=1."
+    )
   return text_config_to_hf(t) | dict(
-      model_type="qwen3_omni_moe_talker_text",
-      shared_expert_intermediate_size=t.shared_expert_intermediate_size)
+    model_type="qwen3_omni_moe_talker_text",
+    shared_expert_intermediate_size=t.shared_expert_intermediate_size,
+  )
 
 
 def to_hf_config(cfg: ThinkerConfig, dtype: str = "float32") -> dict[str, Any]:
@@ -55,30 +74,38 @@ def to_hf_config(cfg: ThinkerConfig, dtype: str = "float32") -> dict[str, Any]:
   with weights stored in `dtype`."""
   if cfg.text.shared_expert_intermediate_size:
     raise ConfigError(
-        "the Qwen3-Omni Thinker has no shared expert, so a Thinker with "
-        "model.text.shared_expert_intermediate_size > 0 cannot be exported in the released "
-        "layout; set it to 0 (shared experts belong to the Talker).")
+      "the Qwen3-Omni Thinker has no shared expert, so a Thinker with "
+      "model.text.shared_expert_intermediate_size > 0 cannot be exported in the released "
+      "layout; set it to 0 (shared experts belong to the Talker)."
+    )
   if cfg.text.modality_routers:
     raise ConfigError(
-        "model.text.modality_routers=True (one router per modality) has no counterpart in "
-        "transformers' Qwen3-Omni, which routes every token with one gate; this model cannot "
-        "be exported. Train with modality_routers=False to export.")
+      "model.text.modality_routers=True (one router per modality) has no counterpart in "
+      "transformers' Qwen3-Omni, which routes every token with one gate; this model cannot "
+      "be exported. Train with modality_routers=False to export."
+    )
   audio = dataclasses.asdict(cfg.audio) | dict(activation_function="gelu")
   vision = dataclasses.asdict(cfg.vision) | dict(
-      hidden_act="gelu_pytorch_tanh",
-      deepstack_visual_indexes=list(cfg.vision.deepstack_visual_indexes))
-  thinker = dict(
-      model_type="qwen3_omni_moe_thinker",
-      text_config=text_config_to_hf(cfg.text) | dict(model_type="qwen3_omni_moe_text"),
-      audio_config=audio | dict(model_type="qwen3_omni_moe_audio_encoder"),
-      vision_config=vision | dict(model_type="qwen3_omni_moe_vision_encoder"),
-      position_id_per_seconds=cfg.position_id_per_seconds,
-      seconds_per_chunk=cfg.seconds_per_chunk,
-      tie_word_embeddings=False,
-      **{k: getattr(cfg, k) for k in _TOKEN_FIELDS},
+    hidden_act="gelu_pytorch_tanh",
+    deepstack_visual_indexes=list(cfg.vision.deepstack_visual_indexes),
   )
-  return dict(architectures=["Qwen3OmniMoeForConditionalGeneration"], model_type="qwen3_omni_moe",
-              dtype=dtype, enable_audio_output=False, thinker_config=thinker)
+  thinker = dict(
+    model_type="qwen3_omni_moe_thinker",
+    text_config=text_config_to_hf(cfg.text) | dict(model_type="qwen3_omni_moe_text"),
+    audio_config=audio | dict(model_type="qwen3_omni_moe_audio_encoder"),
+    vision_config=vision | dict(model_type="qwen3_omni_moe_vision_encoder"),
+    position_id_per_seconds=cfg.position_id_per_seconds,
+    seconds_per_chunk=cfg.seconds_per_chunk,
+    tie_word_embeddings=False,
+    **{k: getattr(cfg, k) for k in _TOKEN_FIELDS},
+  )
+  return dict(
+    architectures=["Qwen3OmniMoeForConditionalGeneration"],
+    model_type="qwen3_omni_moe",
+    dtype=dtype,
+    enable_audio_output=False,
+    thinker_config=thinker,
+  )
 
 
 def _pick(cls, d: dict[str, Any]) -> dict[str, Any]:
@@ -95,8 +122,10 @@ def from_hf_config(d: dict[str, Any], impl: ImplConfig = ImplConfig()) -> Thinke
   if theta is None:
     raise ConfigError("config.json text_config has no rope_theta (in rope_parameters or at top).")
   if "mrope_section" in rope and not rope.get("mrope_interleaved", rope.get("interleaved", False)):
-    raise ConfigError("config.json uses contiguous (Qwen2.5-Omni) M-RoPE sections; omnijax "
-                      "implements the interleaved Qwen3-Omni layout only.")
+    raise ConfigError(
+      "config.json uses contiguous (Qwen2.5-Omni) M-RoPE sections; omnijax "
+      "implements the interleaved Qwen3-Omni layout only."
+    )
   text["rope_theta"] = float(theta)
   if "mrope_section" in rope:
     text["mrope_section"] = rope["mrope_section"]
@@ -106,9 +135,12 @@ def from_hf_config(d: dict[str, Any], impl: ImplConfig = ImplConfig()) -> Thinke
   tokens = {k: thinker[k] for k in _TOKEN_FIELDS if k in thinker}
   extra = {k: thinker[k] for k in ("position_id_per_seconds", "seconds_per_chunk") if k in thinker}
   cfg = ThinkerConfig(
-      text=text_cfg,
-      audio=AudioEncoderConfig(**_pick(AudioEncoderConfig, thinker.get("audio_config", {}))),
-      vision=VisionEncoderConfig(**_pick(VisionEncoderConfig, thinker.get("vision_config", {}))),
-      impl=impl, **tokens, **extra)
+    text=text_cfg,
+    audio=AudioEncoderConfig(**_pick(AudioEncoderConfig, thinker.get("audio_config", {}))),
+    vision=VisionEncoderConfig(**_pick(VisionEncoderConfig, thinker.get("vision_config", {}))),
+    impl=impl,
+    **tokens,
+    **extra,
+  )
   cfg.validate()
   return cfg

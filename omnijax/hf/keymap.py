@@ -35,8 +35,10 @@ class Entry:
 
 
 def _attention_entries() -> list[Entry]:
-  e = [Entry("input_layernorm/weight", "input_layernorm.weight", "vector"),
-       Entry("post_attention_layernorm/weight", "post_attention_layernorm.weight", "vector")]
+  e = [
+    Entry("input_layernorm/weight", "input_layernorm.weight", "vector"),
+    Entry("post_attention_layernorm/weight", "post_attention_layernorm.weight", "vector"),
+  ]
   for p in ("q", "k", "v", "o"):
     e.append(Entry(f"self_attn/{p}_proj", f"self_attn.{p}_proj.weight", "linear"))
   for p in ("q", "k"):
@@ -45,8 +47,10 @@ def _attention_entries() -> list[Entry]:
 
 
 def _mlp_entries(prefix_ours: str, prefix_hf: str) -> list[Entry]:
-  return [Entry(f"{prefix_ours}/{p}_proj", f"{prefix_hf}.{p}_proj.weight", "linear")
-          for p in ("gate", "up", "down")]
+  return [
+    Entry(f"{prefix_ours}/{p}_proj", f"{prefix_hf}.{p}_proj.weight", "linear")
+    for p in ("gate", "up", "down")
+  ]
 
 
 def decoder_layer_entries(cfg: TextConfig, moe: bool) -> list[Entry]:
@@ -72,10 +76,18 @@ class TextLayout:
   head: str
 
 
-THINKER_TEXT = TextLayout(layers="thinker.model.layers", embed="thinker.model.embed_tokens.weight",
-                          norm="thinker.model.norm.weight", head="thinker.lm_head.weight")
-TALKER_TEXT = TextLayout(layers="talker.model.layers", embed="talker.model.codec_embedding.weight",
-                         norm="talker.model.norm.weight", head="talker.codec_head.weight")
+THINKER_TEXT = TextLayout(
+  layers="thinker.model.layers",
+  embed="thinker.model.embed_tokens.weight",
+  norm="thinker.model.norm.weight",
+  head="thinker.lm_head.weight",
+)
+TALKER_TEXT = TextLayout(
+  layers="talker.model.layers",
+  embed="talker.model.codec_embedding.weight",
+  norm="talker.model.norm.weight",
+  head="talker.codec_head.weight",
+)
 
 
 def _linear_in_dims(path: str) -> int:
@@ -100,13 +112,16 @@ def _to_hf(w: Array, kind: str, path: str) -> Array:
 def _from_hf(key: str, w: Array, kind: str, path: str, shape: tuple[int, ...]) -> Array:
   want = _hf_shape(kind, path, shape)
   if tuple(w.shape) != want:
-    raise CheckpointError(f"checkpoint tensor {key!r} has shape {tuple(w.shape)}, but the model "
-                          f"config needs {want} (for omnijax param {path} of shape {shape}).")
+    raise CheckpointError(
+      f"checkpoint tensor {key!r} has shape {tuple(w.shape)}, but the model "
+      f"config needs {want} (for omnijax param {path} of shape {shape})."
+    )
   return w if kind in ("vector", "embedding") else w.T.reshape(shape)
 
 
-def iter_text_to_hf(params: Mapping, cfg: TextConfig,
-                    layout: TextLayout) -> Iterator[tuple[str, Array]]:
+def iter_text_to_hf(
+  params: Mapping, cfg: TextConfig, layout: TextLayout
+) -> Iterator[tuple[str, Array]]:
   """omnijax text-decoder params (embed_tokens, model/..., lm_head) -> (key, tensor), lazily."""
   flat = traverse_util.flatten_dict(params, sep="/")
   yield layout.embed, _to_hf(np.asarray(flat["embed_tokens"]), "embedding", "embed_tokens")
@@ -130,8 +145,9 @@ def text_to_hf(params: Mapping, cfg: TextConfig, layout: TextLayout) -> dict[str
   return dict(iter_text_to_hf(params, cfg, layout))
 
 
-def text_from_hf(get: Callable[[str], Array], abstract_params: Mapping, cfg: TextConfig,
-                 layout: TextLayout) -> dict:
+def text_from_hf(
+  get: Callable[[str], Array], abstract_params: Mapping, cfg: TextConfig, layout: TextLayout
+) -> dict:
   """The inverse of text_to_hf; `abstract_params` gives every leaf's shape and dtype.
 
   `get(key)` returns the checkpoint tensor of a transformers key (and raises CheckpointError
@@ -146,9 +162,11 @@ def text_from_hf(get: Callable[[str], Array], abstract_params: Mapping, cfg: Tex
     return np.asarray(w, dtype=leaves[path].dtype)
 
   flat: dict[str, Array] = {}
-  for path, key, kind in (("embed_tokens", layout.embed, "embedding"),
-                          ("model/norm/weight", layout.norm, "vector"),
-                          ("lm_head", layout.head, "linear")):
+  for path, key, kind in (
+    ("embed_tokens", layout.embed, "embedding"),
+    ("model/norm/weight", layout.norm, "vector"),
+    ("lm_head", layout.head, "linear"),
+  ):
     flat[path] = cast(path, load(key, kind, path, tuple(leaves[path].shape)))
   for moe, first, count in cfg.layer_blocks():
     block = f"model/layers_{first}_{first + count}"
@@ -159,8 +177,14 @@ def text_from_hf(get: Callable[[str], Array], abstract_params: Mapping, cfg: Tex
       for i in range(count):
         prefix = f"{layout.layers}.{first + i}."
         if entry.kind == "experts":
-          layers.append(np.stack([load(prefix + entry.hf.format(e=e), "linear", entry.ours,
-                                       shape[1:]) for e in range(shape[0])]))
+          layers.append(
+            np.stack(
+              [
+                load(prefix + entry.hf.format(e=e), "linear", entry.ours, shape[1:])
+                for e in range(shape[0])
+              ]
+            )
+          )
         else:
           layers.append(load(prefix + entry.hf, entry.kind, entry.ours, shape))
       flat[path] = cast(path, np.stack(layers))

@@ -45,15 +45,19 @@ def _linear(ours: str, hf: str, n_in: int = 1, bias: bool = True) -> list[AudioE
 
 
 def _norm(ours: str, hf: str) -> list[AudioEntry]:
-  return [AudioEntry(f"{ours}/scale", f"{hf}.weight", "vector"),
-          AudioEntry(f"{ours}/bias", f"{hf}.bias", "vector")]
+  return [
+    AudioEntry(f"{ours}/scale", f"{hf}.weight", "vector"),
+    AudioEntry(f"{ours}/bias", f"{hf}.bias", "vector"),
+  ]
 
 
 def top_entries() -> list[AudioEntry]:
   e = []
   for i in (1, 2, 3):
-    e += [AudioEntry(f"conv2d{i}/kernel", f"conv2d{i}.weight", "conv"),
-          AudioEntry(f"conv2d{i}/bias", f"conv2d{i}.bias", "vector")]
+    e += [
+      AudioEntry(f"conv2d{i}/kernel", f"conv2d{i}.weight", "conv"),
+      AudioEntry(f"conv2d{i}/bias", f"conv2d{i}.bias", "vector"),
+    ]
   e += _linear("conv_out", "conv_out", n_in=2, bias=False)
   e += _norm("ln_post", "ln_post")
   e += _linear("proj1", "proj1") + _linear("proj2", "proj2")
@@ -77,7 +81,7 @@ def _hf_shape(entry: AudioEntry, shape: tuple[int, ...]) -> tuple[int, ...]:
   if entry.kind == "conv":
     kh, kw, cin, cout = shape
     return (cout, cin, kh, kw)
-  return (math.prod(shape[entry.n_in:]), math.prod(shape[:entry.n_in]))
+  return (math.prod(shape[entry.n_in :]), math.prod(shape[: entry.n_in]))
 
 
 def _to_hf(w: Array, entry: AudioEntry) -> Array:
@@ -91,9 +95,11 @@ def _to_hf(w: Array, entry: AudioEntry) -> Array:
 def _from_hf(key: str, w: Array, entry: AudioEntry, shape: tuple[int, ...]) -> Array:
   want = _hf_shape(entry, shape)
   if tuple(w.shape) != want:
-    raise CheckpointError(f"checkpoint tensor {key!r} has shape {tuple(w.shape)}, but the audio "
-                          f"encoder config needs {want} (for omnijax param {entry.ours} of shape "
-                          f"{shape}).")
+    raise CheckpointError(
+      f"checkpoint tensor {key!r} has shape {tuple(w.shape)}, but the audio "
+      f"encoder config needs {want} (for omnijax param {entry.ours} of shape "
+      f"{shape})."
+    )
   if entry.kind == "vector":
     return w.reshape(shape)
   if entry.kind == "conv":
@@ -109,8 +115,9 @@ def audio_hf_keys(cfg: AudioEncoderConfig, prefix: str = AUDIO_PREFIX) -> list[s
   return keys
 
 
-def iter_audio_to_hf(params: Mapping, cfg: AudioEncoderConfig,
-                     prefix: str = AUDIO_PREFIX) -> Iterator[tuple[str, Array]]:
+def iter_audio_to_hf(
+  params: Mapping, cfg: AudioEncoderConfig, prefix: str = AUDIO_PREFIX
+) -> Iterator[tuple[str, Array]]:
   """AudioEncoder params -> (transformers key, numpy tensor), lazily."""
   flat = traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
   for entry in top_entries():
@@ -118,22 +125,29 @@ def iter_audio_to_hf(params: Mapping, cfg: AudioEncoderConfig,
   for entry in layer_entries():
     stacked = np.asarray(flat[f"layers/{entry.ours}"])
     if stacked.shape[0] != cfg.encoder_layers:
-      raise CheckpointError(f"layers/{entry.ours} stacks {stacked.shape[0]} layers, config has "
-                            f"encoder_layers={cfg.encoder_layers}.")
+      raise CheckpointError(
+        f"layers/{entry.ours} stacks {stacked.shape[0]} layers, config has "
+        f"encoder_layers={cfg.encoder_layers}."
+      )
   for i in range(cfg.encoder_layers):
     for entry in layer_entries():
       w = np.asarray(flat[f"layers/{entry.ours}"][i])
       yield f"{prefix}.layers.{i}.{entry.hf}", _to_hf(w, entry)
 
 
-def audio_to_hf(params: Mapping, cfg: AudioEncoderConfig,
-                prefix: str = AUDIO_PREFIX) -> dict[str, Array]:
+def audio_to_hf(
+  params: Mapping, cfg: AudioEncoderConfig, prefix: str = AUDIO_PREFIX
+) -> dict[str, Array]:
   """AudioEncoder params -> {transformers key: tensor} (Hub layout, `prefix.` on every key)."""
   return dict(iter_audio_to_hf(params, cfg, prefix))
 
 
-def audio_from_hf(get: Callable[[str], Array], abstract_params: Mapping, cfg: AudioEncoderConfig,
-                  prefix: str = AUDIO_PREFIX) -> dict:
+def audio_from_hf(
+  get: Callable[[str], Array],
+  abstract_params: Mapping,
+  cfg: AudioEncoderConfig,
+  prefix: str = AUDIO_PREFIX,
+) -> dict:
   """The inverse of audio_to_hf: numpy params shaped and typed like `abstract_params`.
 
   `get(key)` returns the checkpoint tensor of a transformers key (and raises CheckpointError
@@ -148,17 +162,23 @@ def audio_from_hf(get: Callable[[str], Array], abstract_params: Mapping, cfg: Au
   flat: dict[str, Array] = {}
   for entry in top_entries():
     leaf = leaves[entry.ours]
-    flat[entry.ours] = np.asarray(load(f"{prefix}.{entry.hf}", entry, tuple(leaf.shape)),
-                                  dtype=leaf.dtype)
+    flat[entry.ours] = np.asarray(
+      load(f"{prefix}.{entry.hf}", entry, tuple(leaf.shape)), dtype=leaf.dtype
+    )
   for entry in layer_entries():
     path = f"layers/{entry.ours}"
     leaf = leaves[path]
     if leaf.shape[0] != cfg.encoder_layers:
-      raise CheckpointError(f"{path} stacks {leaf.shape[0]} layers, config has "
-                            f"encoder_layers={cfg.encoder_layers}.")
+      raise CheckpointError(
+        f"{path} stacks {leaf.shape[0]} layers, config has encoder_layers={cfg.encoder_layers}."
+      )
     shape = tuple(leaf.shape[1:])
-    flat[path] = np.asarray(np.stack([load(f"{prefix}.layers.{i}.{entry.hf}", entry, shape)
-                                      for i in range(cfg.encoder_layers)]), dtype=leaf.dtype)
+    flat[path] = np.asarray(
+      np.stack(
+        [load(f"{prefix}.layers.{i}.{entry.hf}", entry, shape) for i in range(cfg.encoder_layers)]
+      ),
+      dtype=leaf.dtype,
+    )
   missing = sorted(set(leaves) - set(flat))
   if missing:
     raise CheckpointError(f"no checkpoint mapping for omnijax audio params {missing}")

@@ -27,37 +27,40 @@ Array = np.ndarray
 PREFIX = "thinker.visual"
 
 BLOCK_ENTRIES = (
-    Entry("norm1/weight", "norm1.weight", "vector"),
-    Entry("norm1/bias", "norm1.bias", "vector"),
-    Entry("norm2/weight", "norm2.weight", "vector"),
-    Entry("norm2/bias", "norm2.bias", "vector"),
-    Entry("attn_qkv/kernel", "attn.qkv.weight", "linear"),
-    Entry("attn_qkv/bias", "attn.qkv.bias", "bias"),
-    Entry("attn_proj/kernel", "attn.proj.weight", "linear2"),
-    Entry("attn_proj/bias", "attn.proj.bias", "vector"),
-    Entry("mlp_linear_fc1/kernel", "mlp.linear_fc1.weight", "linear"),
-    Entry("mlp_linear_fc1/bias", "mlp.linear_fc1.bias", "vector"),
-    Entry("mlp_linear_fc2/kernel", "mlp.linear_fc2.weight", "linear"),
-    Entry("mlp_linear_fc2/bias", "mlp.linear_fc2.bias", "vector"),
+  Entry("norm1/weight", "norm1.weight", "vector"),
+  Entry("norm1/bias", "norm1.bias", "vector"),
+  Entry("norm2/weight", "norm2.weight", "vector"),
+  Entry("norm2/bias", "norm2.bias", "vector"),
+  Entry("attn_qkv/kernel", "attn.qkv.weight", "linear"),
+  Entry("attn_qkv/bias", "attn.qkv.bias", "bias"),
+  Entry("attn_proj/kernel", "attn.proj.weight", "linear2"),
+  Entry("attn_proj/bias", "attn.proj.bias", "vector"),
+  Entry("mlp_linear_fc1/kernel", "mlp.linear_fc1.weight", "linear"),
+  Entry("mlp_linear_fc1/bias", "mlp.linear_fc1.bias", "vector"),
+  Entry("mlp_linear_fc2/kernel", "mlp.linear_fc2.weight", "linear"),
+  Entry("mlp_linear_fc2/bias", "mlp.linear_fc2.bias", "vector"),
 )
 
 MERGER_ENTRIES = (
-    Entry("ln_q/weight", "ln_q.weight", "vector"),
-    Entry("ln_q/bias", "ln_q.bias", "vector"),
-    Entry("mlp_0/kernel", "mlp.0.weight", "linear"),
-    Entry("mlp_0/bias", "mlp.0.bias", "vector"),
-    Entry("mlp_2/kernel", "mlp.2.weight", "linear"),
-    Entry("mlp_2/bias", "mlp.2.bias", "vector"),
+  Entry("ln_q/weight", "ln_q.weight", "vector"),
+  Entry("ln_q/bias", "ln_q.bias", "vector"),
+  Entry("mlp_0/kernel", "mlp.0.weight", "linear"),
+  Entry("mlp_0/bias", "mlp.0.bias", "vector"),
+  Entry("mlp_2/kernel", "mlp.2.weight", "linear"),
+  Entry("mlp_2/bias", "mlp.2.bias", "vector"),
 )
 
 
 def unstacked_entries(cfg: VisionEncoderConfig) -> list[Entry]:
   """Entries of the params that have no stacked layer dimension (full omnijax paths)."""
-  e = [Entry("patch_embed/kernel", "patch_embed.proj.weight", "conv3d"),
-       Entry("patch_embed/bias", "patch_embed.proj.bias", "vector"),
-       Entry("pos_embed", "pos_embed.weight", "embedding")]
-  mergers = [("merger", "merger")] + [(f"merger_list_{k}", f"merger_list.{k}")
-                                      for k in range(len(cfg.deepstack_visual_indexes))]
+  e = [
+    Entry("patch_embed/kernel", "patch_embed.proj.weight", "conv3d"),
+    Entry("patch_embed/bias", "patch_embed.proj.bias", "vector"),
+    Entry("pos_embed", "pos_embed.weight", "embedding"),
+  ]
+  mergers = [("merger", "merger")] + [
+    (f"merger_list_{k}", f"merger_list.{k}") for k in range(len(cfg.deepstack_visual_indexes))
+  ]
   for ours, hf in mergers:
     e += [Entry(f"{ours}/{m.ours}", f"{hf}.{m.hf}", m.kind) for m in MERGER_ENTRIES]
   return e
@@ -86,12 +89,15 @@ def _to_hf(w: Array, kind: str, cfg: VisionEncoderConfig) -> Array:
   return np.ascontiguousarray(w.reshape(hf[::-1]).T)
 
 
-def _from_hf(key: str, w: Array, kind: str, path: str, shape: tuple[int, ...],
-             cfg: VisionEncoderConfig) -> Array:
+def _from_hf(
+  key: str, w: Array, kind: str, path: str, shape: tuple[int, ...], cfg: VisionEncoderConfig
+) -> Array:
   want = _hf_shape(kind, shape, cfg)
   if tuple(w.shape) != want:
-    raise CheckpointError(f"checkpoint tensor {key!r} has shape {tuple(w.shape)}, but the vision "
-                          f"config needs {want} (for omnijax param {path} of shape {shape}).")
+    raise CheckpointError(
+      f"checkpoint tensor {key!r} has shape {tuple(w.shape)}, but the vision "
+      f"config needs {want} (for omnijax param {path} of shape {shape})."
+    )
   if kind in ("vector", "embedding"):
     return w
   if kind == "bias":
@@ -108,8 +114,9 @@ def _flat(params: Mapping) -> dict:
   return {k: getattr(v, "value", v) for k, v in flat.items()}  # unbox nn.Partitioned leaves
 
 
-def iter_vision_to_hf(params: Mapping, cfg: VisionEncoderConfig,
-                      prefix: str = PREFIX) -> Iterator[tuple[str, Array]]:
+def iter_vision_to_hf(
+  params: Mapping, cfg: VisionEncoderConfig, prefix: str = PREFIX
+) -> Iterator[tuple[str, Array]]:
   """omnijax VisionEncoder params -> (transformers key, tensor), lazily."""
   flat = _flat(params)
   for e in unstacked_entries(cfg):
@@ -122,14 +129,19 @@ def iter_vision_to_hf(params: Mapping, cfg: VisionEncoderConfig,
         yield f"{prefix}.blocks.{first + i}.{e.hf}", _to_hf(stacked[e.ours][i], e.kind, cfg)
 
 
-def vision_to_hf(params: Mapping, cfg: VisionEncoderConfig,
-                 prefix: str = PREFIX) -> dict[str, Array]:
+def vision_to_hf(
+  params: Mapping, cfg: VisionEncoderConfig, prefix: str = PREFIX
+) -> dict[str, Array]:
   """omnijax VisionEncoder params -> {transformers key: tensor} in the released layout."""
   return dict(iter_vision_to_hf(params, cfg, prefix))
 
 
-def vision_from_hf(get: Callable[[str], Array], abstract_params: Mapping,
-                   cfg: VisionEncoderConfig, prefix: str = PREFIX) -> dict:
+def vision_from_hf(
+  get: Callable[[str], Array],
+  abstract_params: Mapping,
+  cfg: VisionEncoderConfig,
+  prefix: str = PREFIX,
+) -> dict:
   """The inverse of vision_to_hf; `abstract_params` gives every leaf's shape and dtype.
 
   `get(key)` returns the checkpoint tensor of a transformers key (and raises CheckpointError
@@ -146,10 +158,13 @@ def vision_from_hf(get: Callable[[str], Array], abstract_params: Mapping,
   flat: dict[str, Array] = {}
   for e in unstacked_entries(cfg):
     if e.ours not in leaves:
-      raise CheckpointError(f"omnijax vision params have no leaf {e.ours!r}; is `abstract_params` "
-                            "the VisionEncoder's params tree for this config?")
-    flat[e.ours] = cast(e.ours, load(f"{prefix}.{e.hf}", e.kind, e.ours,
-                                     tuple(leaves[e.ours].shape)))
+      raise CheckpointError(
+        f"omnijax vision params have no leaf {e.ours!r}; is `abstract_params` "
+        "the VisionEncoder's params tree for this config?"
+      )
+    flat[e.ours] = cast(
+      e.ours, load(f"{prefix}.{e.hf}", e.kind, e.ours, tuple(leaves[e.ours].shape))
+    )
   for first, count in layer_segments(cfg):
     seg = segment_name(first, count)
     for e in BLOCK_ENTRIES:
@@ -157,8 +172,12 @@ def vision_from_hf(get: Callable[[str], Array], abstract_params: Mapping,
       if path not in leaves:
         raise CheckpointError(f"omnijax vision params have no leaf {path!r}.")
       shape = tuple(leaves[path].shape[1:])
-      flat[path] = cast(path, np.stack([load(f"{prefix}.blocks.{first + i}.{e.hf}", e.kind, path,
-                                             shape) for i in range(count)]))
+      flat[path] = cast(
+        path,
+        np.stack(
+          [load(f"{prefix}.blocks.{first + i}.{e.hf}", e.kind, path, shape) for i in range(count)]
+        ),
+      )
   missing = sorted(set(leaves) - set(flat))
   if missing:
     raise CheckpointError(f"no checkpoint mapping for omnijax vision params {missing}")

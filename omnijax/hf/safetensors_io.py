@@ -33,13 +33,22 @@ def parse_size(size: str | int) -> int:
   m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KIB|MIB|GIB)?", size.strip().upper())
   if not m:
     raise ValueError(f"cannot parse size {size!r}; use e.g. '2GB', '500MB' or a byte count.")
-  unit = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[m.group(2)]
+  unit = {
+    None: 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+  }[m.group(2)]
   return int(float(m.group(1)) * unit)
 
 
-def write(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str | Path,
-          max_shard_bytes: int) -> list[str]:
+def write(
+  tensors: Iterable[tuple[str, np.ndarray]], out_dir: str | Path, max_shard_bytes: int
+) -> list[str]:
   """Writes the tensors into out_dir; returns the safetensors file names written."""
   out_dir = Path(out_dir)
   for stale in [*out_dir.glob("model*.safetensors"), out_dir / INDEX_FILE]:
@@ -76,8 +85,10 @@ def write(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str | Path,
   for i, (name, keys) in enumerate(zip(names, shards)):
     os.replace(out_dir / f".shard-{i}.tmp", out_dir / name)
     weight_map.update(dict.fromkeys(keys, name))
-  index = dict(metadata=dict(total_parameters=total_params, total_size=total_bytes),
-               weight_map=dict(sorted(weight_map.items())))
+  index = dict(
+    metadata=dict(total_parameters=total_params, total_size=total_bytes),
+    weight_map=dict(sorted(weight_map.items())),
+  )
   (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
   return names
 
@@ -94,8 +105,10 @@ class Reader:
       with safe_open(self.dir / SINGLE_FILE, "np") as f:
         self.files = dict.fromkeys(f.keys(), self.dir / SINGLE_FILE)
     else:
-      raise FileNotFoundError(f"{self.dir} holds neither {SINGLE_FILE} nor {INDEX_FILE}: not a "
-                              "transformers safetensors checkpoint.")
+      raise FileNotFoundError(
+        f"{self.dir} holds neither {SINGLE_FILE} nor {INDEX_FILE}: not a "
+        "transformers safetensors checkpoint."
+      )
     self._open: dict[Path, object] = {}
 
   def keys(self) -> list[str]:
@@ -104,12 +117,16 @@ class Reader:
   def __call__(self, key: str) -> np.ndarray:
     if key not in self.files:
       close = difflib.get_close_matches(key, self.files, n=3)
-      raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {self.dir}"
-                            + (f" (similar keys: {close})" if close else "") + ".")
+      raise CheckpointError(
+        f"tensor {key!r} is missing from the checkpoint in {self.dir}"
+        + (f" (similar keys: {close})" if close else "")
+        + "."
+      )
     path = self.files[key]
     if path not in self._open:
       if not path.exists():
-        raise CheckpointError(f"{INDEX_FILE} in {self.dir} lists {path.name} (for {key!r}), "
-                              "which does not exist.")
+        raise CheckpointError(
+          f"{INDEX_FILE} in {self.dir} lists {path.name} (for {key!r}), which does not exist."
+        )
       self._open[path] = safe_open(path, "np")
     return self._open[path].get_tensor(key)

@@ -49,54 +49,58 @@ PROCESSOR_CLASS = "Qwen3OmniMoeProcessor"
 
 # Qwen3-Omni processor attribute -> (token, ThinkerConfig field holding its id).
 MULTIMODAL_TOKENS = {
-    "audio_token": ("<|audio_pad|>", "audio_token_id"),
-    "image_token": ("<|image_pad|>", "image_token_id"),
-    "video_token": ("<|video_pad|>", "video_token_id"),
-    "audio_bos_token": ("<|audio_start|>", "audio_start_token_id"),
-    "audio_eos_token": ("<|audio_end|>", "audio_end_token_id"),
-    "vision_bos_token": ("<|vision_start|>", "vision_start_token_id"),
-    "vision_eos_token": ("<|vision_end|>", "vision_end_token_id"),
+  "audio_token": ("<|audio_pad|>", "audio_token_id"),
+  "image_token": ("<|image_pad|>", "image_token_id"),
+  "video_token": ("<|video_pad|>", "video_token_id"),
+  "audio_bos_token": ("<|audio_start|>", "audio_start_token_id"),
+  "audio_eos_token": ("<|audio_end|>", "audio_end_token_id"),
+  "vision_bos_token": ("<|vision_start|>", "vision_start_token_id"),
+  "vision_eos_token": ("<|vision_end|>", "vision_end_token_id"),
 }
 
 CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}"
-    "{{- message['content'] }}"
-    "{%- else %}"
-    "{%- for item in message['content'] %}"
-    "{%- if item['type'] == 'audio' or 'audio' in item or 'audio_url' in item %}"
-    "{{- '<|audio_start|><|audio_pad|><|audio_end|>' }}"
-    "{%- elif item['type'] == 'image' or 'image' in item or 'image_url' in item %}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif item['type'] == 'video' or 'video' in item %}"
-    "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{%- elif 'text' in item %}"
-    "{{- item['text'] }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- endif %}"
+  "{%- for message in messages %}"
+  "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+  "{%- if message['content'] is string %}"
+  "{{- message['content'] }}"
+  "{%- else %}"
+  "{%- for item in message['content'] %}"
+  "{%- if item['type'] == 'audio' or 'audio' in item or 'audio_url' in item %}"
+  "{{- '<|audio_start|><|audio_pad|><|audio_end|>' }}"
+  "{%- elif item['type'] == 'image' or 'image' in item or 'image_url' in item %}"
+  "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+  "{%- elif item['type'] == 'video' or 'video' in item %}"
+  "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+  "{%- elif 'text' in item %}"
+  "{{- item['text'] }}"
+  "{%- endif %}"
+  "{%- endfor %}"
+  "{%- endif %}"
+  "{{- '<|im_end|>\\n' }}"
+  "{%- endfor %}"
+  "{%- if add_generation_prompt %}"
+  "{{- '<|im_start|>assistant\\n' }}"
+  "{%- endif %}"
 )
 
 
 def check(tokenizer: tok_lib.TextTokenizer, cfg: ThinkerConfig) -> None:
   """Raises ConfigError unless the tokenizer fits the model's vocabulary and special token ids."""
   if tokenizer.vocab_size > cfg.text.vocab_size:
-    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model vocabulary "
-                      f"is {cfg.text.vocab_size}; they do not belong together.")
+    raise ConfigError(
+      f"the tokenizer has {tokenizer.vocab_size} tokens but the model vocabulary "
+      f"is {cfg.text.vocab_size}; they do not belong together."
+    )
   for token, field in MULTIMODAL_TOKENS.values():
     try:
       tid = tokenizer.token_id(token)
     except KeyError:
       tid = None
     if tid != getattr(cfg, field):
-      raise ConfigError(f"the model's {field} is {getattr(cfg, field)} but the tokenizer maps "
-                        f"{token} to {tid}; they do not belong together.")
+      raise ConfigError(
+        f"the model's {field} is {getattr(cfg, field)} but the tokenizer maps "
+        f"{token} to {tid}; they do not belong together."
+      )
 
 
 def tokenizer_config(added_tokens: list[dict[str, Any]], cfg: ThinkerConfig) -> dict[str, Any]:
@@ -104,50 +108,77 @@ def tokenizer_config(added_tokens: list[dict[str, Any]], cfg: ThinkerConfig) -> 
   named = {tok_lib.EOS_TOKEN} | {token for token, _ in MULTIMODAL_TOKENS.values()}
   keys = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
   return dict(
-      tokenizer_class="TokenizersBackend",
-      processor_class=PROCESSOR_CLASS,
-      bos_token=None,
-      eos_token=tok_lib.EOS_TOKEN,
-      pad_token=tok_lib.EOS_TOKEN,
-      unk_token=None,
-      **{attr: token for attr, (token, _) in MULTIMODAL_TOKENS.items()},
-      extra_special_tokens=[t["content"] for t in added_tokens
-                            if t["special"] and t["content"] not in named],
-      added_tokens_decoder={str(t["id"]): {k: t[k] for k in keys} for t in added_tokens},
-      model_max_length=cfg.text.max_position_embeddings,
-      clean_up_tokenization_spaces=False,
-      split_special_tokens=False,
+    tokenizer_class="TokenizersBackend",
+    processor_class=PROCESSOR_CLASS,
+    bos_token=None,
+    eos_token=tok_lib.EOS_TOKEN,
+    pad_token=tok_lib.EOS_TOKEN,
+    unk_token=None,
+    **{attr: token for attr, (token, _) in MULTIMODAL_TOKENS.items()},
+    extra_special_tokens=[
+      t["content"] for t in added_tokens if t["special"] and t["content"] not in named
+    ],
+    added_tokens_decoder={str(t["id"]): {k: t[k] for k in keys} for t in added_tokens},
+    model_max_length=cfg.text.max_position_embeddings,
+    clean_up_tokenization_spaces=False,
+    split_special_tokens=False,
   )
 
 
 def _rgb_processing() -> dict[str, Any]:
-  return dict(do_convert_rgb=True, do_resize=True, resample=3,  # PIL bicubic
-              do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-              image_mean=list(vision_ops.IMAGE_MEAN), image_std=list(vision_ops.IMAGE_STD))
+  return dict(
+    do_convert_rgb=True,
+    do_resize=True,
+    resample=3,  # PIL bicubic
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    image_mean=list(vision_ops.IMAGE_MEAN),
+    image_std=list(vision_ops.IMAGE_STD),
+  )
 
 
 def processor_configs(cfg: ThinkerConfig) -> dict[str, dict[str, Any]]:
   """The sub-processor configs {feature_extractor, image_processor, video_processor}."""
-  patches = dict(patch_size=cfg.vision.patch_size,
-                 temporal_patch_size=cfg.vision.temporal_patch_size,
-                 merge_size=cfg.vision.spatial_merge_size)
+  patches = dict(
+    patch_size=cfg.vision.patch_size,
+    temporal_patch_size=cfg.vision.temporal_patch_size,
+    merge_size=cfg.vision.spatial_merge_size,
+  )
   feature_extractor = dict(
-      feature_extractor_type="WhisperFeatureExtractor", feature_size=cfg.audio.num_mel_bins,
-      sampling_rate=audio_ops.SAMPLE_RATE, hop_length=audio_ops.HOP_LENGTH,
-      n_fft=audio_ops.N_FFT, chunk_length=300,  # as released: the processor never truncates
-      dither=0.0, padding_side="right", padding_value=0.0, return_attention_mask=True)
+    feature_extractor_type="WhisperFeatureExtractor",
+    feature_size=cfg.audio.num_mel_bins,
+    sampling_rate=audio_ops.SAMPLE_RATE,
+    hop_length=audio_ops.HOP_LENGTH,
+    n_fft=audio_ops.N_FFT,
+    chunk_length=300,  # as released: the processor never truncates
+    dither=0.0,
+    padding_side="right",
+    padding_value=0.0,
+    return_attention_mask=True,
+  )
   image_processor = dict(
-      image_processor_type="Qwen2VLImageProcessor", **_rgb_processing(),
-      size=dict(shortest_edge=vision_ops.MIN_PIXELS, longest_edge=vision_ops.MAX_PIXELS),
-      **patches)
+    image_processor_type="Qwen2VLImageProcessor",
+    **_rgb_processing(),
+    size=dict(shortest_edge=vision_ops.MIN_PIXELS, longest_edge=vision_ops.MAX_PIXELS),
+    **patches,
+  )
   video_processor = dict(
-      video_processor_type="Qwen2VLVideoProcessor", **_rgb_processing(),
-      size=dict(shortest_edge=video_ops.VIDEO_MIN_PIXELS,
-                longest_edge=video_ops.VIDEO_MAX_PIXELS),
-      do_sample_frames=True, fps=video_ops.FPS, min_frames=video_ops.MIN_FRAMES,
-      max_frames=video_ops.MAX_FRAMES, cap_pixels_per_frame=False, **patches)
-  return dict(feature_extractor=feature_extractor, image_processor=image_processor,
-              video_processor=video_processor)
+    video_processor_type="Qwen2VLVideoProcessor",
+    **_rgb_processing(),
+    size=dict(shortest_edge=video_ops.VIDEO_MIN_PIXELS, longest_edge=video_ops.VIDEO_MAX_PIXELS),
+    do_sample_frames=True,
+    fps=video_ops.FPS,
+    min_frames=video_ops.MIN_FRAMES,
+    max_frames=video_ops.MAX_FRAMES,
+    cap_pixels_per_frame=False,
+    **patches,
+  )
+  return dict(
+    feature_extractor=feature_extractor,
+    image_processor=image_processor,
+    video_processor=video_processor,
+  )
 
 
 def write(out_dir: str | Path, tokenizer: tok_lib.TextTokenizer, cfg: ThinkerConfig) -> None:
@@ -158,11 +189,12 @@ def write(out_dir: str | Path, tokenizer: tok_lib.TextTokenizer, cfg: ThinkerCon
   added = json.loads((out_dir / TOKENIZER_JSON).read_text())["added_tokens"]
   subs = processor_configs(cfg)
   files = {
-      TOKENIZER_CONFIG: tokenizer_config(added, cfg),
-      PROCESSOR_CONFIG: dict(processor_class=PROCESSOR_CLASS, **subs),
-      PREPROCESSOR_CONFIG: dict(subs["feature_extractor"], **subs["image_processor"],
-                                processor_class=PROCESSOR_CLASS),
-      VIDEO_PREPROCESSOR_CONFIG: dict(subs["video_processor"], processor_class=PROCESSOR_CLASS),
+    TOKENIZER_CONFIG: tokenizer_config(added, cfg),
+    PROCESSOR_CONFIG: dict(processor_class=PROCESSOR_CLASS, **subs),
+    PREPROCESSOR_CONFIG: dict(
+      subs["feature_extractor"], **subs["image_processor"], processor_class=PROCESSOR_CLASS
+    ),
+    VIDEO_PREPROCESSOR_CONFIG: dict(subs["video_processor"], processor_class=PROCESSOR_CLASS),
   }
   for name, content in files.items():
     (out_dir / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")

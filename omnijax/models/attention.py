@@ -29,8 +29,7 @@ def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
   return (causal[None] & same & valid)[:, None]
 
 
-def cache_mask(segment_ids: jax.Array, cache_segment_ids: jax.Array,
-               index: jax.Array) -> jax.Array:
+def cache_mask(segment_ids: jax.Array, cache_segment_ids: jax.Array, index: jax.Array) -> jax.Array:
   """(B, S, C) bool: S queries at cache slots index, index+1, ... over C slots (cache_segment_ids,
   0 where unwritten or padding): key slot <= query slot, same segment, query not padding."""
   s, c = segment_ids.shape[1], cache_segment_ids.shape[1]
@@ -67,8 +66,11 @@ def dot_product_attention(q, k, v, segment_ids, query_blocks: int = 1):
   for start in range(0, s, chunk):
     end = min(start + chunk, s)
     qs = segment_ids[:, start:end, None]
-    mask = ((pos[start:end, None] >= pos[None, :end])[None] & (qs == segment_ids[:, None, :end])
-            & (qs != 0))
+    mask = (
+      (pos[start:end, None] >= pos[None, :end])[None]
+      & (qs == segment_ids[:, None, :end])
+      & (qs != 0)
+    )
     outs.append(_attend(q[:, start:end], k[:, :end], v[:, :end], mask, scale))
   return jnp.concatenate(outs, axis=1)
 
@@ -102,9 +104,10 @@ class Attention(nn.Module):
       out = dot_product_attention(q, k, v, segment_ids, self.impl.attention_query_blocks)
     else:
       index, mask = kv_mask
-      kv = {name: jax.lax.dynamic_update_slice(kv[name], new.astype(kv[name].dtype),
-                                               (0, index, 0, 0))
-            for name, new in (("k", k), ("v", v))}
-      out = _attend(q, kv["k"], kv["v"], mask, hd ** -0.5)
+      kv = {
+        name: jax.lax.dynamic_update_slice(kv[name], new.astype(kv[name].dtype), (0, index, 0, 0))
+        for name, new in (("k", k), ("v", v))
+      }
+      out = _attend(q, kv["k"], kv["v"], mask, hd**-0.5)
     out = constrain(out, ("batch", "seq", "act_heads", "act_kv"))
     return jnp.einsum("bshk,hkd->bsd", out, wo), kv

@@ -41,7 +41,12 @@ from jax.ad_checkpoint import checkpoint_name
 from omnijax.models.config import AudioEncoderConfig, ImplConfig
 from omnijax.models.decoder import _POLICIES
 from omnijax.models.layers import LayerNorm, constrain, dtype_of, logical_param
-from omnijax.processing.audio import _conv_len, chunk_frames, feat_extract_output_lengths, tokens_per_chunk
+from omnijax.processing.audio import (
+  _conv_len,
+  chunk_frames,
+  feat_extract_output_lengths,
+  tokens_per_chunk,
+)
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by every reference LayerNorm
 MAX_WINDOW_CHUNKS = 8  # the seed's dynamic windows: 1 s .. 8 s
@@ -73,12 +78,13 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    shape = tuple(x.shape[-self.n_in:]) + tuple(self.features)
+    shape = tuple(x.shape[-self.n_in :]) + tuple(self.features)
     kernel = logical_param(self, "kernel", shape, self.kernel_axes, self.param_dtype)
     y = jnp.tensordot(x, kernel.astype(self.dtype), axes=self.n_in)
     if self.bias_axes is not None:
-      bias = logical_param(self, "bias", self.features, self.bias_axes, self.param_dtype,
-                           nn.initializers.zeros)
+      bias = logical_param(
+        self, "bias", self.features, self.bias_axes, self.param_dtype, nn.initializers.zeros
+      )
       y = y + bias.astype(self.dtype)
     return y
 
@@ -92,13 +98,19 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = logical_param(self, "kernel", (3, 3, x.shape[-1], self.features),
-                           (None, None, None, None), self.param_dtype)
-    bias = logical_param(self, "bias", (self.features,), (None,), self.param_dtype,
-                         nn.initializers.zeros)
-    y = jax.lax.conv_general_dilated(x, kernel.astype(self.dtype), window_strides=(2, 2),
-                                     padding=((1, 1), (1, 1)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    kernel = logical_param(
+      self, "kernel", (3, 3, x.shape[-1], self.features), (None, None, None, None), self.param_dtype
+    )
+    bias = logical_param(
+      self, "bias", (self.features,), (None,), self.param_dtype, nn.initializers.zeros
+    )
+    y = jax.lax.conv_general_dilated(
+      x,
+      kernel.astype(self.dtype),
+      window_strides=(2, 2),
+      padding=((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     return y + bias.astype(self.dtype)
 
 
@@ -116,7 +128,7 @@ def _blocks_with_neighbours(x, block: int):
   nb = s // block
   xb = x.reshape((n, nb, block) + x.shape[2:])
   xp = jnp.pad(xb, [(0, 0), (1, 1)] + [(0, 0)] * (xb.ndim - 2))
-  return jnp.concatenate([xp[:, :nb], xp[:, 1:nb + 1], xp[:, 2:nb + 2]], axis=2)
+  return jnp.concatenate([xp[:, :nb], xp[:, 1 : nb + 1], xp[:, 2 : nb + 2]], axis=2)
 
 
 class AudioAttention(nn.Module):
@@ -141,12 +153,17 @@ class AudioAttention(nn.Module):
     q = constrain(q, ("batch", "seq", "act_heads", "act_kv"))
     k = constrain(k, ("batch", "seq", "act_heads", "act_kv"))
     v = constrain(v, ("batch", "seq", "act_heads", "act_kv"))
-    scale = hd ** -0.5
+    scale = hd**-0.5
     if self.block:
       n, s = q.shape[:2]
       nb = s // self.block
-      out = _attend(q.reshape(n, nb, self.block, h, hd), _blocks_with_neighbours(k, self.block),
-                    _blocks_with_neighbours(v, self.block), mask, scale).reshape(n, s, h, hd)
+      out = _attend(
+        q.reshape(n, nb, self.block, h, hd),
+        _blocks_with_neighbours(k, self.block),
+        _blocks_with_neighbours(v, self.block),
+        mask,
+        scale,
+      ).reshape(n, s, h, hd)
     else:
       out = _attend(q, k, v, mask, scale)
     out = constrain(out, ("batch", "seq", "act_heads", "act_kv"))
@@ -234,8 +251,10 @@ class AudioEncoder(nn.Module):
     n, bins, frames = features.shape
     chunk, tpc = chunk_frames(cfg), tokens_per_chunk(cfg)
     if bins != cfg.num_mel_bins or frames % chunk:
-      raise ValueError(f"features must be (N, {cfg.num_mel_bins}, T) with T a multiple of "
-                       f"{chunk} (see bucket_frames), got {features.shape}.")
+      raise ValueError(
+        f"features must be (N, {cfg.num_mel_bins}, T) with T a multiple of "
+        f"{chunk} (see bucket_frames), got {features.shape}."
+      )
     chunks = frames // chunk
     seq = chunks * tpc
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -252,8 +271,9 @@ class AudioEncoder(nn.Module):
     else:
       pad_len = jnp.int32(chunk)
     for i in range(3):
-      x = jax.nn.gelu(Conv(cfg.downsample_hidden_size, dtype, pdt, name=f"conv2d{i + 1}")(x),
-                      approximate=False)
+      x = jax.nn.gelu(
+        Conv(cfg.downsample_hidden_size, dtype, pdt, name=f"conv2d{i + 1}")(x), approximate=False
+      )
       pad_len = _conv_len(pad_len)
       if i < 2 and self.chunk_padding == "batch":
         x = jnp.where((jnp.arange(x.shape[2]) < pad_len)[None, None, :, None], x, 0)
@@ -282,9 +302,14 @@ class AudioEncoder(nn.Module):
     layer = AudioEncoderLayer
     if impl.remat_policy != "none":
       layer = nn.remat(layer, policy=_POLICIES[impl.remat_policy], prevent_cse=False)
-    stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast,), length=cfg.encoder_layers,
-                    metadata_params={nn.PARTITION_NAME: "layers"})
+    stack = nn.scan(
+      layer,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast,),
+      length=cfg.encoder_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
     h, _ = stack(cfg, impl, block, name="layers")(h, mask)
     h = h[:, :seq]
 
@@ -297,10 +322,10 @@ class AudioEncoder(nn.Module):
     return constrain(h, ("batch", "seq", "act_embed")), token_mask
 
 
-def audio_encoder_init(cfg: AudioEncoderConfig, impl: ImplConfig = ImplConfig(), seed: int = 0,
-                       **kwargs):
+def audio_encoder_init(
+  cfg: AudioEncoderConfig, impl: ImplConfig = ImplConfig(), seed: int = 0, **kwargs
+):
   """Boxed params of AudioEncoder(cfg, impl, **kwargs) on a one-chunk dummy input."""
   model = AudioEncoder(cfg, impl, **kwargs)
   feats = jnp.zeros((1, cfg.num_mel_bins, chunk_frames(cfg)), jnp.float32)
   return model.init(jax.random.key(seed), feats, jnp.ones((1,), jnp.int32))["params"]
-

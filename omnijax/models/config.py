@@ -40,13 +40,15 @@ class TextConfig:
   mrope_section: tuple[int, int, int] = (24, 20, 20)
   router_aux_loss_coef: float = 0.001
   max_position_embeddings: int = 65536
-  modality_routers: bool = False  # one router per modality over shared experts (not in transformers)
+  modality_routers: bool = (
+    False  # one router per modality over shared experts (not in transformers)
+  )
 
   def is_moe_layer(self, i: int) -> bool:
     return (
-        i not in self.mlp_only_layers
-        and self.num_experts > 0
-        and (i + 1) % self.decoder_sparse_step == 0
+      i not in self.mlp_only_layers
+      and self.num_experts > 0
+      and (i + 1) % self.decoder_sparse_step == 0
     )
 
   def layer_blocks(self) -> list[tuple[bool, int, int]]:
@@ -65,33 +67,53 @@ class TextConfig:
       if not cond:
         raise ConfigError(f"{where}: {msg}")
 
-    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim"):
+    for name in (
+      "vocab_size",
+      "hidden_size",
+      "num_hidden_layers",
+      "num_attention_heads",
+      "num_key_value_heads",
+      "head_dim",
+    ):
       need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}.")
-    need(self.num_attention_heads % self.num_key_value_heads == 0,
-         f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-         f"num_key_value_heads ({self.num_key_value_heads}); change one of them.")
-    need(self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+    need(
+      self.num_attention_heads % self.num_key_value_heads == 0,
+      f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+      f"num_key_value_heads ({self.num_key_value_heads}); change one of them.",
+    )
+    need(
+      self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}."
+    )
     half = self.head_dim // 2
     t, h, w = self.mrope_section
-    need(t + h + w == half,
-         f"mrope_section {list(self.mrope_section)} sums to {t + h + w} but head_dim {self.head_dim} "
-         f"has {half} rotary frequency slots; set mrope_section to sum to head_dim/2 "
-         f"(e.g. {list(default_mrope_section(self.head_dim))}) or change head_dim.")
-    need(t >= max(h, w) and min(t, h, w) >= 0,
-         f"mrope_section {list(self.mrope_section)}: the interleaved T/H/W layout needs the temporal "
-         "section to be at least as large as the height and width sections.")
+    need(
+      t + h + w == half,
+      f"mrope_section {list(self.mrope_section)} sums to {t + h + w} but head_dim {self.head_dim} "
+      f"has {half} rotary frequency slots; set mrope_section to sum to head_dim/2 "
+      f"(e.g. {list(default_mrope_section(self.head_dim))}) or change head_dim.",
+    )
+    need(
+      t >= max(h, w) and min(t, h, w) >= 0,
+      f"mrope_section {list(self.mrope_section)}: the interleaved T/H/W layout needs the temporal "
+      "section to be at least as large as the height and width sections.",
+    )
     if self.num_experts > 0:
-      need(0 < self.num_experts_per_tok <= self.num_experts,
-           f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts="
-           f"{self.num_experts}].")
+      need(
+        0 < self.num_experts_per_tok <= self.num_experts,
+        f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts="
+        f"{self.num_experts}].",
+      )
       need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive for MoE layers.")
     bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
-    need(not bad, f"mlp_only_layers {bad} are outside [0, num_hidden_layers={self.num_hidden_layers}).")
+    need(
+      not bad, f"mlp_only_layers {bad} are outside [0, num_hidden_layers={self.num_hidden_layers})."
+    )
     if any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
-      need(self.intermediate_size > 0,
-           "intermediate_size must be positive when some layers are dense (mlp_only_layers / "
-           "decoder_sparse_step / num_experts=0).")
+      need(
+        self.intermediate_size > 0,
+        "intermediate_size must be positive when some layers are dense (mlp_only_layers / "
+        "decoder_sparse_step / num_experts=0).",
+      )
     need(self.decoder_sparse_step >= 1, "decoder_sparse_step must be >= 1.")
 
 
@@ -151,14 +173,19 @@ class ImplConfig:
   attention_query_blocks: int = 8  # causal query blocks per sequence (1: one block)
 
   def validate(self, where: str = "model.impl") -> None:
-    for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
-                          ("remat_policy", REMAT_POLICIES), ("moe_impl", MOE_IMPLS)):
+    for name, allowed in (
+      ("dtype", DTYPES),
+      ("param_dtype", DTYPES),
+      ("remat_policy", REMAT_POLICIES),
+      ("moe_impl", MOE_IMPLS),
+    ):
       value = getattr(self, name)
       if value not in allowed:
         raise ConfigError(f"{where}.{name}={value!r} is not one of {list(allowed)}.")
     if self.attention_query_blocks < 1:
-      raise ConfigError(f"{where}.attention_query_blocks must be >= 1, got "
-                        f"{self.attention_query_blocks}.")
+      raise ConfigError(
+        f"{where}.attention_query_blocks must be >= 1, got {self.attention_query_blocks}."
+      )
     if self.moe_block_size <= 0:
       raise ConfigError(f"{where}.moe_block_size must be positive, got {self.moe_block_size}.")
     if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
@@ -186,20 +213,32 @@ class ThinkerConfig:
   def validate(self) -> None:
     self.text.validate()
     self.impl.validate()
-    for name in ("audio_token_id", "image_token_id", "video_token_id", "audio_start_token_id",
-                 "audio_end_token_id", "vision_start_token_id", "vision_end_token_id"):
+    for name in (
+      "audio_token_id",
+      "image_token_id",
+      "video_token_id",
+      "audio_start_token_id",
+      "audio_end_token_id",
+      "vision_start_token_id",
+      "vision_end_token_id",
+    ):
       value = getattr(self, name)
       if not 0 <= value < self.text.vocab_size:
         raise ConfigError(
-            f"model.{name}={value} is outside the vocabulary [0, {self.text.vocab_size}); set it "
-            "to the tokenizer's id for that special token or enlarge model.text.vocab_size.")
+          f"model.{name}={value} is outside the vocabulary [0, {self.text.vocab_size}); set it "
+          "to the tokenizer's id for that special token or enlarge model.text.vocab_size."
+        )
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ThinkerConfig":
     d = _to_dict(d)
     d.pop("preset", None)
-    sub = {"text": TextConfig, "audio": AudioEncoderConfig, "vision": VisionEncoderConfig,
-           "impl": ImplConfig}
+    sub = {
+      "text": TextConfig,
+      "audio": AudioEncoderConfig,
+      "vision": VisionEncoderConfig,
+      "impl": ImplConfig,
+    }
     kwargs = {}
     for key, value in d.items():
       if key in sub:
@@ -207,8 +246,10 @@ class ThinkerConfig:
       else:
         kwargs[key] = value
     if "text" not in kwargs:
-      raise ConfigError("model.text is missing: start from a preset, e.g. "
-                        "`config.model = omnijax.models.presets.get('tiny')`.")
+      raise ConfigError(
+        "model.text is missing: start from a preset, e.g. "
+        "`config.model = omnijax.models.presets.get('tiny')`."
+      )
     cfg = _build(cls, kwargs, "model")
     cfg.validate()
     return cfg
@@ -233,15 +274,21 @@ def _build(cls, values: Mapping[str, Any], where: str):
     for k in unknown:
       close = difflib.get_close_matches(k, list(fields), n=1)
       hints.append(f"{where}.{k}" + (f" (did you mean {where}.{close[0]}?)" if close else ""))
-    raise ConfigError(f"unknown config field(s): {', '.join(hints)}. Valid fields of {where}: "
-                      f"{sorted(fields)}.")
+    raise ConfigError(
+      f"unknown config field(s): {', '.join(hints)}. Valid fields of {where}: {sorted(fields)}."
+    )
   out = {}
   for k, v in values.items():
     if isinstance(v, list):
       v = tuple(v)
     out[k] = v
-  missing = [n for n, f in fields.items() if n not in out and f.default is dataclasses.MISSING
-             and f.default_factory is dataclasses.MISSING]
+  missing = [
+    n
+    for n, f in fields.items()
+    if n not in out
+    and f.default is dataclasses.MISSING
+    and f.default_factory is dataclasses.MISSING
+  ]
   if missing:
     raise ConfigError(f"{where} is missing required field(s) {missing}.")
   return cls(**out)

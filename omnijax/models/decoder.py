@@ -20,11 +20,10 @@ from omnijax.models.layers import RMSNorm, SwiGLU, constrain, dtype_of
 from omnijax.models.moe import SparseMoeBlock
 
 _POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj",
-                                                              "value_proj"),
+  "full": None,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
 }
 
 
@@ -50,8 +49,9 @@ class DecoderLayer(nn.Module):
     h = h + y
     if deepstack is not None:
       taps = deepstack.shape[0]
-      tap = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(layer_index, taps - 1), 0,
-                                         keepdims=False)
+      tap = jax.lax.dynamic_index_in_dim(
+        deepstack, jnp.minimum(layer_index, taps - 1), 0, keepdims=False
+      )
       h = h + jnp.where(layer_index < taps, tap, 0).astype(h.dtype)
     return constrain(h, ("batch", "seq", "act_embed")), (stats, kv)
 
@@ -64,11 +64,15 @@ def init_cache(cfg: TextConfig, impl: ImplConfig, batch: int, length: int) -> di
   """An empty KV cache of `length` slots: the next slot `index`, the `segment_ids` (B, C) of the
   slots (0: unwritten or padding) and per layer block `kv` {"k", "v"} (layers, B, C, KH, D)."""
   shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
-  kv = {_block_name(first, count): {n: jnp.zeros((count,) + shape, dtype_of(impl.dtype))
-                                    for n in ("k", "v")}
-        for _, first, count in cfg.layer_blocks()}
-  return dict(index=jnp.zeros((), jnp.int32), segment_ids=jnp.zeros((batch, length), jnp.int32),
-              kv=kv)
+  kv = {
+    _block_name(first, count): {
+      n: jnp.zeros((count,) + shape, dtype_of(impl.dtype)) for n in ("k", "v")
+    }
+    for _, first, count in cfg.layer_blocks()
+  }
+  return dict(
+    index=jnp.zeros((), jnp.int32), segment_ids=jnp.zeros((batch, length), jnp.int32), kv=kv
+  )
 
 
 class Decoder(nn.Module):
@@ -86,7 +90,8 @@ class Decoder(nn.Module):
     if cache is not None:
       index = cache["index"]
       cache_segments = jax.lax.dynamic_update_slice(
-          cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
+        cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index)
+      )
       kv_mask = (index, cache_mask(segment_ids, cache_segments, index))
       new_cache = dict(index=index + h.shape[1], segment_ids=cache_segments, kv={})
     stats = []
@@ -95,13 +100,25 @@ class Decoder(nn.Module):
       layer = DecoderLayer
       if self.impl.remat_policy != "none":
         layer = nn.remat(layer, policy=_POLICIES[self.impl.remat_policy], prevent_cse=False)
-      stack = nn.scan(layer, variable_axes={"params": 0, "intermediates": 0},
-                      split_rngs={"params": True},
-                      in_axes=(0,) + (nn.broadcast,) * 5 + (0, nn.broadcast), length=count,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+      stack = nn.scan(
+        layer,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True},
+        in_axes=(0,) + (nn.broadcast,) * 5 + (0, nn.broadcast),
+        length=count,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       h, (block_stats, kv) = stack(cfg, self.impl, moe, name=name)(
-          h, jnp.arange(first, first + count), cos, sin, segment_ids, modality, deepstack,
-          None if cache is None else cache["kv"][name], kv_mask)
+        h,
+        jnp.arange(first, first + count),
+        cos,
+        sin,
+        segment_ids,
+        modality,
+        deepstack,
+        None if cache is None else cache["kv"][name],
+        kv_mask,
+      )
       if moe:
         stats.append(block_stats)
       if cache is not None:

@@ -15,12 +15,19 @@ def dtype_of(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def logical_param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str | None],
-                  param_dtype, init=None):
+def logical_param(
+  module: nn.Module,
+  name: str,
+  shape: Sequence[int],
+  axes: Sequence[str | None],
+  param_dtype,
+  init=None,
+):
   """A parameter whose dimensions carry logical axis names (see omnijax.sharding)."""
   init = init or nn.initializers.normal(INIT_STD)
-  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape),
-                      param_dtype)
+  return module.param(
+    name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), param_dtype
+  )
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -35,8 +42,9 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    weight = logical_param(self, "weight", (x.shape[-1],), ("norm",), self.param_dtype,
-                           nn.initializers.ones)
+    weight = logical_param(
+      self, "weight", (x.shape[-1],), ("norm",), self.param_dtype, nn.initializers.ones
+    )
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return weight.astype(x.dtype) * x32.astype(x.dtype)
@@ -55,8 +63,9 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    scale = logical_param(self, self.scale_name, (d,), ("norm",), self.param_dtype,
-                          nn.initializers.ones)
+    scale = logical_param(
+      self, self.scale_name, (d,), ("norm",), self.param_dtype, nn.initializers.ones
+    )
     bias = logical_param(self, "bias", (d,), ("norm",), self.param_dtype, nn.initializers.zeros)
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
@@ -75,12 +84,15 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    gate = logical_param(self, "gate_proj", (d, self.intermediate_size), ("embed", "mlp"),
-                         self.param_dtype).astype(self.dtype)
-    up = logical_param(self, "up_proj", (d, self.intermediate_size), ("embed", "mlp"),
-                       self.param_dtype).astype(self.dtype)
-    down = logical_param(self, "down_proj", (self.intermediate_size, d), ("mlp", "embed"),
-                         self.param_dtype).astype(self.dtype)
+    gate = logical_param(
+      self, "gate_proj", (d, self.intermediate_size), ("embed", "mlp"), self.param_dtype
+    ).astype(self.dtype)
+    up = logical_param(
+      self, "up_proj", (d, self.intermediate_size), ("embed", "mlp"), self.param_dtype
+    ).astype(self.dtype)
+    down = logical_param(
+      self, "down_proj", (self.intermediate_size, d), ("mlp", "embed"), self.param_dtype
+    ).astype(self.dtype)
     h = jax.nn.silu(x @ gate) * (x @ up)
     h = constrain(h, ("batch", "seq", "act_mlp"))
     return h @ down

@@ -66,8 +66,9 @@ def _expert_weight(w: jax.Array, e: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def tiled_swiglu(tiles: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
-                 tile_expert: jax.Array) -> jax.Array:
+def tiled_swiglu(
+  tiles: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, tile_expert: jax.Array
+) -> jax.Array:
   """SwiGLU of expert ``tile_expert[t]`` on row tile t: tiles (T, b, D) -> (T, b, D).
 
   A scan over tiles, each reading its expert's weights in place and keeping the (b, F)
@@ -100,7 +101,8 @@ def _tiled_swiglu_bwd(res, g):
     d_gate = d_h * up * sig * (1 + gate * (1 - sig))
     d_up = d_h * act
     add = lambda d_w, v: jax.lax.dynamic_update_index_in_dim(
-        d_w, _expert_weight(d_w, e) + v.astype(d_w.dtype), e, 0)
+      d_w, _expert_weight(d_w, e) + v.astype(d_w.dtype), e, 0
+    )
     d_wg, d_wu, d_wd = d_ws
     d_ws = (add(d_wg, tile.T @ d_gate), add(d_wu, tile.T @ d_up), add(d_wd, (act * up).T @ g_tile))
     d_tile = d_gate @ _expert_weight(wg, e).T + d_up @ _expert_weight(wu, e).T
@@ -114,8 +116,9 @@ def _tiled_swiglu_bwd(res, g):
 tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
 
 
-def expert_ffn(x: jax.Array, slot_token: jax.Array, slot_expert: jax.Array, wg, wu, wd,
-               impl: str, block: int) -> jax.Array:
+def expert_ffn(
+  x: jax.Array, slot_token: jax.Array, slot_expert: jax.Array, wg, wu, wd, impl: str, block: int
+) -> jax.Array:
   """SwiGLU of expert ``slot_expert[i]`` on row ``x[slot_token[i]]`` for every slot i.
 
   x (T, D); slot_* (N,); wg/wu (E, D, F); wd (E, F, D). Slots whose expert id is E (empty
@@ -152,7 +155,8 @@ def expert_ffn(x: jax.Array, slot_token: jax.Array, slot_expert: jax.Array, wg, 
   row_token = jnp.full((num_rows,), x.shape[0], jnp.int32).at[dest].set(slot_token, mode="drop")
   buf = jnp.take(x, row_token, axis=0, mode="fill", fill_value=0)
   tile_expert = jnp.minimum(
-      jnp.searchsorted(padded_end, jnp.arange(num_tiles) * block, side="right"), num_experts - 1)
+    jnp.searchsorted(padded_end, jnp.arange(num_tiles) * block, side="right"), num_experts - 1
+  )
   tiles = buf.reshape(num_tiles, block, -1)
   out = tiled_swiglu(tiles, wg, wu, wd, tile_expert).reshape(num_rows, -1)
   return out.at[dest].get(mode="fill", fill_value=0)
@@ -205,8 +209,9 @@ def exchange_capacity(num_slots: int, ep: int, capacity_factor: float | None) ->
   return min(num_slots, max(1, math.ceil(num_slots / ep * capacity_factor)))
 
 
-def expert_parallel(x, top_idx, top_w, wg, wu, wd, *, axis: str, ep: int, capacity: int,
-                    impl: str, block: int):
+def expert_parallel(
+  x, top_idx, top_w, wg, wu, wd, *, axis: str, ep: int, capacity: int, impl: str, block: int
+):
   """Per-device body: send slots to their experts' devices, compute, send results back.
 
   x (T, D) local tokens; wg/wu/wd hold this device's E/ep experts. Returns ((T, D), dropped).
@@ -223,18 +228,21 @@ def expert_parallel(x, top_idx, top_w, wg, wu, wd, *, axis: str, ep: int, capaci
   keep = rank < capacity
   pos = jnp.where(keep, sorted_dev * capacity + rank, ep * capacity)
   send_x = jnp.zeros((ep * capacity, d), x.dtype).at[pos].set(x[order // k], mode="drop")
-  send_e = jnp.full((ep * capacity,), local_e, jnp.int32).at[pos].set(
-      flat_e[order] % local_e, mode="drop")
+  send_e = (
+    jnp.full((ep * capacity,), local_e, jnp.int32).at[pos].set(flat_e[order] % local_e, mode="drop")
+  )
 
-  a2a = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0,
-                          tiled=True)
+  a2a = functools.partial(
+    jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0, tiled=True
+  )
   recv_x = a2a(send_x)
   recv_e = a2a(send_e)
   slots = jnp.arange(ep * capacity, dtype=jnp.int32)
   if impl == "dense":
     onehot = jax.nn.one_hot(recv_e, local_e, dtype=x.dtype)
-    y = dense_reference(recv_x, jnp.minimum(recv_e, local_e - 1)[:, None],
-                        onehot.sum(-1, keepdims=True), wg, wu, wd)
+    y = dense_reference(
+      recv_x, jnp.minimum(recv_e, local_e - 1)[:, None], onehot.sum(-1, keepdims=True), wg, wu, wd
+    )
   else:
     y = expert_ffn(recv_x, slots, recv_e, wg, wu, wd, impl, block)
   back = a2a(y)
@@ -256,8 +264,16 @@ def moe_experts(x, top_idx, top_w, wg, wu, wd, impl: ImplConfig):
   b, s, d = x.shape
   k = top_idx.shape[-1]
   if mesh.empty:
-    out = local_experts(x.reshape(b * s, d), top_idx.reshape(-1, k), top_w.reshape(-1, k),
-                        wg, wu, wd, path, impl.moe_block_size)
+    out = local_experts(
+      x.reshape(b * s, d),
+      top_idx.reshape(-1, k),
+      top_w.reshape(-1, k),
+      wg,
+      wu,
+      wd,
+      path,
+      impl.moe_block_size,
+    )
     return out.reshape(b, s, d), jnp.zeros((), jnp.int32)
 
   batch_spec, seq_spec = nn.logical_to_mesh_axes(("batch", "seq"))
@@ -266,8 +282,10 @@ def moe_experts(x, top_idx, top_w, wg, wu, wd, impl: ImplConfig):
   token_axes = _axes(batch_spec) + _axes(seq_spec)
   ep = math.prod(mesh.shape[a] for a in exp_axes)
   if ep > 1 and not set(exp_axes) <= set(token_axes):
-    raise ValueError(f"expert parallelism over {exp_axes} needs those mesh axes to also shard the "
-                     f"tokens (logical 'batch'/'seq' map to {token_axes}).")
+    raise ValueError(
+      f"expert parallelism over {exp_axes} needs those mesh axes to also shard the "
+      f"tokens (logical 'batch'/'seq' map to {token_axes})."
+    )
   exp_spec = exp_axes or None
   mlp_spec = mlp_axes or None
   tok = P(batch_spec, seq_spec, None)
@@ -279,8 +297,9 @@ def moe_experts(x, top_idx, top_w, wg, wu, wd, impl: ImplConfig):
     bl, sl, _ = x.shape
     args = (x.reshape(bl * sl, d), top_idx.reshape(-1, k), top_w.reshape(-1, k), wg, wu, wd)
     if ep > 1:
-      out, dropped = expert_parallel(*args, axis=exp_axes, ep=ep, capacity=capacity, impl=path,
-                                     block=impl.moe_block_size)
+      out, dropped = expert_parallel(
+        *args, axis=exp_axes, ep=ep, capacity=capacity, impl=path, block=impl.moe_block_size
+      )
     else:
       out, dropped = local_experts(*args, path, impl.moe_block_size), jnp.zeros((), jnp.int32)
     if mlp_axes:
@@ -289,8 +308,13 @@ def moe_experts(x, top_idx, top_w, wg, wu, wd, impl: ImplConfig):
       dropped = jax.lax.psum(dropped, token_axes)
     return out.reshape(bl, sl, d), dropped
 
-  fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
-                     out_specs=(tok, P()), check_vma=False)
+  fn = jax.shard_map(
+    body,
+    mesh=mesh,
+    in_specs=(tok, tok, tok, w_in, w_in, w_out),
+    out_specs=(tok, P()),
+    check_vma=False,
+  )
   return fn(x, top_idx, top_w, wg, wu, wd)
 
 
@@ -310,8 +334,9 @@ class SparseMoeBlock(nn.Module):
     if cfg.modality_routers:
       # Ming-Omni's modality-specific routers: one gate per modality (text, image, audio,
       # video) over the shared experts; each token is routed by its modality's gate.
-      gates = logical_param(self, "modality_gates", (NUM_MODALITIES, d, e),
-                            (None, "embed", "router"), pdt)
+      gates = logical_param(
+        self, "modality_gates", (NUM_MODALITIES, d, e), (None, "embed", "router"), pdt
+      )
       if modality is None:
         modality = jnp.zeros((b, s), jnp.int32)
       per_gate = jnp.einsum("td,mde->tme", x32, gates.astype(jnp.float32))
@@ -328,8 +353,9 @@ class SparseMoeBlock(nn.Module):
     top_w = constrain(top_w.reshape(b, s, k), ("batch", "seq", None))
     top_i = constrain(top_i.reshape(b, s, k), ("batch", "seq", None))
     self.sow("intermediates", "experts", top_i)  # kept only when asked (Model.expert_load)
-    out, dropped = moe_experts(x, top_i, top_w, wg.astype(dtype), wu.astype(dtype),
-                               wd.astype(dtype), self.impl)
+    out, dropped = moe_experts(
+      x, top_i, top_w, wg.astype(dtype), wu.astype(dtype), wd.astype(dtype), self.impl
+    )
 
     if cfg.shared_expert_intermediate_size:
       shared = SwiGLU(cfg.shared_expert_intermediate_size, dtype, pdt, name="shared_expert")(x)
@@ -339,9 +365,9 @@ class SparseMoeBlock(nn.Module):
     valid = token_mask.reshape(-1).astype(jnp.float32)
     chosen = jax.nn.one_hot(top_i.reshape(-1, k), e, dtype=jnp.float32).sum(1)
     stats = dict(
-        counts=jnp.einsum("te,t->e", chosen, valid),
-        prob_sum=jnp.einsum("te,t->e", probs, valid),
-        tokens=jnp.sum(valid),
-        dropped=dropped.astype(jnp.float32),
+      counts=jnp.einsum("te,t->e", chosen, valid),
+      prob_sum=jnp.einsum("te,t->e", probs, valid),
+      tokens=jnp.sum(valid),
+      dropped=dropped.astype(jnp.float32),
     )
     return out, stats

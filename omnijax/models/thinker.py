@@ -57,13 +57,21 @@ class Thinker(nn.Module):
   def modality(self, input_ids: jax.Array) -> jax.Array:
     """(B, S) index into MODALITIES from the placeholder tokens (everything else is text)."""
     c = self.cfg
-    return jnp.select([input_ids == c.image_token_id, input_ids == c.audio_token_id,
-                       input_ids == c.video_token_id], [1, 2, 3], 0).astype(jnp.int32)
+    return jnp.select(
+      [input_ids == c.image_token_id, input_ids == c.audio_token_id, input_ids == c.video_token_id],
+      [1, 2, 3],
+      0,
+    ).astype(jnp.int32)
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None,
-               media: Mapping[str, jax.Array] | None = None, cache: dict | None = None):
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    media: Mapping[str, jax.Array] | None = None,
+    cache: dict | None = None,
+  ):
     """input_ids (B, S); positions (3, B, S) TM-RoPE ids (default: text positions per segment);
     segment_ids (B, S), 0 = padding (default: one segment per row); media as above; cache: a KV
     cache to decode with (see the module docstring)."""
@@ -75,8 +83,9 @@ class Thinker(nn.Module):
     if positions is None:
       positions = tm_rope.text_positions(segment_ids)
 
-    embed = logical_param(self, "embed_tokens", (text.vocab_size, text.hidden_size),
-                          ("vocab", "embed"), pdt)
+    embed = logical_param(
+      self, "embed_tokens", (text.vocab_size, text.hidden_size), ("vocab", "embed"), pdt
+    )
     h = jnp.take(embed, input_ids, axis=0).astype(dtype)
     h = constrain(h, ("batch", "seq", "act_embed"))
 
@@ -84,8 +93,10 @@ class Thinker(nn.Module):
       feats = media["audio_features"]
       b, a = feats.shape[:2]
       emb, mask = AudioEncoder(cfg.audio, impl, name="audio_tower")(
-          feats.reshape((b * a,) + feats.shape[2:]), media["audio_lengths"].reshape(b * a),
-          media.get("audio_window"))
+        feats.reshape((b * a,) + feats.shape[2:]),
+        media["audio_lengths"].reshape(b * a),
+        media.get("audio_window"),
+      )
       tokens = compact_rows(emb.reshape(b, -1, emb.shape[-1]), mask.reshape(b, -1))
       h = scatter_rows(h, input_ids == cfg.audio_token_id, tokens)
 
@@ -108,12 +119,11 @@ class Thinker(nn.Module):
     else:
       h, stats, cache = decoder(h, positions, segment_ids, modality, deepstack, cache)
       h = h[:, -1:]
-    lm_head = logical_param(self, "lm_head", (text.hidden_size, text.vocab_size),
-                            ("embed", "vocab"), pdt)
-    logits = jnp.einsum("bsd,dv->bsv", h, lm_head.astype(dtype),
-                        preferred_element_type=jnp.float32)
+    lm_head = logical_param(
+      self, "lm_head", (text.hidden_size, text.vocab_size), ("embed", "vocab"), pdt
+    )
+    logits = jnp.einsum("bsd,dv->bsv", h, lm_head.astype(dtype), preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", "seq", "act_vocab"))
     if cache is None:
       return logits, stats
     return logits, stats, cache
-

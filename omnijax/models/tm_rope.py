@@ -18,8 +18,8 @@ def slot_rows(head_dim: int, mrope_section: tuple[int, int, int]) -> np.ndarray:
   half = head_dim // 2
   rows = np.zeros(half, np.int32)
   _, h, w = mrope_section
-  rows[1:3 * h:3] = 1
-  rows[2:3 * w:3] = 2
+  rows[1 : 3 * h : 3] = 1
+  rows[2 : 3 * w : 3] = 2
   return rows
 
 
@@ -27,8 +27,9 @@ def inv_frequencies(head_dim: int, theta: float) -> np.ndarray:
   return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
 
 
-def cos_sin(positions: jax.Array, head_dim: int, theta: float,
-            mrope_section: tuple[int, int, int]) -> tuple[jax.Array, jax.Array]:
+def cos_sin(
+  positions: jax.Array, head_dim: int, theta: float, mrope_section: tuple[int, int, int]
+) -> tuple[jax.Array, jax.Array]:
   """positions (3, B, S) int -> cos, sin (B, S, head_dim) float32."""
   rows = slot_rows(head_dim, mrope_section)
   pos = positions.astype(jnp.float32)[rows]  # (half, B, S): each slot's own position row
@@ -51,7 +52,8 @@ def text_positions(segment_ids: jax.Array) -> jax.Array:
   s = segment_ids.shape[-1]
   idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), segment_ids.shape)
   starts = jnp.concatenate(
-      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
   seg_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
   pos = idx - seg_start
   return jnp.broadcast_to(pos[None], (3,) + pos.shape)

@@ -47,9 +47,9 @@ DEFAULT_HIDDEN_ACT = "gelu_pytorch_tanh"
 DEFAULT_QUERY_BLOCK = 1024
 
 _ACTS = {
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
 
 
@@ -65,8 +65,9 @@ def layer_segments(cfg: VisionEncoderConfig) -> list[tuple[int, int]]:
   if len(taps) != len(cfg.deepstack_visual_indexes):
     raise ValueError(f"deepstack_visual_indexes {cfg.deepstack_visual_indexes} has duplicates.")
   if taps and not 0 <= taps[0] <= taps[-1] < cfg.depth:
-    raise ValueError(f"deepstack_visual_indexes {cfg.deepstack_visual_indexes} must lie in "
-                     f"[0, depth={cfg.depth}).")
+    raise ValueError(
+      f"deepstack_visual_indexes {cfg.deepstack_visual_indexes} must lie in [0, depth={cfg.depth})."
+    )
   bounds = [t + 1 for t in taps]
   if not bounds or bounds[-1] != cfg.depth:
     bounds.append(cfg.depth)
@@ -89,8 +90,9 @@ def segment_name(first: int, count: int) -> str:
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
   """(head_dim // 4,) float32: transformers' axial inverse frequencies (same for rows and cols)."""
   spatial = head_dim // 2
-  return (1.0 / (np.float32(theta) ** (np.arange(0, spatial, 2, dtype=np.float32)
-                                       / np.float32(spatial)))).astype(np.float32)
+  return (
+    1.0 / (np.float32(theta) ** (np.arange(0, spatial, 2, dtype=np.float32) / np.float32(spatial)))
+  ).astype(np.float32)
 
 
 def rope_cos_sin(rows, cols, head_dim: int, theta: float):
@@ -121,8 +123,9 @@ def interpolation_taps(rows, cols, heights, widths, side: int):
     src = index.astype(jnp.float32) * (side - 1) / jnp.maximum(size - 1, 1).astype(jnp.float32)
     floor = jnp.floor(src)
     offsets = jnp.arange(2, dtype=jnp.float32)
-    taps = jnp.clip(floor.astype(jnp.int32)[..., None] + jnp.arange(2, dtype=jnp.int32), 0,
-                    side - 1)
+    taps = jnp.clip(
+      floor.astype(jnp.int32)[..., None] + jnp.arange(2, dtype=jnp.int32), 0, side - 1
+    )
     weights = jnp.maximum(1.0 - jnp.abs(src[..., None] - floor[..., None] - offsets), 0.0)
     return taps, weights
 
@@ -141,7 +144,7 @@ def frame_attention(q, k, v, segment_ids, query_block: int = DEFAULT_QUERY_BLOCK
   (segment 0) attends only to padding, so no row is empty and nothing is NaN.
   """
   b, p, h, d = q.shape
-  scale = d ** -0.5
+  scale = d**-0.5
 
   def block(args):
     qb, sb = args  # (B, c, H, D), (B, c)
@@ -178,12 +181,17 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x):
     n_in, n_out = len(self.in_shape), len(self.out_shape)
-    kernel = logical_param(self, "kernel", self.in_shape + self.out_shape, self.kernel_axes,
-                           self.param_dtype).astype(self.dtype)
-    bias = logical_param(self, "bias", self.out_shape, self.kernel_axes[n_in:], self.param_dtype,
-                         nn.initializers.zeros).astype(self.dtype)
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel,
-                            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+    kernel = logical_param(
+      self, "kernel", self.in_shape + self.out_shape, self.kernel_axes, self.param_dtype
+    ).astype(self.dtype)
+    bias = logical_param(
+      self, "bias", self.out_shape, self.kernel_axes[n_in:], self.param_dtype, nn.initializers.zeros
+    ).astype(self.dtype)
+    y = jax.lax.dot_general(
+      x.astype(self.dtype),
+      kernel,
+      ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+    )
     return y + bias.reshape((1,) * (y.ndim - n_out) + self.out_shape)
 
 
@@ -203,8 +211,7 @@ class VisionBlock(nn.Module):
     act = _ACTS[getattr(cfg, "hidden_act", DEFAULT_HIDDEN_ACT)]
 
     x = LayerNorm(LAYER_NORM_EPS, pdt, name="norm1")(h)
-    qkv = Dense((d,), (3, nh, hd), ("embed", None, "heads", "kv"), dt, pdt,
-                name="attn_qkv")(x)
+    qkv = Dense((d,), (3, nh, hd), ("embed", None, "heads", "kv"), dt, pdt, name="attn_qkv")(x)
     q = checkpoint_name(qkv[..., 0, :, :], "query_proj")
     k = checkpoint_name(qkv[..., 1, :, :], "key_proj")
     v = checkpoint_name(qkv[..., 2, :, :], "value_proj")
@@ -218,11 +225,13 @@ class VisionBlock(nn.Module):
     h = constrain(h, ("batch", "seq", "act_embed"))
 
     x = LayerNorm(LAYER_NORM_EPS, pdt, name="norm2")(h)
-    y = act(Dense((d,), (cfg.intermediate_size,), ("embed", "mlp"), dt, pdt,
-                  name="mlp_linear_fc1")(x))
+    y = act(
+      Dense((d,), (cfg.intermediate_size,), ("embed", "mlp"), dt, pdt, name="mlp_linear_fc1")(x)
+    )
     y = constrain(y, ("batch", "seq", "act_mlp"))
-    h = h + Dense((cfg.intermediate_size,), (d,), ("mlp", "embed"), dt, pdt,
-                  name="mlp_linear_fc2")(y)
+    h = h + Dense((cfg.intermediate_size,), (d,), ("mlp", "embed"), dt, pdt, name="mlp_linear_fc2")(
+      y
+    )
     return constrain(h, ("batch", "seq", "act_embed")), None
 
 
@@ -239,7 +248,7 @@ class PatchMerger(nn.Module):
   def __call__(self, h):
     cfg = self.cfg
     dt, pdt = dtype_of(self.impl.dtype), dtype_of(self.impl.param_dtype)
-    unit = cfg.spatial_merge_size ** 2
+    unit = cfg.spatial_merge_size**2
     d4 = cfg.hidden_size * unit
     group = lambda x: x.reshape(*x.shape[:-2], x.shape[-2] // unit, d4)
     if self.postshuffle:
@@ -267,8 +276,9 @@ class VisionEncoder(nn.Module):
   @nn.compact
   def __call__(self, patches, segment_ids, rows, cols, heights, widths) -> VisionOutput:
     if patches.ndim == 2:
-      out = self._encode(patches[None], segment_ids[None], rows[None], cols[None], heights[None],
-                         widths[None])
+      out = self._encode(
+        patches[None], segment_ids[None], rows[None], cols[None], heights[None], widths[None]
+      )
       return jax.tree.map(lambda x: x[0], out)
     return self._encode(patches, segment_ids, rows, cols, heights, widths)
 
@@ -276,21 +286,26 @@ class VisionEncoder(nn.Module):
     cfg, impl = self.cfg, self.impl
     dt, pdt = dtype_of(impl.dtype), dtype_of(impl.param_dtype)
     d = cfg.hidden_size
-    unit = cfg.spatial_merge_size ** 2
+    unit = cfg.spatial_merge_size**2
     p = patches.shape[1]
     if p % unit:
-      raise ValueError(f"the packed buffer has {p} patches, not a multiple of the {unit}-patch "
-                       "merge window; use bucket_patches() sizes.")
+      raise ValueError(
+        f"the packed buffer has {p} patches, not a multiple of the {unit}-patch "
+        "merge window; use bucket_patches() sizes."
+      )
     side = math.isqrt(cfg.num_position_embeddings)
-    in_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+    in_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
     if patches.shape[-1] != in_dim:
-      raise ValueError(f"patches have {patches.shape[-1]} features; in_channels x temporal_patch "
-                       f"x patch^2 = {in_dim}.")
+      raise ValueError(
+        f"patches have {patches.shape[-1]} features; in_channels x temporal_patch "
+        f"x patch^2 = {in_dim}."
+      )
 
     # Patch embedding (the stride = kernel Conv3d as a Linear over (C, T, p, p)-flattened patches).
     h = Dense((in_dim,), (d,), (None, "embed"), dt, pdt, name="patch_embed")(patches)
-    table = logical_param(self, "pos_embed", (cfg.num_position_embeddings, d), (None, "embed"),
-                          pdt).astype(dt)
+    table = logical_param(
+      self, "pos_embed", (cfg.num_position_embeddings, d), (None, "embed"), pdt
+    ).astype(dt)
     idx, wts = interpolation_taps(rows, cols, heights, widths, side)
     pos = jnp.sum(table[idx] * wts[..., None].astype(dt), axis=-2)
     h = constrain(h + pos, ("batch", "seq", "act_embed"))
@@ -301,26 +316,39 @@ class VisionEncoder(nn.Module):
       block = nn.remat(block, policy=REMAT_POLICIES[impl.remat_policy], prevent_cse=False)
     taps = {}
     for first, count in layer_segments(cfg):
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * 3, length=count,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+      stack = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,) * 3,
+        length=count,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       h, _ = stack(cfg, impl, self.query_block, name=segment_name(first, count))(
-          h, cos, sin, segment_ids)
+        h, cos, sin, segment_ids
+      )
       taps[first + count - 1] = h
 
     mask = segment_ids[..., ::unit] != 0
     zero_pad = lambda x: jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
     merged = zero_pad(PatchMerger(cfg, impl, postshuffle=False, name="merger")(h))
     deepstack = tuple(
-        zero_pad(PatchMerger(cfg, impl, postshuffle=True,
-                             name=f"merger_list_{cfg.deepstack_visual_indexes.index(layer)}")(
-                                 taps[layer]))
-        for layer in sorted(cfg.deepstack_visual_indexes))
+      zero_pad(
+        PatchMerger(
+          cfg,
+          impl,
+          postshuffle=True,
+          name=f"merger_list_{cfg.deepstack_visual_indexes.index(layer)}",
+        )(taps[layer])
+      )
+      for layer in sorted(cfg.deepstack_visual_indexes)
+    )
     return VisionOutput(merged, deepstack, mask)
 
 
-def init_params(cfg: VisionEncoderConfig, impl: ImplConfig = ImplConfig(), rng=None,
-                num_patches: int = MIN_BUCKET):
+def init_params(
+  cfg: VisionEncoderConfig, impl: ImplConfig = ImplConfig(), rng=None, num_patches: int = MIN_BUCKET
+):
   """Boxed (logically partitioned) params of a VisionEncoder, from a dummy packed buffer."""
   rng = jax.random.key(0) if rng is None else rng
   dummy = dummy_inputs(cfg, num_patches)
@@ -328,7 +356,13 @@ def init_params(cfg: VisionEncoderConfig, impl: ImplConfig = ImplConfig(), rng=N
 
 
 def dummy_inputs(cfg: VisionEncoderConfig, num_patches: int = MIN_BUCKET) -> dict:
-  in_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+  in_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
   ints = jnp.zeros((num_patches,), jnp.int32)
-  return dict(patches=jnp.zeros((num_patches, in_dim), jnp.float32), segment_ids=ints, rows=ints,
-              cols=ints, heights=ints + 1, widths=ints + 1)
+  return dict(
+    patches=jnp.zeros((num_patches, in_dim), jnp.float32),
+    segment_ids=ints,
+    rows=ints,
+    cols=ints,
+    heights=ints + 1,
+    widths=ints + 1,
+  )

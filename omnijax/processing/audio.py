@@ -10,7 +10,6 @@ import numpy as np
 from omnijax.models.config import AudioEncoderConfig
 
 
-
 def _conv_len(n):
   """Output length of one 3-wide, stride-2, pad-1 conv over n positions (0 for n = 0)."""
   return (n - 1) // 2 + 1
@@ -51,8 +50,9 @@ def num_tokens(frames: int, cfg: AudioEncoderConfig) -> int:
   return frames // chunk_frames(cfg) * tokens_per_chunk(cfg)
 
 
-def pad_audio_batch(mels: Sequence[np.ndarray], frames: int | None = None,
-                    rows: int | None = None, chunk: int = 100) -> tuple[np.ndarray, np.ndarray]:
+def pad_audio_batch(
+  mels: Sequence[np.ndarray], frames: int | None = None, rows: int | None = None, chunk: int = 100
+) -> tuple[np.ndarray, np.ndarray]:
   """Right-pads mel features [(num_mel_bins, L_i)] into (rows, num_mel_bins, frames), lengths.
 
   `frames` defaults to bucket_frames(max L_i); `rows` (default len(mels)) adds empty audios.
@@ -61,10 +61,12 @@ def pad_audio_batch(mels: Sequence[np.ndarray], frames: int | None = None,
   frames = frames or bucket_frames(int(lengths.max(initial=1)), chunk)
   rows = rows or len(mels)
   if frames % chunk or lengths.max(initial=0) > frames or rows < len(mels):
-    raise ValueError(f"cannot pad audios of {lengths.tolist()} frames into {rows} rows x {frames} "
-                     f"frames (a multiple of {chunk}).")
+    raise ValueError(
+      f"cannot pad audios of {lengths.tolist()} frames into {rows} rows x {frames} "
+      f"frames (a multiple of {chunk})."
+    )
   bins = mels[0].shape[0] if mels else 0
   out = np.zeros((rows, bins, frames), np.float32)
   for i, m in enumerate(mels):
-    out[i, :, :m.shape[-1]] = m
+    out[i, :, : m.shape[-1]] = m
   return out, np.pad(lengths, (0, rows - len(mels)))

@@ -23,11 +23,11 @@ from typing import Mapping
 import numpy as np
 
 TOKEN_FIELDS = {
-    "inputs": np.int32,
-    "targets": np.int32,
-    "segment_ids": np.int32,
-    "positions": np.float32,
-    "loss_mask": np.float32,
+  "inputs": np.int32,
+  "targets": np.int32,
+  "segment_ids": np.int32,
+  "positions": np.float32,
+  "loss_mask": np.float32,
 }
 TASK_IDS = "task_ids"
 MEDIA_PREFIXES = ("audio_", "image_", "video_")
@@ -48,10 +48,12 @@ def validate(batch: Mapping[str, np.ndarray]) -> None:
     want = (b, 3, s) if k == "positions" else (b, s)
     v = batch[k]
     if v.shape != want or v.dtype != dtype:
-      raise ValueError(f"batch[{k!r}] is {v.dtype} {v.shape}; the schema wants "
-                       f"{np.dtype(dtype)} {want}.")
-  unknown = [k for k in batch if k not in TOKEN_FIELDS and k != TASK_IDS
-             and not k.startswith(MEDIA_PREFIXES)]
+      raise ValueError(
+        f"batch[{k!r}] is {v.dtype} {v.shape}; the schema wants {np.dtype(dtype)} {want}."
+      )
+  unknown = [
+    k for k in batch if k not in TOKEN_FIELDS and k != TASK_IDS and not k.startswith(MEDIA_PREFIXES)
+  ]
   if unknown:
     raise ValueError(f"batch has keys outside the schema: {unknown}.")
 
@@ -60,8 +62,10 @@ def text_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
   """One document per row from (B, S + 1) token ids: the shift, positions 0..S-1, full mask."""
   tokens = np.asarray(tokens, np.int32)
   b, s = tokens.shape[0], tokens.shape[1] - 1
-  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
-              segment_ids=np.ones((b, s), np.int32),
-              positions=np.ascontiguousarray(np.broadcast_to(np.arange(s, dtype=np.float32),
-                                                             (b, 3, s))),
-              loss_mask=np.ones((b, s), np.float32))
+  return dict(
+    inputs=tokens[:, :-1],
+    targets=tokens[:, 1:],
+    segment_ids=np.ones((b, s), np.int32),
+    positions=np.ascontiguousarray(np.broadcast_to(np.arange(s, dtype=np.float32), (b, 3, s))),
+    loss_mask=np.ones((b, s), np.float32),
+  )

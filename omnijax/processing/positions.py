@@ -94,12 +94,15 @@ class TokenIds:
   @classmethod
   def from_config(cls, config: Any) -> "TokenIds":
     """From `omnijax.models.config.ThinkerConfig` (or a transformers thinker config)."""
-    return cls(image=int(config.image_token_id), video=int(config.video_token_id),
-               audio=int(config.audio_token_id),
-               vision_start=int(config.vision_start_token_id),
-               audio_start=int(config.audio_start_token_id),
-               vision_end=_opt_int(getattr(config, "vision_end_token_id", None)),
-               audio_end=_opt_int(getattr(config, "audio_end_token_id", None)))
+    return cls(
+      image=int(config.image_token_id),
+      video=int(config.video_token_id),
+      audio=int(config.audio_token_id),
+      vision_start=int(config.vision_start_token_id),
+      audio_start=int(config.audio_start_token_id),
+      vision_end=_opt_int(getattr(config, "vision_end_token_id", None)),
+      audio_end=_opt_int(getattr(config, "audio_end_token_id", None)),
+    )
 
 
 def _opt_int(x):
@@ -107,8 +110,15 @@ def _opt_int(x):
 
 
 # The released Qwen3-Omni ids (transformers' config defaults differ).
-QWEN3_OMNI_TOKENS = TokenIds(image=151655, video=151656, audio=151675, vision_start=151652,
-                             audio_start=151669, vision_end=151653, audio_end=151670)
+QWEN3_OMNI_TOKENS = TokenIds(
+  image=151655,
+  video=151656,
+  audio=151675,
+  vision_start=151652,
+  audio_start=151669,
+  vision_end=151653,
+  audio_end=151670,
+)
 
 
 def rope_kwargs_from_config(config: Any) -> dict[str, Any]:
@@ -119,10 +129,12 @@ def rope_kwargs_from_config(config: Any) -> dict[str, Any]:
   """
   vision = getattr(config, "vision", None) or getattr(config, "vision_config")
   audio = getattr(config, "audio", None) or getattr(config, "audio_config")
-  return dict(tokens=TokenIds.from_config(config),
-              spatial_merge_size=int(vision.spatial_merge_size),
-              position_id_per_seconds=config.position_id_per_seconds,
-              n_window=int(audio.n_window))
+  return dict(
+    tokens=TokenIds.from_config(config),
+    spatial_merge_size=int(vision.spatial_merge_size),
+    position_id_per_seconds=config.position_id_per_seconds,
+    n_window=int(audio.n_window),
+  )
 
 
 def audio_token_count(mel_frames, n_window: int = 50):
@@ -143,16 +155,22 @@ def image_token_count(grid_thw, spatial_merge_size: int = 2):
   """Placeholder tokens for an image/video grid (t, h, w): t*h*w / merge^2 (int, or an array for
   (N, 3) grids)."""
   g = np.asarray(grid_thw, np.int64)
-  out = g[..., 0] * g[..., 1] * g[..., 2] // (spatial_merge_size ** 2)
+  out = g[..., 0] * g[..., 1] * g[..., 2] // (spatial_merge_size**2)
   return int(out) if out.ndim == 0 else out
 
 
 video_token_count = image_token_count
 
 
-def audio_in_video_layout(grid_thw, seconds_per_grid: float, num_audio_tokens: int, *,
-                          tokens: TokenIds, spatial_merge_size: int = 2,
-                          position_id_per_seconds: float = 13) -> np.ndarray:
+def audio_in_video_layout(
+  grid_thw,
+  seconds_per_grid: float,
+  num_audio_tokens: int,
+  *,
+  tokens: TokenIds,
+  spatial_merge_size: int = 2,
+  position_id_per_seconds: float = 13,
+) -> np.ndarray:
   """Token ids of one audio-in-video span as the transformers processor lays it out:
   `<vision_start><audio_start>` + video/audio placeholders merged on their time (video first on
   ties, float64 as in the processor) + `<audio_end><vision_end>`."""
@@ -165,15 +183,24 @@ def audio_in_video_layout(grid_thw, seconds_per_grid: float, num_audio_tokens: i
   is_video = np.zeros(len(video_t) + num_audio_tokens, bool)
   is_video[np.arange(len(video_t)) + np.searchsorted(audio_t, video_t, side="left")] = True
   body = np.where(is_video, tokens.video, tokens.audio)
-  return np.concatenate([[tokens.vision_start, tokens.audio_start], body,
-                         [tokens.audio_end, tokens.vision_end]]).astype(np.int64)
+  return np.concatenate(
+    [[tokens.vision_start, tokens.audio_start], body, [tokens.audio_end, tokens.vision_end]]
+  ).astype(np.int64)
 
 
 class _Items:
   """The batch's multimodal items, consumed in order of appearance."""
 
-  def __init__(self, image_grid_thw, video_grid_thw, video_second_per_grid, audio_seqlens,
-               merge: int, pps, n_window: int):
+  def __init__(
+    self,
+    image_grid_thw,
+    video_grid_thw,
+    video_second_per_grid,
+    audio_seqlens,
+    merge: int,
+    pps,
+    n_window: int,
+  ):
     self.images = _grids(image_grid_thw, "image_grid_thw", merge)
     self.videos = _grids(video_grid_thw, "video_grid_thw", merge)
     pps = _F32(pps)
@@ -182,11 +209,12 @@ class _Items:
     if video_second_per_grid is not None:
       seconds = np.asarray(video_second_per_grid, np.float64).reshape(-1).astype(_F32)
       if len(seconds) != len(self.videos):
-        raise ValueError(f"video_second_per_grid has {len(seconds)} entries but "
-                         f"video_grid_thw has {len(self.videos)} videos.")
+        raise ValueError(
+          f"video_second_per_grid has {len(seconds)} entries but "
+          f"video_grid_thw has {len(self.videos)} videos."
+        )
       # The reference: (arange(t) * float32(seconds)) * position_id_per_seconds, in float32.
-      self.video_t = [(np.arange(g[0], dtype=_F32) * s) * pps
-                      for g, s in zip(self.videos, seconds)]
+      self.video_t = [(np.arange(g[0], dtype=_F32) * s) * pps for g, s in zip(self.videos, seconds)]
     # Whether any id can be fractional. If not, every id is an integer below 2**24 and Python
     # floats reproduce the reference's float32 arithmetic exactly (and are much faster).
     self.fractional = any(not v.is_integer() for t in (self.video_t or ()) for v in t.tolist())
@@ -200,19 +228,23 @@ class _Items:
   def next_image(self):
     i = self.image_i
     if i >= len(self.images):
-      raise ValueError(f"image #{i} in input_ids has no entry in image_grid_thw "
-                       f"({len(self.images)} given).")
+      raise ValueError(
+        f"image #{i} in input_ids has no entry in image_grid_thw ({len(self.images)} given)."
+      )
     self.image_i += 1
     return self.images[i], self.image_t[i]
 
   def next_video(self):
     i = self.video_i
     if i >= len(self.videos):
-      raise ValueError(f"video #{i} in input_ids has no entry in video_grid_thw "
-                       f"({len(self.videos)} given).")
+      raise ValueError(
+        f"video #{i} in input_ids has no entry in video_grid_thw ({len(self.videos)} given)."
+      )
     if self.video_t is None:
-      raise ValueError("input_ids has video placeholders: pass video_second_per_grid "
-                       "(temporal_patch_size / fps per video).")
+      raise ValueError(
+        "input_ids has video placeholders: pass video_second_per_grid "
+        "(temporal_patch_size / fps per video)."
+      )
     self.video_i += 1
     return self.videos[i], self.video_t[i]
 
@@ -223,18 +255,22 @@ class _Items:
     if self.audio_lens is None:
       return None
     if i >= len(self.audio_lens):
-      raise ValueError(f"audio #{i} in input_ids has no entry in audio_seqlens "
-                       f"({len(self.audio_lens)} given).")
+      raise ValueError(
+        f"audio #{i} in input_ids has no entry in audio_seqlens ({len(self.audio_lens)} given)."
+      )
     return self.audio_lens[i]
 
   def check_all_used(self):
-    for name, used, given in (("image_grid_thw", self.image_i, len(self.images)),
-                              ("video_grid_thw", self.video_i, len(self.videos)),
-                              ("audio_seqlens", self.audio_i,
-                               None if self.audio_lens is None else len(self.audio_lens))):
+    for name, used, given in (
+      ("image_grid_thw", self.image_i, len(self.images)),
+      ("video_grid_thw", self.video_i, len(self.videos)),
+      ("audio_seqlens", self.audio_i, None if self.audio_lens is None else len(self.audio_lens)),
+    ):
       if given is not None and used != given:
-        raise ValueError(f"{name} lists {given} items but input_ids has {used} such segments "
-                         "(items are matched to segments in order of appearance).")
+        raise ValueError(
+          f"{name} lists {given} items but input_ids has {used} such segments "
+          "(items are matched to segments in order of appearance)."
+        )
 
 
 def _grids(g, name, merge) -> list[tuple[int, int, int]]:
@@ -243,8 +279,7 @@ def _grids(g, name, merge) -> list[tuple[int, int, int]]:
     return []
   g = np.asarray(g, np.int64).reshape(-1, 3).tolist()
   if any(h % merge or w % merge for _, h, w in g):
-    raise ValueError(f"{name} has heights/widths not divisible by spatial_merge_size={merge}: "
-                     f"{g}")
+    raise ValueError(f"{name} has heights/widths not divisible by spatial_merge_size={merge}: {g}")
   return [(t, h // merge, w // merge) for t, h, w in g]
 
 
@@ -273,15 +308,17 @@ class _Row:
 
   def _expect(self, i: int, want: int | None, what: str):
     if want is not None and self.ids[i] != want:
-      raise ValueError(f"{what} at index {i}: expected token {want}, found {int(self.ids[i])}; "
-                       "the placeholder count disagrees with the metadata (grid / audio length).")
+      raise ValueError(
+        f"{what} at index {i}: expected token {want}, found {int(self.ids[i])}; "
+        "the placeholder count disagrees with the metadata (grid / audio length)."
+      )
 
   def _vision_block(self, out, a, grid, t_off, st):
     """Write the merged (t, h, w) block at out[:, a:]; returns the block's max id (or None)."""
     t, h, w = grid
     n = t * h * w
     st32 = _F32(st)
-    blk = out[:, a:a + n].reshape(3, t, h, w)
+    blk = out[:, a : a + n].reshape(3, t, h, w)
     blk[0] = (t_off + st32)[:, None, None]
     blk[1] = (np.arange(h, dtype=_F32) + st32)[:, None]
     blk[2] = np.arange(w, dtype=_F32) + st32
@@ -298,9 +335,9 @@ class _Row:
     if n == 0:
       return out, 0
     markers = np.flatnonzero((ids == tok.vision_start) | (ids == tok.audio_start)).tolist()
-    cur = 0            # next token index
-    nxt = f(0)         # next position id (the reference's st_idx at the top of its loop)
-    top = f(-np.inf)   # max id so far
+    cur = 0  # next token index
+    nxt = f(0)  # next position id (the reference's st_idx at the top of its loop)
+    top = f(-np.inf)  # max id so far
     for m in markers:
       if m < cur:
         continue
@@ -315,8 +352,10 @@ class _Row:
         elif nxt_tok == tok.video:
           kind = "video"
         else:
-          raise ValueError(f"vision_start at index {m} is followed by token {int(nxt_tok)}, not "
-                           "an image, video or audio_start token.")
+          raise ValueError(
+            f"vision_start at index {m} is followed by token {int(nxt_tok)}, not "
+            "an image, video or audio_start token."
+          )
       else:
         kind = "audio"
       st = nxt
@@ -326,7 +365,7 @@ class _Row:
       bos = 2 if kind == "aiv" else 1
       if m + bos > n:
         raise ValueError(f"segment at index {m} cut off by the end of the sequence (truncated?).")
-      out[:, m:m + bos] = arange_plus(bos, st)
+      out[:, m : m + bos] = arange_plus(bos, st)
       last = f(st + (bos - 1))  # max of the last piece
       top = max(top, last)
       st = f(st + bos)
@@ -359,8 +398,9 @@ class _Row:
           alen = self._span_end(a) - a - vlen
         b = a + vlen + alen
         if b > n:
-          raise ValueError(f"audio-in-video at index {m} needs {vlen + alen} tokens; the "
-                           "sequence ends first.")
+          raise ValueError(
+            f"audio-in-video at index {m} needs {vlen + alen} tokens; the sequence ends first."
+          )
         vid = np.empty((3, vlen), _F32)
         vtop = self._vision_block(vid, 0, grid, t_off, st)
         aud = arange_plus(alen, st)
@@ -380,12 +420,13 @@ class _Row:
       top = max(top, last)
       k = len(end_marks)
       if b + k > n:
-        raise ValueError(f"segment at index {m}: its end marker(s) are past the end of the "
-                         "sequence (truncated?).")
+        raise ValueError(
+          f"segment at index {m}: its end marker(s) are past the end of the sequence (truncated?)."
+        )
       for j, want in enumerate(end_marks):
         self._expect(b + j, want, f"end of the segment starting at index {m}")
       eos = f(last + 1)
-      out[:, b:b + k] = arange_plus(k, eos)
+      out[:, b : b + k] = arange_plus(k, eos)
       last = f(eos + (k - 1))
       top = max(top, last)
       nxt = f(last + 1)
@@ -405,11 +446,22 @@ def _runs(seg_row: np.ndarray):
   return list(zip(starts[keep].tolist(), ends[keep].tolist()))
 
 
-def rope_index(input_ids: np.ndarray, *, tokens: TokenIds, image_grid_thw=None,
-               video_grid_thw=None, video_second_per_grid=None, audio_seqlens=None,
-               use_audio_in_video: bool = False, attention_mask=None, segment_ids=None,
-               spatial_merge_size: int = 2, position_id_per_seconds: float = 13,
-               n_window: int = 50, dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
+def rope_index(
+  input_ids: np.ndarray,
+  *,
+  tokens: TokenIds,
+  image_grid_thw=None,
+  video_grid_thw=None,
+  video_second_per_grid=None,
+  audio_seqlens=None,
+  use_audio_in_video: bool = False,
+  attention_mask=None,
+  segment_ids=None,
+  spatial_merge_size: int = 2,
+  position_id_per_seconds: float = 13,
+  n_window: int = 50,
+  dtype=np.int32,
+) -> tuple[np.ndarray, np.ndarray]:
   """TM-RoPE position ids and rope deltas (see the module docstring for the rules).
 
   Args:
@@ -463,8 +515,10 @@ def rope_index(input_ids: np.ndarray, *, tokens: TokenIds, image_grid_thw=None,
     # The reference's text-only branch: 1-D counting over real tokens. Audio ids are 1-D anyway.
     check = ids if real is None else ids[real]
     if np.any((check == tokens.image) | (check == tokens.video)):
-      raise ValueError("input_ids has image/video placeholders but neither image_grid_thw nor "
-                       "video_grid_thw was given.")
+      raise ValueError(
+        "input_ids has image/video placeholders but neither image_grid_thw nor "
+        "video_grid_thw was given."
+      )
     if seg is not None:
       for b in range(bsz):
         for s, e in _runs(seg[b]):
@@ -476,11 +530,20 @@ def rope_index(input_ids: np.ndarray, *, tokens: TokenIds, image_grid_thw=None,
       pos[:] = np.where(real, count, 1).astype(_F32)
       deltas = pos[0].max(axis=-1, initial=-np.inf) + 1 - real.sum(-1)
   else:
-    items = _Items(image_grid_thw, video_grid_thw, video_second_per_grid, audio_seqlens,
-                   spatial_merge_size, position_id_per_seconds, n_window)
+    items = _Items(
+      image_grid_thw,
+      video_grid_thw,
+      video_second_per_grid,
+      audio_seqlens,
+      spatial_merge_size,
+      position_id_per_seconds,
+      n_window,
+    )
     if items.fractional and np.issubdtype(np.dtype(dtype), np.integer):
-      raise ValueError("a video's seconds_per_grid * position_id_per_seconds is not an integer, "
-                       "so the reference's TM-RoPE ids are fractional; pass dtype=np.float32.")
+      raise ValueError(
+        "a video's seconds_per_grid * position_id_per_seconds is not an integer, "
+        "so the reference's TM-RoPE ids are fractional; pass dtype=np.float32."
+      )
     for b in range(bsz):
       if seg is not None:
         for s, e in _runs(seg[b]):

@@ -32,8 +32,10 @@ def patch_metadata(grid_thw, spatial_merge_size: int = 2) -> dict[str, np.ndarra
   frame = 0
   for t, h, w in grid_thw.tolist():
     if t < 1 or h < 1 or w < 1 or h % m or w % m:
-      raise ValueError(f"grid_thw entry {(t, h, w)}: t, h, w must be positive and h, w multiples "
-                       f"of spatial_merge_size={m}.")
+      raise ValueError(
+        f"grid_thw entry {(t, h, w)}: t, h, w must be positive and h, w multiples "
+        f"of spatial_merge_size={m}."
+      )
     i = np.arange(h * w)
     # processor order within a frame: (block_row, block_col, in_row, in_col)
     r = (i // (m * m * (w // m))) * m + (i // m) % m
@@ -48,8 +50,9 @@ def patch_metadata(grid_thw, spatial_merge_size: int = 2) -> dict[str, np.ndarra
   return dict(segment_ids=cat(seg), rows=cat(rows), cols=cat(cols), heights=cat(hs), widths=cat(ws))
 
 
-def pack_patches(pixel_values, grid_thw, bucket: int | None = None,
-                 spatial_merge_size: int = 2) -> dict[str, np.ndarray]:
+def pack_patches(
+  pixel_values, grid_thw, bucket: int | None = None, spatial_merge_size: int = 2
+) -> dict[str, np.ndarray]:
   """transformers-style `pixel_values (sum t*h*w, C*T*p*p)` + `grid_thw (n, 3)` -> packed buffer.
 
   Returns {patches (bucket, C*T*p*p), segment_ids, rows, cols, heights, widths (bucket,) int32}:
@@ -62,15 +65,19 @@ def pack_patches(pixel_values, grid_thw, bucket: int | None = None,
   meta = patch_metadata(grid_thw, spatial_merge_size)
   n = pixel_values.shape[0]
   if meta["segment_ids"].shape[0] != n:
-    raise ValueError(f"grid_thw describes {meta['segment_ids'].shape[0]} patches but pixel_values "
-                     f"has {n} rows.")
+    raise ValueError(
+      f"grid_thw describes {meta['segment_ids'].shape[0]} patches but pixel_values has {n} rows."
+    )
   bucket = bucket_patches(n) if bucket is None else int(bucket)
-  unit = spatial_merge_size ** 2
+  unit = spatial_merge_size**2
   if bucket < n or bucket % unit:
     raise ValueError(f"bucket {bucket} must be >= the {n} patches and a multiple of {unit}.")
   pad = bucket - n
-  out = {"patches": np.concatenate(
-      [pixel_values, np.zeros((pad, pixel_values.shape[1]), pixel_values.dtype)])}
+  out = {
+    "patches": np.concatenate(
+      [pixel_values, np.zeros((pad, pixel_values.shape[1]), pixel_values.dtype)]
+    )
+  }
   fill = {"segment_ids": 0, "rows": 0, "cols": 0, "heights": 1, "widths": 1}
   for k, v in meta.items():
     out[k] = np.concatenate([v, np.full((pad,), fill[k], np.int32)])
@@ -80,4 +87,4 @@ def pack_patches(pixel_values, grid_thw, bucket: int | None = None,
 def merged_token_counts(grid_thw, spatial_merge_size: int = 2) -> np.ndarray:
   """Merged (LLM) tokens per item: t * h * w / merge^2 (transformers' split sizes)."""
   g = np.asarray(grid_thw, np.int64).reshape(-1, 3)
-  return g.prod(-1) // spatial_merge_size ** 2
+  return g.prod(-1) // spatial_merge_size**2

@@ -32,13 +32,23 @@ TOKENIZER_JSON = "tokenizer.json"
 
 
 class Checkpointer:
-  def __init__(self, workdir: str | Path, *, save_interval_steps: int, max_to_keep: int,
-               async_save: bool = True):
+  def __init__(
+    self,
+    workdir: str | Path,
+    *,
+    save_interval_steps: int,
+    max_to_keep: int,
+    async_save: bool = True,
+  ):
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save, create=True)
-    self.manager = ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINTS, options=options,
-                                         item_names=("state", "data"))
+      save_interval_steps=save_interval_steps,
+      max_to_keep=max_to_keep,
+      enable_async_checkpointing=async_save,
+      create=True,
+    )
+    self.manager = ocp.CheckpointManager(
+      Path(workdir).absolute() / CHECKPOINTS, options=options, item_names=("state", "data")
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -50,8 +60,9 @@ class Checkpointer:
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, abstract_state, shardings, data_iter=None):
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, shardings)
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
     items = dict(state=ocp.args.StandardRestore(target))
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -76,19 +87,22 @@ def restore_params(path: str | Path, abstract_params=None, shardings=None):
   with ocp.StandardCheckpointer() as ckpt:
     if abstract_params is None:
       return ckpt.restore(path)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_params, shardings)
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings
+    )
     return ckpt.restore(path, target)
 
 
 def checkpoint_steps(workdir: str | Path) -> list[int]:
   ckpt_dir = Path(workdir) / CHECKPOINTS
-  return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) \
-      if ckpt_dir.exists() else []
+  return (
+    sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
+  )
 
 
-def latest_params(workdir: str | Path, step: int | None = None, abstract_params=None,
-                  shardings=None) -> tuple[Any, int | None]:
+def latest_params(
+  workdir: str | Path, step: int | None = None, abstract_params=None, shardings=None
+) -> tuple[Any, int | None]:
   """(params, step) of a workdir's newest (or given) train checkpoint, else its init_params
   (step None). Onto `shardings` when given (nothing unsharded is materialised), else as host
   numpy arrays."""
@@ -104,21 +118,27 @@ def latest_params(workdir: str | Path, step: int | None = None, abstract_params=
       params_meta = ckpt.metadata(path).item_metadata.tree["params"]
       if abstract_params is None:
         item = params_meta
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                    params_meta)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
       else:
         item = abstract_params
         restore_args = jax.tree.map(
-            lambda a, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=a.shape, dtype=a.dtype),
-            abstract_params, shardings)
-      state = ckpt.restore(path, args=ocp.args.PyTreeRestore(
-          item={"params": item}, restore_args={"params": restore_args},
-          partial_restore=True))
+          lambda a, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=a.shape, dtype=a.dtype),
+          abstract_params,
+          shardings,
+        )
+      state = ckpt.restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+          item={"params": item}, restore_args={"params": restore_args}, partial_restore=True
+        ),
+      )
     return state["params"], step
   if (workdir / INIT_PARAMS).exists():
     return restore_params(workdir / INIT_PARAMS, abstract_params, shardings), None
-  raise FileNotFoundError(f"{workdir} holds no checkpoint ({CHECKPOINTS}/<step>) and no "
-                          f"{INIT_PARAMS}/; train there first or run `omnijax.export from-hf`.")
+  raise FileNotFoundError(
+    f"{workdir} holds no checkpoint ({CHECKPOINTS}/<step>) and no "
+    f"{INIT_PARAMS}/; train there first or run `omnijax.export from-hf`."
+  )
 
 
 def write_model_config(workdir: str | Path, cfg: ThinkerConfig) -> None:
@@ -142,5 +162,6 @@ def save_tokenizer(workdir: str | Path, tokenizer) -> None:
 def load_tokenizer(workdir: str | Path):
   """The TextTokenizer kept in a workdir (or a transformers directory), None if it has none."""
   from data_pipelines import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+
   path = Path(workdir) / TOKENIZER_JSON
   return tok_lib.load_tokenizer(path) if path.exists() else None

@@ -32,11 +32,14 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
   c.data.estimate_samples = 8  # examples per source that turn token ratios into sampling weights
   # Media buffer sizes per row (kind=omni). A batch takes the smallest that fit, so the train
   # step compiles at most once per combination; the largest are what a row can hold.
-  c.data.buckets = ml_collections.ConfigDict(dict(
+  c.data.buckets = ml_collections.ConfigDict(
+    dict(
       audio_frames=(800, 3000),  # mel frames per audio (100 per second)
       audios_per_row=4,
       image_patches=(1024, 4096),  # 16x16 patches per row
-      video_patches=(4096,)))
+      video_patches=(4096,),
+    )
+  )
   c.data.local_text = ""  # build the local text corpus here if it is missing
   c.data.local_media = ""  # build the local multimodal corpus here if it is missing
   c.data.tokenizer = ""  # tokenizer.json; empty: train a BPE on data.tokenizer_corpus

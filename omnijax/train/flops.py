@@ -19,15 +19,15 @@ from omnijax.models.config import TextConfig
 
 # Dense bf16 peak FLOP/s per device, by a substring of `jax.Device.device_kind`.
 PEAK_FLOPS = (
-    ("TPU v6", 918e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5", 459e12),
-    ("TPU v4", 275e12),
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("B200", 2250e12),
+  ("TPU v6", 918e12),
+  ("TPU v5 lite", 197e12),
+  ("TPU v5e", 197e12),
+  ("TPU v5", 459e12),
+  ("TPU v4", 275e12),
+  ("H200", 989e12),
+  ("H100", 989e12),
+  ("A100", 312e12),
+  ("B200", 2250e12),
 )
 
 
@@ -45,8 +45,10 @@ def mlp_params(t: TextConfig, moe: bool, active: bool) -> int:
 
 
 def active_params(t: TextConfig) -> int:
-  layers = sum(attention_params(t) + mlp_params(t, t.is_moe_layer(i), active=True)
-               for i in range(t.num_hidden_layers))
+  layers = sum(
+    attention_params(t) + mlp_params(t, t.is_moe_layer(i), active=True)
+    for i in range(t.num_hidden_layers)
+  )
   return layers + t.hidden_size * t.vocab_size
 
 
@@ -54,8 +56,10 @@ def total_params(t: TextConfig) -> int:
   """All decoder parameters (embedding, norms and LM head included)."""
   d = t.hidden_size
   norms = 2 * d + 2 * t.head_dim
-  layers = sum(attention_params(t) + norms + mlp_params(t, t.is_moe_layer(i), active=False)
-               for i in range(t.num_hidden_layers))
+  layers = sum(
+    attention_params(t) + norms + mlp_params(t, t.is_moe_layer(i), active=False)
+    for i in range(t.num_hidden_layers)
+  )
   return layers + 2 * d * t.vocab_size + d
 
 
@@ -74,7 +78,7 @@ def measured_peak_flops(n: int = 2048, repeats: int = 5) -> float:
   start = time.perf_counter()
   for _ in range(repeats):
     f(x).block_until_ready()
-  return 2.0 * n ** 3 * repeats / (time.perf_counter() - start)
+  return 2.0 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def peak_flops_per_device(configured: float | None = None) -> tuple[float, str]:

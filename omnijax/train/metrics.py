@@ -16,8 +16,16 @@ from tensorboardX import SummaryWriter
 
 from omnijax.models.thinker import MODALITIES
 
-CONSOLE_KEYS = ("loss", "aux_loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu",
-                "step_time_s", "expert_load_max_over_mean")
+CONSOLE_KEYS = (
+  "loss",
+  "aux_loss",
+  "grad_norm",
+  "learning_rate",
+  "tokens_per_sec",
+  "mfu",
+  "step_time_s",
+  "expert_load_max_over_mean",
+)
 # Per-step values that are not averaged: the latest is what they mean.
 _LATEST = ("learning_rate", "consecutive_nonfinite")
 
@@ -44,18 +52,24 @@ class Interval:
     self.nonfinite_total += int(m["nonfinite"])
     ce = float(m["ce_sum"]) / max(float(m["loss_tokens"]), 1.0)
     aux = float(m["aux_loss"]) / n
-    out = dict(loss=ce + self.aux_loss_coef * aux, ce_loss=ce, aux_loss=aux,
-               loss_tokens=float(m["loss_tokens"]) / n,
-               nonfinite_steps=float(self.nonfinite_total),
-               consecutive_nonfinite=float(latest["consecutive_nonfinite"]),
-               learning_rate=float(latest["learning_rate"]))
+    out = dict(
+      loss=ce + self.aux_loss_coef * aux,
+      ce_loss=ce,
+      aux_loss=aux,
+      loss_tokens=float(m["loss_tokens"]) / n,
+      nonfinite_steps=float(self.nonfinite_total),
+      consecutive_nonfinite=float(latest["consecutive_nonfinite"]),
+      learning_rate=float(latest["learning_rate"]),
+    )
     for k in ("grad_norm", "param_norm", "moe_dropped", "expert_load_max_over_mean"):
       out[k] = float(m[k]) / n
-    out.update({f"tokens/{mod}": float(t) / n for mod, t in zip(MODALITIES, m["modality_tokens"])
-                if t > 0})
+    out.update(
+      {f"tokens/{mod}": float(t) / n for mod, t in zip(MODALITIES, m["modality_tokens"]) if t > 0}
+    )
     if self.task_names:
-      for name, ce_sum, labelled, tokens in zip(self.task_names, m["task_ce_sum"],
-                                                m["task_loss_tokens"], m["task_tokens"]):
+      for name, ce_sum, labelled, tokens in zip(
+        self.task_names, m["task_ce_sum"], m["task_loss_tokens"], m["task_tokens"]
+      ):
         if labelled > 0:
           out[f"loss/{name}"] = float(ce_sum / labelled)
         if tokens > 0:
@@ -75,9 +89,15 @@ class MetricWriter:
     workdir = Path(workdir)
     self.tb = SummaryWriter(str(workdir / "tensorboard"))
     self.jsonl = open(workdir / "metrics.jsonl", "a")
-    self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                             TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                             console=self.console, disable=not sys.stderr.isatty())
+    self.progress = Progress(
+      TextColumn("[bold]train"),
+      BarColumn(),
+      MofNCompleteColumn(),
+      TimeRemainingColumn(),
+      TextColumn("{task.fields[info]}"),
+      console=self.console,
+      disable=not sys.stderr.isatty(),
+    )
     self.task = self.progress.add_task("train", total=total_steps, completed=first_step, info="")
     self.progress.start()
 

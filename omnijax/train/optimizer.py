@@ -15,11 +15,16 @@ TRAIN, FROZEN = "train", "frozen"
 
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
   if cfg.warmup_steps >= total_steps:
-    raise ConfigError(f"optim.warmup_steps ({cfg.warmup_steps}) must be smaller than "
-                      f"total_steps ({total_steps}).")
+    raise ConfigError(
+      f"optim.warmup_steps ({cfg.warmup_steps}) must be smaller than total_steps ({total_steps})."
+    )
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-      decay_steps=total_steps, end_value=cfg.learning_rate * cfg.min_lr_ratio)
+    init_value=0.0,
+    peak_value=cfg.learning_rate,
+    warmup_steps=cfg.warmup_steps,
+    decay_steps=total_steps,
+    end_value=cfg.learning_rate * cfg.min_lr_ratio,
+  )
 
 
 def path_name(path) -> str:
@@ -36,7 +41,8 @@ def weight_decay_mask(exclude_patterns):
   """True for params that decay: those whose path matches none of the patterns."""
   excluded = _matcher(exclude_patterns)
   return lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: not excluded(path_name(path)), params)
+    lambda path, _: not excluded(path_name(path)), params
+  )
 
 
 def partition(cfg, params):
@@ -60,8 +66,10 @@ def check_partition(cfg, params) -> dict[str, int]:
       except re.error as e:
         raise ConfigError(f"optim.{field} pattern {pattern!r} is not a regex: {e}.") from e
       if not any(regex.search(n) for n in names):
-        raise ConfigError(f"optim.{field} pattern {pattern!r} matches no parameter; params are "
-                          f"'/'-joined paths such as {names[:4]}.")
+        raise ConfigError(
+          f"optim.{field} pattern {pattern!r} matches no parameter; params are "
+          f"'/'-joined paths such as {names[:4]}."
+        )
   labels = jax.tree.leaves(partition(cfg, params))
   sizes = [x.size for x in jax.tree.leaves(params)]
   counts = {TRAIN: 0, FROZEN: 0}
@@ -78,12 +86,19 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
   were (optax.apply_if_finite counts it)."""
   schedule = learning_rate_schedule(cfg, total_steps)
   adamw = optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip_norm),
-      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                  mask=weight_decay_mask(cfg.weight_decay_exclude)),
+    optax.clip_by_global_norm(cfg.grad_clip_norm),
+    optax.adamw(
+      schedule,
+      b1=cfg.b1,
+      b2=cfg.b2,
+      eps=cfg.eps,
+      weight_decay=cfg.weight_decay,
+      mask=weight_decay_mask(cfg.weight_decay_exclude),
+    ),
   )
   if cfg.trainable or cfg.frozen:
-    adamw = optax.multi_transform({TRAIN: adamw, FROZEN: optax.set_to_zero()},
-                                  lambda params: partition(cfg, params))
+    adamw = optax.multi_transform(
+      {TRAIN: adamw, FROZEN: optax.set_to_zero()}, lambda params: partition(cfg, params)
+    )
   # The run stops itself after train.max_consecutive_nonfinite such steps, long before this.
-  return optax.apply_if_finite(adamw, max_consecutive_errors=2 ** 30), schedule
+  return optax.apply_if_finite(adamw, max_consecutive_errors=2**30), schedule

@@ -18,6 +18,7 @@ from omnijax.models.config import ThinkerConfig
 from omnijax.models.decoder import load_balancing_loss
 from omnijax.models.thinker import MODALITIES, Thinker
 
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -26,13 +27,18 @@ class TrainState:
 
 
 def forward(model: Thinker, params, batch):
-  return model.apply({"params": params}, batch["inputs"],
-                     positions=jnp.swapaxes(batch["positions"], 0, 1),
-                     segment_ids=batch["segment_ids"], media=batch_lib.media_of(batch))
+  return model.apply(
+    {"params": params},
+    batch["inputs"],
+    positions=jnp.swapaxes(batch["positions"], 0, 1),
+    segment_ids=batch["segment_ids"],
+    media=batch_lib.media_of(batch),
+  )
 
 
-def loss_terms(model: Thinker, params, batch, num_loss_tokens, num_micro: int, z_loss: float,
-               num_tasks: int = 0):
+def loss_terms(
+  model: Thinker, params, batch, num_loss_tokens, num_micro: int, z_loss: float, num_tasks: int = 0
+):
   """Loss of one microbatch, scaled so that summing over microbatches gives the batch loss.
 
   Cross-entropy is a mean over the whole batch's labelled tokens (`num_loss_tokens`); the
@@ -49,24 +55,37 @@ def loss_terms(model: Thinker, params, batch, num_loss_tokens, num_micro: int, z
   ce_sum = jnp.sum(nll)
   z_sum = jnp.sum(jnp.square(logz) * mask)
   aux = load_balancing_loss(stats, cfg.text.num_experts)
-  loss = (ce_sum + z_loss * z_sum) / num_loss_tokens \
-      + cfg.text.router_aux_loss_coef * aux / num_micro
+  loss = (
+    ce_sum + z_loss * z_sum
+  ) / num_loss_tokens + cfg.text.router_aux_loss_coef * aux / num_micro
   valid = (batch["segment_ids"] != 0).astype(jnp.float32)
   modality = jax.nn.one_hot(model.modality(batch["inputs"]), len(MODALITIES))
-  metrics = dict(ce_sum=ce_sum, aux_loss=aux / num_micro,
-                 expert_counts=stats.get("counts", jnp.zeros((0, 0))),
-                 moe_dropped=jnp.sum(stats.get("dropped", jnp.zeros((0,)))),
-                 modality_tokens=jnp.einsum("bs,bsm->m", valid, modality))
+  metrics = dict(
+    ce_sum=ce_sum,
+    aux_loss=aux / num_micro,
+    expert_counts=stats.get("counts", jnp.zeros((0, 0))),
+    moe_dropped=jnp.sum(stats.get("dropped", jnp.zeros((0,)))),
+    modality_tokens=jnp.einsum("bs,bsm->m", valid, modality),
+  )
   if num_tasks:
     task = jax.nn.one_hot(batch["task_ids"], num_tasks)  # -1 (padding) -> zeros
-    metrics.update(task_ce_sum=jnp.einsum("bs,bst->t", nll, task),
-                   task_loss_tokens=jnp.einsum("bs,bst->t", mask, task),
-                   task_tokens=jnp.einsum("bs,bst->t", valid, task))
+    metrics.update(
+      task_ce_sum=jnp.einsum("bs,bst->t", nll, task),
+      task_loss_tokens=jnp.einsum("bs,bst->t", mask, task),
+      task_tokens=jnp.einsum("bs,bst->t", valid, task),
+    )
   return loss, metrics
 
 
-def make_train_step(model: Thinker, tx: optax.GradientTransformation, schedule: Callable,
-                    grad_accum_steps: int, z_loss: float, num_tasks: int = 0, trained=None):
+def make_train_step(
+  model: Thinker,
+  tx: optax.GradientTransformation,
+  schedule: Callable,
+  grad_accum_steps: int,
+  z_loss: float,
+  num_tasks: int = 0,
+  trained=None,
+):
   """state, batch -> state, metrics. The batch is split into `grad_accum_steps` microbatches.
 
   `trained` (a pytree of bools like the params, None: all) names the params that train; the
@@ -77,45 +96,53 @@ def make_train_step(model: Thinker, tx: optax.GradientTransformation, schedule: 
   def train_step(state: TrainState, batch):
     num_loss_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     grad_fn = jax.grad(loss_terms, argnums=1, has_aux=True)
-    micro_grads = lambda mb: grad_fn(model, state.params, mb, num_loss_tokens, grad_accum_steps,
-                                     z_loss, num_tasks)
+    micro_grads = lambda mb: grad_fn(
+      model, state.params, mb, num_loss_tokens, grad_accum_steps, z_loss, num_tasks
+    )
     if grad_accum_steps == 1:
       grads, totals = micro_grads(batch)
     else:
       micro = jax.tree.map(
-          lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
-          batch)
+        lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]), batch
+      )
       # The first microbatch initialises the sums (no zero-filled copy of the params).
       first = micro_grads(jax.tree.map(lambda x: x[0], micro))
       (grads, totals), _ = jax.lax.scan(
-          lambda acc, mb: (jax.tree.map(jnp.add, acc, micro_grads(mb)), None), first,
-          jax.tree.map(lambda x: x[1:], micro))
+        lambda acc, mb: (jax.tree.map(jnp.add, acc, micro_grads(mb)), None),
+        first,
+        jax.tree.map(lambda x: x[1:], micro),
+      )
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     counts = totals["expert_counts"]
-    trained_grads = grads if trained is None else jax.tree.map(
-        lambda g, t: g if t else None, grads, trained)
+    trained_grads = (
+      grads if trained is None else jax.tree.map(lambda g, t: g if t else None, grads, trained)
+    )
     metrics = dict(
-        ce_sum=totals["ce_sum"],
-        loss_tokens=jnp.sum(batch["loss_mask"]),
-        aux_loss=totals["aux_loss"],
-        grad_norm=optax.tree.norm(trained_grads),
-        param_norm=optax.tree.norm(params),
-        learning_rate=schedule(state.step),
-        # apply_if_finite's counters: this step was skipped, and the current run of such steps
-        nonfinite=1 - opt_state.last_finite.astype(jnp.int32),
-        consecutive_nonfinite=opt_state.notfinite_count,
-        moe_dropped=totals["moe_dropped"],
-        modality_tokens=totals["modality_tokens"],
-        expert_load_max_over_mean=(
-            jnp.mean(jnp.max(counts, -1) / jnp.maximum(jnp.mean(counts, -1), 1e-9))
-            if counts.size else jnp.zeros(())),
+      ce_sum=totals["ce_sum"],
+      loss_tokens=jnp.sum(batch["loss_mask"]),
+      aux_loss=totals["aux_loss"],
+      grad_norm=optax.tree.norm(trained_grads),
+      param_norm=optax.tree.norm(params),
+      learning_rate=schedule(state.step),
+      # apply_if_finite's counters: this step was skipped, and the current run of such steps
+      nonfinite=1 - opt_state.last_finite.astype(jnp.int32),
+      consecutive_nonfinite=opt_state.notfinite_count,
+      moe_dropped=totals["moe_dropped"],
+      modality_tokens=totals["modality_tokens"],
+      expert_load_max_over_mean=(
+        jnp.mean(jnp.max(counts, -1) / jnp.maximum(jnp.mean(counts, -1), 1e-9))
+        if counts.size
+        else jnp.zeros(())
+      ),
     )
     if num_tasks:
-      metrics.update(task_ce_sum=totals["task_ce_sum"],
-                     task_loss_tokens=totals["task_loss_tokens"],
-                     task_tokens=totals["task_tokens"])
+      metrics.update(
+        task_ce_sum=totals["task_ce_sum"],
+        task_loss_tokens=totals["task_loss_tokens"],
+        task_tokens=totals["task_tokens"],
+      )
     # A skipped step's sums would make the interval's averages NaN: its tokens count as unseen.
     for k in ("ce_sum", "loss_tokens", "aux_loss", "task_ce_sum", "task_loss_tokens"):
       if k in metrics:
@@ -132,8 +159,9 @@ def init_params(model: Thinker, rng, rows: int, seq_len: int):
 
 def abstract_params(model: Thinker, seq_len: int = 8):
   """The unboxed params' shapes and dtypes (nothing is materialised)."""
-  return jax.eval_shape(lambda rng: nn.meta.unbox(init_params(model, rng, 1, seq_len)),
-                        jax.random.PRNGKey(0))
+  return jax.eval_shape(
+    lambda rng: nn.meta.unbox(init_params(model, rng, 1, seq_len)), jax.random.PRNGKey(0)
+  )
 
 
 def state_shardings(model: Thinker, tx, mesh: Mesh, rules, seq_len: int):
@@ -152,17 +180,33 @@ def state_shardings(model: Thinker, tx, mesh: Mesh, rules, seq_len: int):
 
 def batch_shardings(batch, mesh: Mesh, rules):
   """Every batch array is split over the logical `batch` axis along its leading dimension."""
-  return {k: shd.batch_sharding(mesh, rules, ndim=v.ndim) if v.ndim else shd.replicated(mesh)
-          for k, v in batch.items()}
+  return {
+    k: shd.batch_sharding(mesh, rules, ndim=v.ndim) if v.ndim else shd.replicated(mesh)
+    for k, v in batch.items()
+  }
 
 
-def compile_train_step(model, tx, schedule, mesh: Mesh, rules, state_sharding, *,
-                       grad_accum_steps: int, z_loss: float, num_tasks: int = 0, trained=None):
+def compile_train_step(
+  model,
+  tx,
+  schedule,
+  mesh: Mesh,
+  rules,
+  state_sharding,
+  *,
+  grad_accum_steps: int,
+  z_loss: float,
+  num_tasks: int = 0,
+  trained=None,
+):
   """The jitted step; the batch keeps the shardings it was placed with (`batch_shardings`)."""
   step = make_train_step(model, tx, schedule, grad_accum_steps, z_loss, num_tasks, trained)
-  return jax.jit(step, in_shardings=(state_sharding, None),
-                 out_shardings=(state_sharding, NamedSharding(mesh, P())),
-                 donate_argnums=(0,))
+  return jax.jit(
+    step,
+    in_shardings=(state_sharding, None),
+    out_shardings=(state_sharding, NamedSharding(mesh, P())),
+    donate_argnums=(0,),
+  )
 
 
 class mesh_context:

@@ -38,39 +38,51 @@ def check_config(config, model_cfg: ThinkerConfig, mesh) -> None:
   t, tr = model_cfg.text, config.train
   batch_shards = shd.num_batch_shards(mesh, shd.axis_rules(config.sharding.rules))
   if tr.grad_accum_steps < 1 or tr.global_batch_size % tr.grad_accum_steps:
-    raise ConfigError(f"train.global_batch_size ({tr.global_batch_size}) must be a multiple of "
-                      f"train.grad_accum_steps ({tr.grad_accum_steps}).")
+    raise ConfigError(
+      f"train.global_batch_size ({tr.global_batch_size}) must be a multiple of "
+      f"train.grad_accum_steps ({tr.grad_accum_steps})."
+    )
   micro = tr.global_batch_size // tr.grad_accum_steps
   if micro % batch_shards:
     raise ConfigError(
-        f"each microbatch has {micro} rows (train.global_batch_size / train.grad_accum_steps) but "
-        f"the batch is split over {batch_shards} devices (mesh data x fsdp x expert); make it a "
-        "multiple, e.g. --config.train.global_batch_size="
-        f"{batch_shards * tr.grad_accum_steps * max(1, math.ceil(micro / batch_shards))}.")
+      f"each microbatch has {micro} rows (train.global_batch_size / train.grad_accum_steps) but "
+      f"the batch is split over {batch_shards} devices (mesh data x fsdp x expert); make it a "
+      "multiple, e.g. --config.train.global_batch_size="
+      f"{batch_shards * tr.grad_accum_steps * max(1, math.ceil(micro / batch_shards))}."
+    )
   if tr.global_batch_size % jax.process_count():
-    raise ConfigError(f"train.global_batch_size ({tr.global_batch_size}) must be a multiple of "
-                      f"the {jax.process_count()} processes.")
+    raise ConfigError(
+      f"train.global_batch_size ({tr.global_batch_size}) must be a multiple of "
+      f"the {jax.process_count()} processes."
+    )
   divisible = [
-      ("expert", t.num_experts, "model.text.num_experts"),
-      ("tensor", t.num_attention_heads, "model.text.num_attention_heads"),
-      ("tensor", t.num_key_value_heads, "model.text.num_key_value_heads"),
-      ("tensor", t.moe_intermediate_size, "model.text.moe_intermediate_size"),
-      ("tensor", t.vocab_size, "model.text.vocab_size"),
-      ("fsdp", t.hidden_size, "model.text.hidden_size"),
+    ("expert", t.num_experts, "model.text.num_experts"),
+    ("tensor", t.num_attention_heads, "model.text.num_attention_heads"),
+    ("tensor", t.num_key_value_heads, "model.text.num_key_value_heads"),
+    ("tensor", t.moe_intermediate_size, "model.text.moe_intermediate_size"),
+    ("tensor", t.vocab_size, "model.text.vocab_size"),
+    ("fsdp", t.hidden_size, "model.text.hidden_size"),
   ]
   for axis, value, name in divisible:
     if value % mesh.shape[axis]:
-      raise ConfigError(f"{name} ({value}) is not divisible by the mesh's {axis} axis "
-                        f"({mesh.shape[axis]}); change one of them.")
+      raise ConfigError(
+        f"{name} ({value}) is not divisible by the mesh's {axis} axis "
+        f"({mesh.shape[axis]}); change one of them."
+      )
   if config.data.seq_len > t.max_position_embeddings:
-    raise ConfigError(f"data.seq_len ({config.data.seq_len}) exceeds "
-                      f"model.text.max_position_embeddings ({t.max_position_embeddings}).")
+    raise ConfigError(
+      f"data.seq_len ({config.data.seq_len}) exceeds "
+      f"model.text.max_position_embeddings ({t.max_position_embeddings})."
+    )
   if tr.total_steps < 1 or tr.log_every < 1 or tr.checkpoint_every < 1:
     raise ConfigError("train.total_steps, train.log_every and train.checkpoint_every must be >= 1.")
-  if tr.profile_steps and (len(tr.profile_steps) != 2
-                           or not 0 <= tr.profile_steps[0] < tr.profile_steps[1]):
-    raise ConfigError(f"train.profile_steps={tuple(tr.profile_steps)} must be (first, last) "
-                      "steps with 0 <= first < last, e.g. --config.train.profile_steps=10,15.")
+  if tr.profile_steps and (
+    len(tr.profile_steps) != 2 or not 0 <= tr.profile_steps[0] < tr.profile_steps[1]
+  ):
+    raise ConfigError(
+      f"train.profile_steps={tuple(tr.profile_steps)} must be (first, last) "
+      "steps with 0 <= first < last, e.g. --config.train.profile_steps=10,15."
+    )
 
 
 def parse_init_from(spec: str, model_cfg: ThinkerConfig) -> tuple[Path, int | None]:
@@ -78,20 +90,26 @@ def parse_init_from(spec: str, model_cfg: ThinkerConfig) -> tuple[Path, int | No
   path, _, step = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
   workdir = Path(path)
   if not (workdir / ckpt_lib.MODEL_JSON).exists():
-    raise ConfigError(f"train.init_from={spec!r}: {workdir} is not an omnijax workdir (no "
-                      f"{ckpt_lib.MODEL_JSON}); run the previous stage there first.")
+    raise ConfigError(
+      f"train.init_from={spec!r}: {workdir} is not an omnijax workdir (no "
+      f"{ckpt_lib.MODEL_JSON}); run the previous stage there first."
+    )
   steps = ckpt_lib.checkpoint_steps(workdir)
   if step and int(step) not in steps or not steps and not (workdir / ckpt_lib.INIT_PARAMS).exists():
-    raise ConfigError(f"train.init_from={spec!r}: {workdir} has no checkpoint "
-                      f"{'of step ' + step if step else ''} (steps: {steps}).")
+    raise ConfigError(
+      f"train.init_from={spec!r}: {workdir} has no checkpoint "
+      f"{'of step ' + step if step else ''} (steps: {steps})."
+    )
   theirs = ckpt_lib.read_model_config(workdir).to_dict()
   ours = model_cfg.to_dict()
   ours.pop("impl"), theirs.pop("impl")  # dtypes and kernels may change between stages
   diff = sorted(_flat_diff(ours, theirs))
   if diff:
-    raise ConfigError(f"train.init_from={spec!r}: the model differs from that run's in "
-                      + ", ".join(f"model.{k} ({a!r} here, {b!r} there)" for k, a, b in diff)
-                      + "; use the same architecture.")
+    raise ConfigError(
+      f"train.init_from={spec!r}: the model differs from that run's in "
+      + ", ".join(f"model.{k} ({a!r} here, {b!r} there)" for k, a, b in diff)
+      + "; use the same architecture."
+    )
   return workdir, int(step) if step else None
 
 
@@ -116,8 +134,7 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   model = Thinker(model_cfg)
   param_counts = optim_lib.check_partition(config.optim, step_lib.abstract_params(model))
   resuming = ckpt_lib.checkpoint_steps(workdir)
-  init_from = (parse_init_from(tr.init_from, model_cfg) if tr.init_from and not resuming
-               else None)
+  init_from = parse_init_from(tr.init_from, model_cfg) if tr.init_from and not resuming else None
   evaluators = eval_lib.from_config(config, model_cfg)
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
@@ -133,44 +150,68 @@ def train(config, workdir: str | Path) -> dict[str, float]:
     if config.data.kind != "omni" or config.data.mixture_by != "epochs":
       raise ConfigError("train.epochs needs data.kind=omni and data.mixture_by=epochs.")
     tokens_per_step = tr.global_batch_size * config.data.seq_len
-    total_steps = math.ceil(tr.epochs * data.tokens_per_epoch(config.data.mixture)
-                            / tokens_per_step)
+    total_steps = math.ceil(
+      tr.epochs * data.tokens_per_epoch(config.data.mixture) / tokens_per_step
+    )
     log.info("train.epochs=%g: %d steps of %d tokens", tr.epochs, total_steps, tokens_per_step)
 
   # ------------------------------------------------------------------ model & optimizer
   tx, schedule = optim_lib.make_optimizer(config.optim, total_steps)
   with step_lib.mesh_context(mesh, rules):
     init_fn, abstract_state, state_sharding = step_lib.state_shardings(
-        model, tx, mesh, rules, config.data.seq_len)
+      model, tx, mesh, rules, config.data.seq_len
+    )
   trained = None
   if config.optim.trainable or config.optim.frozen:
-    trained = jax.tree.map(lambda label: label == optim_lib.TRAIN,
-                           optim_lib.partition(config.optim, abstract_state.params))
+    trained = jax.tree.map(
+      lambda label: label == optim_lib.TRAIN,
+      optim_lib.partition(config.optim, abstract_state.params),
+    )
   with step_lib.mesh_context(mesh, rules):
     train_step = step_lib.compile_train_step(
-        model, tx, schedule, mesh, rules, state_sharding, grad_accum_steps=tr.grad_accum_steps,
-        z_loss=tr.z_loss, num_tasks=len(data.task_names), trained=trained)
+      model,
+      tx,
+      schedule,
+      mesh,
+      rules,
+      state_sharding,
+      grad_accum_steps=tr.grad_accum_steps,
+      z_loss=tr.z_loss,
+      num_tasks=len(data.task_names),
+      trained=trained,
+    )
 
   # ------------------------------------------------------------------ evaluators
   for ev in evaluators:
     ev.setup(model, mesh, rules, state_sharding.params, data.tokenizer)
-  evaluate = lambda params: {f"eval/{ev.name}/{k}": v for ev in evaluators
-                             for k, v in ev.run(params).items()}
+  evaluate = lambda params: {
+    f"eval/{ev.name}/{k}": v for ev in evaluators for k, v in ev.run(params).items()
+  }
 
   # ------------------------------------------------------------------ state
-  ckpt = ckpt_lib.Checkpointer(workdir, save_interval_steps=tr.checkpoint_every,
-                               max_to_keep=tr.keep_checkpoints, async_save=tr.async_checkpoint)
+  ckpt = ckpt_lib.Checkpointer(
+    workdir,
+    save_interval_steps=tr.checkpoint_every,
+    max_to_keep=tr.keep_checkpoints,
+    async_save=tr.async_checkpoint,
+  )
   with step_lib.mesh_context(mesh, rules):
     if resuming:
       state = ckpt.restore(resuming[-1], abstract_state, state_sharding, data.iterator)
       log.info("resumed from step %d in %s", resuming[-1], workdir)
     else:
       state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
-      source = (init_from if init_from else
-                (workdir, None) if (workdir / ckpt_lib.INIT_PARAMS).exists() else None)
+      source = (
+        init_from
+        if init_from
+        else (workdir, None)
+        if (workdir / ckpt_lib.INIT_PARAMS).exists()
+        else None
+      )
       if source:
-        params, step = ckpt_lib.latest_params(source[0], source[1], abstract_state.params,
-                                              state_sharding.params)
+        params, step = ckpt_lib.latest_params(
+          source[0], source[1], abstract_state.params, state_sharding.params
+        )
         state = state.replace(params=params)
         log.info("initialised params from %s (step %s)", source[0], step)
   start = int(jax.device_get(state.step))
@@ -181,14 +222,18 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   seq_len = config.data.seq_len
   peak, peak_source = flops_lib.peak_flops_per_device(tr.peak_flops_per_device)
   step_flops = flops_lib.training_flops(model_cfg.text, tr.global_batch_size, seq_len)
-  writer.text("setup", (
+  writer.text(
+    "setup",
+    (
       f"devices={n_devices} ({jax.devices()[0].device_kind}) mesh={dict(mesh.shape)} "
       f"params total={flops_lib.total_params(model_cfg.text) / 1e6:.2f}M "
       f"active={flops_lib.active_params(model_cfg.text) / 1e6:.2f}M "
       f"trained={param_counts[optim_lib.TRAIN] / 1e6:.2f}M "
       f"frozen={param_counts[optim_lib.FROZEN] / 1e6:.2f}M "
       f"tokens/step={tr.global_batch_size * seq_len} peak={peak / 1e12:.3g} TFLOP/s/device "
-      f"({peak_source}) start_step={start}"))
+      f"({peak_source}) start_step={start}"
+    ),
+  )
   interval = Interval(data.task_names, model_cfg.text.router_aux_loss_coef)
   profile = tuple(tr.profile_steps)
   last: dict[str, float] = {}
@@ -199,8 +244,9 @@ def train(config, workdir: str | Path) -> dict[str, float]:
       jax.profiler.start_trace(str(workdir / "profile"))
     host_batch = {k: np.asarray(v) for k, v in next(data.iterator).items()}
     shardings = step_lib.batch_shardings(host_batch, mesh, rules)
-    batch = {k: jax.make_array_from_process_local_data(shardings[k], v)
-             for k, v in host_batch.items()}
+    batch = {
+      k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host_batch.items()
+    }
     with step_lib.mesh_context(mesh, rules):
       state, metrics = train_step(state, batch)
     interval.add(metrics)
@@ -219,20 +265,24 @@ def train(config, workdir: str | Path) -> dict[str, float]:
       scalars = interval.summary()
       if timed_steps:
         step_time = (time.perf_counter() - timer_start) / timed_steps
-        scalars.update(step_time_s=step_time,
-                       tokens_per_sec=tr.global_batch_size * seq_len / step_time,
-                       mfu=step_flops / (step_time * n_devices * peak))
+        scalars.update(
+          step_time_s=step_time,
+          tokens_per_sec=tr.global_batch_size * seq_len / step_time,
+          mfu=step_flops / (step_time * n_devices * peak),
+        )
       if hasattr(data.iterator, "skipped_records"):
-        scalars.update({f"data/skipped/{k}": float(v)
-                        for k, v in data.iterator.skipped_records.items()})
+        scalars.update(
+          {f"data/skipped/{k}": float(v) for k, v in data.iterator.skipped_records.items()}
+        )
       writer.write(done, scalars)
       last = scalars
       if scalars["consecutive_nonfinite"] > tr.max_consecutive_nonfinite:
         raise FloatingPointError(
-            f"the last {int(scalars['consecutive_nonfinite'])} steps had a non-finite loss or "
-            f"gradient and were skipped (train.max_consecutive_nonfinite="
-            f"{tr.max_consecutive_nonfinite}); the run diverged: lower optim.learning_rate or "
-            "resume from an earlier checkpoint.")
+          f"the last {int(scalars['consecutive_nonfinite'])} steps had a non-finite loss or "
+          f"gradient and were skipped (train.max_consecutive_nonfinite="
+          f"{tr.max_consecutive_nonfinite}); the run diverged: lower optim.learning_rate or "
+          "resume from an earlier checkpoint."
+        )
       timer_start, timed_steps = time.perf_counter(), 0
 
     # ---------------------------------------------------------------- evaluators
@@ -269,9 +319,11 @@ def evaluate_workdir(workdir: str | Path, config, step: int | None = None) -> di
   tx, _ = optim_lib.make_optimizer(config.optim, config.train.total_steps)
   with step_lib.mesh_context(mesh, rules):
     _, abstract_state, state_sharding = step_lib.state_shardings(
-        model, tx, mesh, rules, config.data.seq_len)
-    params, step = ckpt_lib.latest_params(workdir, step, abstract_state.params,
-                                          state_sharding.params)
+      model, tx, mesh, rules, config.data.seq_len
+    )
+    params, step = ckpt_lib.latest_params(
+      workdir, step, abstract_state.params, state_sharding.params
+    )
   tokenizer = ckpt_lib.load_tokenizer(workdir)
   results = {}
   with step_lib.mesh_context(mesh, rules):
