@@ -84,6 +84,7 @@ def _changed(a, b, names):
   return {n for n in names if not np.array_equal(a[n], b[n])}
 
 
+@pytest.mark.slow
 def test_stage_chain(corpora, tmp_path):
   """Stage 1 freezes the LLM bit-exactly, trains adapters then encoders; stages 2 and 3 start
   from the previous stage's params; stage 3 trains at the longer length."""
@@ -265,3 +266,33 @@ def test_workflow_config_errors(capsys, tmp_path):
   assert "model.text.num_hidden_layers (2 here, 3 there)" in err
   assert chain.main(["--root", str(tmp_path), "--stages=s2_general,s4_finetune", "--dry_run"]) == 2
   assert "unknown stage(s) ['s4_finetune']" in capsys.readouterr().err
+
+
+def test_decoding_evaluators_score_exact_answers(monkeypatch):
+  """scene_description reads colours, shapes, counts and directions from the text; asr_wer is
+  jiwer's word error rate after lowercasing and dropping punctuation."""
+  from data_pipelines.local_media_corpus import make_facts, parse_scene
+  from omnijax.evaluators import generative
+
+  for fact in make_facts(60):
+    got = parse_scene(fact["sentence"])
+    assert got["groups"] == {tuple(g) for g in fact["groups"]}
+    assert got["direction"] == fact["direction"]
+  config = load_experiment("ablation:local")
+  cfg = ThinkerConfig.from_dict(config.model)
+  scenes = generative.SceneDescription("s", config, cfg, dict(source="video"))
+  outputs = [  # (model text, reference)
+      ("Two red squares and a blue circle.", "two red squares and a blue circle"),
+      ("three red squares and a blue circle", "two red squares and a blue circle"),
+      ("a green triangle moves from left to right", "a green triangle moves from top to bottom"),
+      ("nothing useful", "an orange diamond moves from right to left next to two red circles"),
+  ]
+  monkeypatch.setattr(scenes, "outputs", lambda params: [(t, {"text": r}) for t, r in outputs])
+  m = scenes.run(None)
+  assert m["colours"] == m["shapes"] == 0.75 and m["counts"] == m["objects"] == 0.5
+  assert m["direction"] == 0.0 and m["exact"] == 0.25 and m["examples"] == 4
+  asr = generative.AsrWer("a", config, cfg, dict(source="audio"))
+  pairs = [("Three red squares.", "three red squares"), ("a blue", "a blue circle")]
+  monkeypatch.setattr(asr, "outputs", lambda params: [(t, {"text": r}) for t, r in pairs])
+  m = asr.run(None)
+  assert m["wer"] == pytest.approx(1 / 6) and m["exact"] == 0.5

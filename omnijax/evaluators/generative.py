@@ -20,16 +20,22 @@ from data_pipelines.omni import TASK_OPS, ToSequence, open_source
 from data_pipelines.ops import OpContext, build_ops
 from data_pipelines import inputs as inputs_lib
 from omnijax import decode
+from omnijax import sharding as shd
 from omnijax.errors import ConfigError
 from omnijax.evaluators.common import Evaluator, register
 from omnijax.processing import media as media_lib
 from omnijax.processing import positions as positions_lib
 
 
+PROMPT_BUCKET = 64
+
+
 def prompt_batch(cfg, prompts: list[tuple[np.ndarray, dict[str, Any]]]):
   """Prompts [(tokens, media)] -> left-padded ids (B, S), attention mask, TM-RoPE positions
   (3, B, S) and per-row media buffers."""
-  s = max(len(t) for t, _ in prompts)
+  # Lengths in buckets of PROMPT_BUCKET, so a stream of prompts compiles few prefills (the
+  # extra left padding is masked, and positions follow the attention mask).
+  s = -(-max(len(t) for t, _ in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
   ids = np.zeros((len(prompts), s), np.int32)
   mask = np.zeros((len(prompts), s), np.int32)
   for b, (tokens, _) in enumerate(prompts):
@@ -121,6 +127,7 @@ class _Decoding(Evaluator):
         "tokenizer (data.kind text or omni)."
       )
     self._prompts = None
+    self._shards = shd.num_batch_shards(mesh, rules)
     self._eos = decode.default_eos_ids(self.model_cfg, tokenizer)
 
   def outputs(self, params) -> list[tuple[str, dict]]:
@@ -130,7 +137,10 @@ class _Decoding(Evaluator):
     out, n = [], self.options["decode_batch"]
     for start in range(0, len(self._prompts), n):
       chunk = self._prompts[start : start + n]
-      ids, mask, pos, media = prompt_batch(self.model_cfg, [(t, m) for t, m, _ in chunk])
+      # The batch splits over the mesh's batch devices: fill it with copies of a prompt.
+      rows = -(-len(chunk) // self._shards) * self._shards
+      prompts = [(t, m) for t, m, _ in chunk] + [chunk[0][:2]] * (rows - len(chunk))
+      ids, mask, pos, media = prompt_batch(self.model_cfg, prompts)
       new = decode.decode(
         self.model_cfg,
         params,
