@@ -14,9 +14,10 @@ and vision data are seen the same number of times in every arm (the LR schedule 
 warmup, peak and cosine shape over each arm's steps). Every arm is evaluated on the same
 held-out sources, including modalities it never trained on.
 
-  python -m omnijax.sweep --exp=ablation:local --grid=arm=text,vision,omni --grid=seed=0,1,2 \
-      --root=workdirs/ablation_local
-  python -m omnijax.report --sweep=workdirs/ablation_local --out=docs/ablation_local
+  python -m omnijax.sweep --exp=ablation:local --grid=seed=0,1,2 --grid=arm=text,vision,omni \
+      --root=workdirs/ablation_local --report=docs/ablation_local
+
+(`python -m omnijax.report --sweep=workdirs/ablation_local` rewrites the report alone.)
 
 Released scale (the 30B-A3B Thinker; sources under data/ablation/<source>):
 

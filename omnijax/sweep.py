@@ -1,12 +1,13 @@
 """Run an experiment over a grid of arguments, one workdir per run, resumable.
 
-    python -m omnijax.sweep --exp=ablation:local --grid=arm=text,vision,omni --grid=seed=0,1,2 \
-        --root=workdirs/ablation_local [--config.x=y ...] [--dry_run]
+    python -m omnijax.sweep --exp=ablation:local --grid=seed=0,1,2 --grid=arm=text,vision,omni \
+        --root=workdirs/ablation_local [--report=docs/ablation_local] [--config.x=y ...]
 
 Each grid point runs ``python -m omnijax.launch --exp=NAME:ARGS,KEY=VALUE,... --workdir=
 ROOT/KEY-VALUE_...`` in a fresh process, one after another, so a run that finished is
 re-launched as a no-op and an interrupted one resumes from its last checkpoint. The runs'
-evaluators run at their end; ``ROOT/sweep.json`` lists the runs for ``omnijax.report``.
+evaluators run at their end; ``ROOT/sweep.json`` lists the runs for ``omnijax.report``, which
+``--report=DIR`` runs once every run has finished.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--grid", action="append", default=[], help="KEY=V1,V2,... (repeatable)")
   parser.add_argument("--root", required=True, help="one workdir per run below this")
   parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+  parser.add_argument(
+    "--report",
+    default="",
+    help="when every run finished, write the report (omnijax.report) to this directory",
+  )
   args, overrides = parser.parse_known_args(argv)
   try:
     points = grid_points(args.grid)
@@ -90,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if code:
       return code
+  if args.report and not args.dry_run:
+    from omnijax import report  # pylint: disable=import-outside-toplevel
+
+    command = " ".join(["python -m omnijax.sweep", *(argv if argv is not None else sys.argv[1:])])
+    print(report.write_report(root, args.report, command), flush=True)
   return 0
 
 

@@ -233,3 +233,26 @@ def test_worker_processes_give_the_same_batches(corpora):
     a, b = next(inline), next(workers)
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_a_mixture_source_may_be_a_tfds_builder(corpora):
+  """data.mixture.NAME.tfds names a TensorFlow Datasets builder instead of a shard directory."""
+  import tensorflow_datasets as tfds
+
+  media, text, tok = corpora
+  cfg = _cfg(media, text)
+  cfg.mixture = dict(
+    text=dict(path=str(text), task="text", weight=0.5),
+    coco=dict(
+      tfds="ref_coco",
+      task="caption",
+      weight=0.5,
+      ops=("decode_text", "decode_image", "resize_image(max_pixels=65536)", "patchify_image"),
+    ),
+  )
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    it = iter(_dataset(cfg, tok))
+    batches = [next(it) for _ in range(3)]
+  coco = omni.task_names(cfg).index("coco")
+  assert any((b["task_ids"] == coco).any() for b in batches)
+  assert sum(int((b["inputs"] == _model_cfg().image_token_id).sum()) for b in batches) > 0
