@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
+from data_pipelines import inputs as inputs_lib
 from data_pipelines import local_media_corpus, records
 from experiments import recipe
 from omnijax import chain, launch, sweep
@@ -39,7 +40,7 @@ def corpora(tmp_path_factory):
   return media, text
 
 
-def _local(exp: str, corpora, steps: int, **train):
+def _local(exp: str, corpora, steps: int, evaluate: bool = False, **train):
   """A stage's local config on the small test corpora, sized for the 8 test devices."""
   media, text = corpora
   c = load_experiment(exp)
@@ -67,6 +68,14 @@ def _local(exp: str, corpora, steps: int, **train):
   )
   c.optim.warmup_steps = 1  # step 1 has learning rate 0: its checkpoint holds the initial params
   c.eval.update(dict(batches=1, batch_size=8))
+  # Held-out loss of every source and one decoding evaluator, small; stage 3 only (the others
+  # evaluate the same way).
+  c.eval.evaluators = {}
+  if evaluate:
+    c.eval.evaluators = dict(
+      heldout=dict(kind="heldout_loss"),
+      asr=dict(kind="asr_wer", source="audio", max_examples=8, max_new_tokens=8),
+    )
   return c
 
 
@@ -121,12 +130,17 @@ def test_stage_chain(corpora, tmp_path):
   assert _changed(b, _params(s2, 1), b) == set()
   assert _changed(_params(s2, 1), _params(s2, 2), llm)  # now the LLM trains
 
-  trainer.train(_local("pretrain_long_context:local", corpora, 2, init_from=str(s2)), s3)
+  trainer.train(_local("pretrain_long_context:local", corpora, 2, True, init_from=str(s2)), s3)
   assert _changed(_params(s2, 2), _params(s3, 1), b) == set()
   c2, c3 = (json.loads((w / "config.json").read_text()) for w in (s2, s3))
   assert c3["data"]["seq_len"] > c2["data"]["seq_len"]
   metrics = read_metrics(s3)
-  assert max(m.get("loss_tokens", 0) for m in metrics.values()) > 8 * c2["data"]["seq_len"]
+  s3_config = _local("pretrain_long_context:local", corpora, 2)
+  batch = next(
+    inputs_lib.make_train_iterator(s3_config, ThinkerConfig.from_dict(s3_config.model)).iterator
+  )
+  assert batch["inputs"].shape[1] == c3["data"]["seq_len"]
+  assert (batch["segment_ids"] > 0).sum(1).max() > c2["data"]["seq_len"]  # rows longer than s2's
 
   # Evaluators ran inside training (at the end), and run again on the finished workdir.
   final = metrics[2]
@@ -136,8 +150,9 @@ def test_stage_chain(corpora, tmp_path):
     "eval/heldout/loss/audio",
     "eval/heldout/perplexity/text",
     "eval/heldout/loss/modality/video",
+    "eval/asr/wer",
   } <= set(final)
-  again = trainer.evaluate_workdir(s3, _local("pretrain_long_context:local", corpora, 2))
+  again = trainer.evaluate_workdir(s3, _local("pretrain_long_context:local", corpora, 2, True))
   for k, v in again.items():
     np.testing.assert_allclose(v, final[k], rtol=1e-5, err_msg=k)
 
@@ -282,10 +297,10 @@ def test_decoding_evaluators_score_exact_answers(monkeypatch):
   cfg = ThinkerConfig.from_dict(config.model)
   scenes = generative.SceneDescription("s", config, cfg, dict(source="video"))
   outputs = [  # (model text, reference)
-      ("Two red squares and a blue circle.", "two red squares and a blue circle"),
-      ("three red squares and a blue circle", "two red squares and a blue circle"),
-      ("a green triangle moves from left to right", "a green triangle moves from top to bottom"),
-      ("nothing useful", "an orange diamond moves from right to left next to two red circles"),
+    ("Two red squares and a blue circle.", "two red squares and a blue circle"),
+    ("three red squares and a blue circle", "two red squares and a blue circle"),
+    ("a green triangle moves from left to right", "a green triangle moves from top to bottom"),
+    ("nothing useful", "an orange diamond moves from right to left next to two red circles"),
   ]
   monkeypatch.setattr(scenes, "outputs", lambda params: [(t, {"text": r}) for t, r in outputs])
   m = scenes.run(None)
