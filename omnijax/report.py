@@ -118,6 +118,14 @@ CLAIMS = (
 )
 
 
+CAVEATS = (
+  "Read with care: equal passes over every modality's data make an arm with more data train "
+  "more steps (the train steps row), so part of a lower loss is more optimisation of the "
+  "shared parameters. The seed's claim that text helps vision and audio needs an arm without "
+  "text, which Table 16's design (and this sweep) does not have: it is not tested here."
+)
+
+
 def judge(table: dict, metric: str, a: str, b: str, kind: str) -> str | None:
   arm = lambda name: next((k for k in table.get(metric, {}) if k == f"arm={name}"), None)
   ka, kb = arm(a), arm(b)
@@ -237,6 +245,7 @@ def write_report(root: str | Path, out: str | Path, command: str = "") -> Path:
   if verdicts:
     lines += ["", "## Seed 004's findings, claim by claim", ""]
     lines += [f"- {claim}: **{verdict}**" for claim, verdict in verdicts]
+    lines += ["", CAVEATS]
   files = plot(sweep, arms, table, out)
   lines += [""] + [f"![{f}]({f})" for f in files]
   path = out / "report.md"
