@@ -1,11 +1,11 @@
 """Shared test fixtures: a small text corpus on disk and a tiny-model trainer config."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from data_pipelines import records
+from omnijax.report import read_metrics  # noqa: F401  (step -> that step's train and eval lines merged)
 from omnijax.train.config import base_config
 
 WORDS = (
@@ -42,8 +42,3 @@ def tiny_config(corpus: Path, *, steps: int, seq_len: int = 64, batch: int = 8):
   c.optim.learning_rate = 3e-3
   c.optim.warmup_steps = 2
   return c
-
-
-def read_metrics(workdir: Path) -> dict[int, dict]:
-  lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  return {m["step"]: m for m in map(json.loads, lines)}
