@@ -31,7 +31,15 @@ _TOKEN_FIELDS = (
 
 def text_config_to_hf(t: TextConfig) -> dict[str, Any]:
   d = dataclasses.asdict(t)
-  for k in ("rope_theta", "mrope_section", "shared_expert_intermediate_size", "modality_routers"):
+  for k in (
+    "rope_theta",
+    "mrope_section",
+    "shared_expert_intermediate_size",
+    "modality_routers",
+    "qk_norm",
+    "sliding_window",
+    "layer_scale_initial_scale",
+  ):
     d.pop(k)
   d.update(
     mlp_only_layers=list(t.mlp_only_layers),
@@ -131,6 +139,8 @@ def from_hf_config(d: dict[str, Any], impl: ImplConfig = ImplConfig()) -> Thinke
     text["mrope_section"] = rope["mrope_section"]
   if "head_dim" not in text or text["head_dim"] is None:
     text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+  for k in ("qk_norm", "sliding_window", "layer_scale_initial_scale"):  # not the Thinker's
+    text.pop(k, None)
   text_cfg = TextConfig(**_pick(TextConfig, text))
   tokens = {k: thinker[k] for k in _TOKEN_FIELDS if k in thinker}
   extra = {k: thinker[k] for k in ("position_id_per_seconds", "seconds_per_chunk") if k in thinker}

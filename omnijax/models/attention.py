@@ -1,4 +1,5 @@
-"""Grouped-query self-attention with per-head q/k RMSNorm and TM-RoPE (the Thinker/Talker layer).
+"""Grouped-query self-attention with per-head q/k RMSNorm and TM-RoPE (the Thinker/Talker layer;
+Code2Wav's pre-transformer drops the q/k norm and attends within a causal sliding window).
 
 Attention is causal within a document: with packed rows, a token attends only to earlier
 tokens of the same segment (segment id 0 is padding).
@@ -20,20 +21,30 @@ from omnijax.models.config import ImplConfig, TextConfig
 from omnijax.models.layers import RMSNorm, constrain, dtype_of, logical_param
 
 
-def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
-  """(B, 1, S, S) bool: key <= query, same segment, query not padding."""
-  s = segment_ids.shape[-1]
-  causal = jnp.tril(jnp.ones((s, s), bool))
+def _causal(query_pos, key_pos, window: int = 0):
+  """key <= query, and with a sliding `window` > 0 also key > query - window."""
+  ok = key_pos[None, :] <= query_pos[:, None]
+  if window:
+    ok &= key_pos[None, :] > query_pos[:, None] - window
+  return ok
+
+
+def segment_causal_mask(segment_ids: jax.Array, window: int = 0) -> jax.Array:
+  """(B, 1, S, S) bool: key <= query (within `window` if > 0), same segment, query not padding."""
+  pos = jnp.arange(segment_ids.shape[-1])
   same = segment_ids[:, :, None] == segment_ids[:, None, :]
   valid = (segment_ids != 0)[:, :, None]
-  return (causal[None] & same & valid)[:, None]
+  return (_causal(pos, pos, window)[None] & same & valid)[:, None]
 
 
-def cache_mask(segment_ids: jax.Array, cache_segment_ids: jax.Array, index: jax.Array) -> jax.Array:
+def cache_mask(
+  segment_ids: jax.Array, cache_segment_ids: jax.Array, index: jax.Array, window: int = 0
+) -> jax.Array:
   """(B, S, C) bool: S queries at cache slots index, index+1, ... over C slots (cache_segment_ids,
-  0 where unwritten or padding): key slot <= query slot, same segment, query not padding."""
+  0 where unwritten or padding): key slot <= query slot (within `window` if > 0), same segment,
+  query not padding."""
   s, c = segment_ids.shape[1], cache_segment_ids.shape[1]
-  causal = jnp.arange(c)[None, :] <= (index + jnp.arange(s))[:, None]
+  causal = _causal(index + jnp.arange(s), jnp.arange(c), window)
   same = segment_ids[:, :, None] == cache_segment_ids[:, None, :]
   return causal[None] & same & (segment_ids != 0)[:, :, None]
 
@@ -49,29 +60,32 @@ def _attend(q, k, v, mask, scale):
   return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, sq, h, d)
 
 
-def dot_product_attention(q, k, v, segment_ids, query_blocks: int = 1):
-  """q (B,S,H,D), k/v (B,S,K,D) with H a multiple of K -> (B,S,H,D).
+def dot_product_attention(q, k, v, segment_ids, query_blocks: int = 1, window: int = 0):
+  """q (B,S,H,D), k/v (B,S,K,D) with H a multiple of K -> (B,S,H,D); causal, and with a
+  sliding `window` > 0 each query sees only its last `window` keys.
 
   With `query_blocks` > 1 queries are processed in that many blocks, each attending
-  only to the keys up to its block's end: most of the causal upper triangle of the score
-  matrix is never computed and each block's scores stay cache-sized (2x faster on CPU).
+  only to the keys from its first query's window start to its block's end: most of the
+  masked score matrix is never computed and each block's scores stay cache-sized (2x faster
+  on CPU).
   """
   scale = q.shape[-1] ** -0.5
   s = q.shape[1]
   if query_blocks <= 1:
-    return _attend(q, k, v, segment_causal_mask(segment_ids)[:, 0], scale)
+    return _attend(q, k, v, segment_causal_mask(segment_ids, window)[:, 0], scale)
   chunk = -(-s // query_blocks)
   pos = jnp.arange(s)
   outs = []
   for start in range(0, s, chunk):
     end = min(start + chunk, s)
+    first = max(0, start - window + 1) if window else 0
     qs = segment_ids[:, start:end, None]
     mask = (
-      (pos[start:end, None] >= pos[None, :end])[None]
-      & (qs == segment_ids[:, None, :end])
+      _causal(pos[start:end], pos[first:end], window)[None]
+      & (qs == segment_ids[:, None, first:end])
       & (qs != 0)
     )
-    outs.append(_attend(q[:, start:end], k[:, :end], v[:, :end], mask, scale))
+    outs.append(_attend(q[:, start:end], k[:, first:end], v[:, first:end], mask, scale))
   return jnp.concatenate(outs, axis=1)
 
 
@@ -93,15 +107,18 @@ class Attention(nn.Module):
     q = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wq), "query_proj")
     k = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wk), "key_proj")
     v = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wv), "value_proj")
-    q = RMSNorm(cfg.rms_norm_eps, pdt, name="q_norm")(q)
-    k = RMSNorm(cfg.rms_norm_eps, pdt, name="k_norm")(k)
+    if cfg.qk_norm:
+      q = RMSNorm(cfg.rms_norm_eps, pdt, name="q_norm")(q)
+      k = RMSNorm(cfg.rms_norm_eps, pdt, name="k_norm")(k)
     q = tm_rope.apply(q, cos, sin)
     k = tm_rope.apply(k, cos, sin)
     q = constrain(q, ("batch", "seq", "act_heads", "act_kv"))
     k = constrain(k, ("batch", "seq", "act_kv_heads", "act_kv"))
     v = constrain(v, ("batch", "seq", "act_kv_heads", "act_kv"))
     if kv is None:
-      out = dot_product_attention(q, k, v, segment_ids, self.impl.attention_query_blocks)
+      out = dot_product_attention(
+        q, k, v, segment_ids, self.impl.attention_query_blocks, cfg.sliding_window
+      )
     else:
       index, mask = kv_mask
       kv = {

@@ -43,6 +43,10 @@ class TextConfig:
   modality_routers: bool = (
     False  # one router per modality over shared experts (not in transformers)
   )
+  # Code2Wav's pre-transformer: no q/k norm, causal sliding window, per-channel layer scale.
+  qk_norm: bool = True
+  sliding_window: int = 0  # 0: full causal attention; w: a query sees its last w keys
+  layer_scale_initial_scale: float = 0.0  # 0: no layer scale
 
   def is_moe_layer(self, i: int) -> bool:
     return (
@@ -115,6 +119,7 @@ class TextConfig:
         "decoder_sparse_step / num_experts=0).",
       )
     need(self.decoder_sparse_step >= 1, "decoder_sparse_step must be >= 1.")
+    need(self.sliding_window >= 0, f"sliding_window must be >= 0, got {self.sliding_window}.")
 
 
 def default_mrope_section(head_dim: int) -> tuple[int, int, int]:
@@ -292,3 +297,95 @@ def _build(cls, values: Mapping[str, Any], where: str):
   if missing:
     raise ConfigError(f"{where} is missing required field(s) {missing}.")
   return cls(**out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Code2WavConfig:
+  """Code2Wav vocoder (transformers `Qwen3OmniMoeCode2WavConfig` field names; released values)."""
+
+  codebook_size: int = 2048
+  num_quantizers: int = 16
+  hidden_size: int = 1024
+  num_hidden_layers: int = 8
+  num_attention_heads: int = 16
+  num_key_value_heads: int = 16
+  intermediate_size: int = 3072
+  sliding_window: int = 72
+  layer_scale_initial_scale: float = 0.01
+  rms_norm_eps: float = 1e-5
+  max_position_embeddings: int = 8000
+  rope_theta: float = 10000.0
+  upsample_rates: tuple[int, ...] = (8, 5, 4, 3)
+  upsampling_ratios: tuple[int, ...] = (2, 2)
+  decoder_dim: int = 1536
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def total_upsample(self) -> int:
+    """Waveform samples per code frame (1920: 24 kHz at 12.5 frames/s)."""
+    out = 1
+    for r in self.upsampling_ratios + self.upsample_rates:
+      out *= r
+    return out
+
+  @property
+  def trim(self) -> int:
+    """Samples a decode of T frames falls short of total_upsample * T (555 released): each
+    decoder block's causal transposed conv crops kernel - stride = rate samples on both ends,
+    i.e. loses one input step."""
+    trim, scale = 0, 1
+    for r in reversed(self.upsample_rates):
+      trim += r * scale
+      scale *= r
+    return trim
+
+  def num_samples(self, frames: int) -> int:
+    return self.total_upsample * frames - self.trim
+
+  def transformer(self) -> TextConfig:
+    """The pre-transformer as a dense decoder stack (plain 1-D RoPE: all slots temporal)."""
+    return TextConfig(
+      vocab_size=self.num_quantizers * self.codebook_size,
+      hidden_size=self.hidden_size,
+      num_hidden_layers=self.num_hidden_layers,
+      num_attention_heads=self.num_attention_heads,
+      num_key_value_heads=self.num_key_value_heads,
+      head_dim=self.head_dim,
+      num_experts=0,
+      num_experts_per_tok=0,
+      moe_intermediate_size=0,
+      intermediate_size=self.intermediate_size,
+      rms_norm_eps=self.rms_norm_eps,
+      rope_theta=self.rope_theta,
+      mrope_section=(self.head_dim // 2, 0, 0),
+      max_position_embeddings=self.max_position_embeddings,
+      qk_norm=False,
+      sliding_window=self.sliding_window,
+      layer_scale_initial_scale=self.layer_scale_initial_scale,
+    )
+
+  def validate(self, where: str = "model.code2wav") -> None:
+    if self.hidden_size % self.num_attention_heads:
+      raise ConfigError(
+        f"{where}.hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+        f"({self.num_attention_heads})."
+      )
+    if self.decoder_dim % 2 ** len(self.upsample_rates):
+      raise ConfigError(
+        f"{where}.decoder_dim ({self.decoder_dim}) is halved by each of the "
+        f"{len(self.upsample_rates)} decoder blocks; make it a multiple of "
+        f"{2 ** len(self.upsample_rates)}."
+      )
+    self.transformer().validate(f"{where} (pre-transformer)")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], where: str = "model.code2wav") -> "Code2WavConfig":
+    cfg = _build(cls, _to_dict(d), where)
+    cfg.validate(where)
+    return cfg
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)

@@ -1,4 +1,5 @@
-"""The decoder stack shared by the Thinker and the Talker: pre-norm attention + MoE/MLP layers.
+"""The decoder stack shared by the Thinker, the Talker and Code2Wav's pre-transformer: pre-norm
+attention + MoE/MLP layers (Code2Wav: dense, with layer scale).
 
 Consecutive layers of one kind (MoE or dense MLP) form a block that is one ``nn.scan`` over
 stacked parameters (leading logical axis ``layers``), rematerialised by ``remat_policy``.
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from omnijax.models import tm_rope
 from omnijax.models.attention import Attention, cache_mask
 from omnijax.models.config import ImplConfig, TextConfig
-from omnijax.models.layers import RMSNorm, SwiGLU, constrain, dtype_of
+from omnijax.models.layers import LayerScale, RMSNorm, SwiGLU, constrain, dtype_of
 from omnijax.models.moe import SparseMoeBlock
 
 _POLICIES = {
@@ -40,12 +41,16 @@ class DecoderLayer(nn.Module):
     cfg, pdt = self.cfg, dtype_of(self.impl.param_dtype)
     x = RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(h)
     y, kv = Attention(cfg, self.impl, name="self_attn")(x, cos, sin, segment_ids, kv, kv_mask)
+    if cfg.layer_scale_initial_scale:
+      y = LayerScale(cfg.layer_scale_initial_scale, pdt, name="self_attn_layer_scale")(y)
     h = h + y
     x = RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(h)
     if self.moe:
       y, stats = SparseMoeBlock(cfg, self.impl, name="mlp")(x, segment_ids != 0, modality)
     else:
       y, stats = SwiGLU(cfg.intermediate_size, dtype_of(self.impl.dtype), pdt, name="mlp")(x), {}
+    if cfg.layer_scale_initial_scale:
+      y = LayerScale(cfg.layer_scale_initial_scale, pdt, name="mlp_layer_scale")(y)
     h = h + y
     if deepstack is not None:
       taps = deepstack.shape[0]
@@ -92,7 +97,7 @@ class Decoder(nn.Module):
       cache_segments = jax.lax.dynamic_update_slice(
         cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index)
       )
-      kv_mask = (index, cache_mask(segment_ids, cache_segments, index))
+      kv_mask = (index, cache_mask(segment_ids, cache_segments, index, cfg.sliding_window))
       new_cache = dict(index=index + h.shape[1], segment_ids=cache_segments, kv={})
     stats = []
     for moe, first, count in cfg.layer_blocks():

@@ -74,6 +74,51 @@ class LayerNorm(nn.Module):
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
+class Dense(nn.Module):
+  """x @ kernel + bias; kernel (*in_shape, *out_shape) with logical axes, bias (*out_shape)."""
+
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n_in, n_out = len(self.in_shape), len(self.out_shape)
+    kernel = logical_param(
+      self, "kernel", self.in_shape + self.out_shape, self.kernel_axes, self.param_dtype
+    ).astype(self.dtype)
+    bias = logical_param(
+      self, "bias", self.out_shape, self.kernel_axes[n_in:], self.param_dtype, nn.initializers.zeros
+    ).astype(self.dtype)
+    y = jax.lax.dot_general(
+      x.astype(self.dtype),
+      kernel,
+      ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+    )
+    return y + bias.reshape((1,) * (y.ndim - n_out) + self.out_shape)
+
+
+class LayerScale(nn.Module):
+  """Per-channel scale of a residual branch (Touvron et al. 2021), initialised to `init`."""
+
+  init: float
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = logical_param(
+      self,
+      "scale",
+      (x.shape[-1],),
+      ("norm",),
+      self.param_dtype,
+      nn.initializers.constant(self.init),
+    )
+    return scale.astype(x.dtype) * x
+
+
 class SwiGLU(nn.Module):
   """down(silu(gate x) * up x): the dense MLP and the shared expert."""
 

@@ -38,7 +38,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from omnijax.models.config import ImplConfig, VisionEncoderConfig
 from omnijax.models.decoder import _POLICIES as REMAT_POLICIES
-from omnijax.models.layers import LayerNorm, constrain, dtype_of, logical_param
+from omnijax.models.layers import Dense, LayerNorm, constrain, dtype_of, logical_param
 from omnijax.processing.vision import MIN_BUCKET
 
 LAYER_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and mergers
@@ -167,32 +167,6 @@ def frame_attention(q, k, v, segment_ids, query_block: int = DEFAULT_QUERY_BLOCK
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
-
-
-class Dense(nn.Module):
-  """x @ kernel + bias; kernel (*in_shape, *out_shape) with logical axes, bias (*out_shape)."""
-
-  in_shape: tuple[int, ...]
-  out_shape: tuple[int, ...]
-  kernel_axes: tuple[str | None, ...]
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    n_in, n_out = len(self.in_shape), len(self.out_shape)
-    kernel = logical_param(
-      self, "kernel", self.in_shape + self.out_shape, self.kernel_axes, self.param_dtype
-    ).astype(self.dtype)
-    bias = logical_param(
-      self, "bias", self.out_shape, self.kernel_axes[n_in:], self.param_dtype, nn.initializers.zeros
-    ).astype(self.dtype)
-    y = jax.lax.dot_general(
-      x.astype(self.dtype),
-      kernel,
-      ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-    )
-    return y + bias.reshape((1,) * (y.ndim - n_out) + self.out_shape)
 
 
 class VisionBlock(nn.Module):
