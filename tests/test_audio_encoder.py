@@ -1,7 +1,7 @@
 """The AuT audio encoder equals transformers' Qwen3OmniMoeAudioEncoder on the same weights.
 
 Tiny float32 config (d_model 32, 2 layers, 2 heads, conv channels 16, output 24, 128 mel bins).
-Weights go both ways through omnijax.hf.keymap_audio: transformers (random, rescaled so that
+Weights go both ways through omnijax.hf.keymap (`audio_keymap`): transformers (random, rescaled so that
 activations are O(1)) -> omnijax, and omnijax (random) -> transformers (strict load). Batches
 mix audios shorter and longer than the attention window with lengths that are not multiples of
 100 frames. `pytest -s` prints the measured differences.
@@ -26,7 +26,7 @@ from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (  #
 )
 
 from omnijax import sharding as shd  # noqa: E402
-from omnijax.hf import keymap_audio  # noqa: E402
+from omnijax.hf import keymap  # noqa: E402
 from omnijax.hf.keymap import CheckpointError  # noqa: E402
 from omnijax.models import audio  # noqa: E402
 from omnijax.processing import audio as audio_host  # noqa: E402
@@ -47,6 +47,7 @@ CFG = AudioEncoderConfig(
 # 1234 and 1650 span two; at 2 s only 60 fits in one window.
 LENGTHS = (250, 1234, 60, 777, 400, 1650)
 PREFIX = "thinker.audio_tower"
+KEYMAP = keymap.audio_keymap(CFG)
 
 
 def _hf_encoder(n_window_infer: int, state_dict=None):
@@ -103,7 +104,7 @@ def hf_weights():
 
 @pytest.fixture(scope="module")
 def params(hf_weights):
-  return keymap_audio.audio_from_hf(hf_weights.__getitem__, _abstract(), CFG)
+  return keymap.from_hf(hf_weights.__getitem__, _abstract(), KEYMAP)
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,7 +195,7 @@ def test_parity_omnijax_to_hf(lengths):
   """omnijax params -> transformers (strict load). "all_short": every chunk < 100 frames, where
   the reference pads chunks to the longest one of the call (chunk_padding="batch")."""
   p = _random_omnijax_params()
-  tensors = keymap_audio.audio_to_hf(p, CFG)
+  tensors = keymap.to_hf(p, KEYMAP)
   enc = _hf_encoder(800, {k[len(PREFIX) + 1 :]: torch.from_numpy(v) for k, v in tensors.items()})
   mels = _mels(lengths, seed=5)
   ref = _hf_forward(enc, mels)
@@ -280,17 +281,17 @@ def test_gradients_reach_every_param(params):
 
 
 def test_keymap_round_trip_exact(hf_weights, params):
-  back = keymap_audio.audio_to_hf(params, CFG)
-  assert list(back) == keymap_audio.audio_hf_keys(CFG)
+  back = keymap.to_hf(params, KEYMAP)
+  assert list(back) == keymap.hf_keys(KEYMAP)
   assert set(back) == set(hf_weights)
   for k, v in back.items():
     assert v.dtype == hf_weights[k].dtype and np.array_equal(v, hf_weights[k]), k
-  again = keymap_audio.audio_from_hf(back.__getitem__, _abstract(), CFG)
+  again = keymap.from_hf(back.__getitem__, _abstract(), KEYMAP)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), again, params)
   bad = dict(back)
   bad[f"{PREFIX}.conv2d2.weight"] = bad[f"{PREFIX}.conv2d2.weight"][:, :8]
   with pytest.raises(CheckpointError, match="conv2d2.weight"):
-    keymap_audio.audio_from_hf(bad.__getitem__, _abstract(), CFG)
+    keymap.from_hf(bad.__getitem__, _abstract(), KEYMAP)
 
 
 def test_logical_axes_and_sharded_forward(params):

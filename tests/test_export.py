@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 import omnijax
 from omnijax import export
 from omnijax.errors import ConfigError
-from omnijax.hf import convert, hf_config, keymap, keymap_audio, keymap_vision, safetensors_io
+from omnijax.hf import convert, hf_config, keymap, safetensors_io
 from omnijax.hf.keymap import CheckpointError
 from omnijax.models import presets
 from omnijax.processing import positions
@@ -48,19 +48,10 @@ def _random_params(cfg: ThinkerConfig, seed: int = 0):
 
 def _hf_keys(cfg: ThinkerConfig) -> set[str]:
   """Every checkpoint key of the Thinker of `cfg`: text, audio tower, vision tower."""
-  text = {
-    k
-    for k, _ in keymap.iter_text_to_hf(
-      {k: v for k, v in _random_params(cfg).items() if k not in convert.TOWERS},
-      cfg.text,
-      keymap.THINKER_TEXT,
-    )
-  }
-  return (
-    text
-    | set(keymap_audio.audio_hf_keys(cfg.audio))
-    | set(keymap_vision.vision_hf_keys(cfg.vision))
-  )
+  keys = keymap.hf_keys(convert.thinker_keymap(cfg))
+  assert len(set(keys)) == len(keys)
+  assert {k.split(".")[1] for k in keys} == {"model", "lm_head", "audio_tower", "visual"}
+  return set(keys)
 
 
 def _multimodal_inputs(cfg: ThinkerConfig):

@@ -3,7 +3,7 @@
 Tiny float32 configs, compared in both directions:
 - omnijax params -> transformers: Thinkers through `python -m omnijax.export to-hf` (main) and
   `Qwen3OmniMoeForConditionalGeneration.from_pretrained`; the shared-expert decoder through
-  the Talker key map (`keymap.TALKER_TEXT`) into a full model's checkpoint, loaded the same way.
+  the Talker key map (`keymap.text_keymap(.., keymap.TALKER_TEXT)`) into a full model's checkpoint, loaded the same way.
 - transformers params -> omnijax: `save_pretrained`, then `export from-hf` + `omnijax.load`
   (Thinkers) or the Talker key map (shared expert).
 Each runs on plain rows with default positions and with explicit (3, B, S) TM-RoPE ids whose
@@ -210,7 +210,7 @@ def test_omnijax_to_transformers(name, tmp_path):
   if name == "talker_shared_expert":
     out.mkdir()
     safetensors_io.write(
-      keymap.iter_text_to_hf(_text(params), cfg.text, keymap.TALKER_TEXT),
+      keymap.iter_to_hf(_text(params), keymap.text_keymap(cfg.text, keymap.TALKER_TEXT)),
       out,
       safetensors_io.parse_size("2GB"),
     )
@@ -251,11 +251,10 @@ def test_transformers_to_omnijax(name, tmp_path):
     _randomize_torch(hf_model.talker.model)
     _randomize_torch(hf_model.talker.codec_head)
     hf_model.save_pretrained(hf_dir)
-    text = keymap.text_from_hf(
+    text = keymap.from_hf(
       safetensors_io.Reader(hf_dir),
       _text(convert.abstract_params(cfg)),
-      cfg.text,
-      keymap.TALKER_TEXT,
+      keymap.text_keymap(cfg.text, keymap.TALKER_TEXT),
     )
     params = text | _towers(_random_omnijax_params(cfg))  # towers: unused by text-only inputs
     convert.check_params(cfg, params)

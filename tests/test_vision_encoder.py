@@ -1,7 +1,7 @@
 """The omnijax vision encoder equals transformers' Qwen3OmniMoeVisionEncoder on the same weights.
 
 Tiny float32 config (depth 3, hidden 32, 2 heads, 8x8 position table, deepstack taps (0, 2)).
-Weights go both ways through `omnijax.hf.keymap_vision`; merged and deepstack outputs are
+Weights go both ways through `omnijax.hf.keymap.vision_keymap`; merged and deepstack outputs are
 compared for one image, two images of different grids, a video, and all of them in one packed
 buffer. Also: padding never changes valid outputs, one compile per bucket, gradients reach
 every param, the key map round-trips exactly, and the packing metadata matches the processor's
@@ -24,7 +24,7 @@ from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (  #
   Qwen3OmniMoeVisionEncoderConfig,
 )
 
-from omnijax.hf import keymap_vision  # noqa: E402
+from omnijax.hf import keymap  # noqa: E402
 from omnijax.hf.keymap import CheckpointError  # noqa: E402
 from omnijax.models import vision  # noqa: E402
 from omnijax.processing import vision as vision_host  # noqa: E402
@@ -45,6 +45,7 @@ CFG = VisionEncoderConfig(
   deepstack_visual_indexes=(0, 2),
 )
 IN_DIM = 3 * 2 * 16 * 16
+KEYMAP = keymap.vision_keymap(CFG)
 CASES = {
   "one_image": [(1, 4, 6)],
   "two_images": [(1, 4, 6), (1, 8, 4)],
@@ -114,7 +115,7 @@ def _abstract():
 
 
 def _to_torch_state(hf: dict) -> dict:
-  prefix = keymap_vision.PREFIX + "."
+  prefix = keymap.VISION_PREFIX + "."
   return {k[len(prefix) :]: torch.from_numpy(np.array(v)) for k, v in hf.items()}
 
 
@@ -157,8 +158,8 @@ def from_hf():
   """transformers random init -> omnijax params through the key map."""
   tm = _torch_model(0)
   _randomize_torch(tm, 1)
-  hf = {f"{keymap_vision.PREFIX}.{k}": v.numpy() for k, v in tm.state_dict().items()}
-  params = keymap_vision.vision_from_hf(hf.__getitem__, _abstract(), CFG)
+  hf = {f"{keymap.VISION_PREFIX}.{k}": v.numpy() for k, v in tm.state_dict().items()}
+  params = keymap.from_hf(hf.__getitem__, _abstract(), KEYMAP)
   return tm, hf, params
 
 
@@ -181,7 +182,7 @@ def test_parity_omnijax_to_transformers():
   """omnijax random params -> transformers through the key map (strict load); blocked queries."""
   params = _random_omnijax_params(3)
   tm = _torch_model(5)
-  tm.load_state_dict(_to_torch_state(keymap_vision.vision_to_hf(params, CFG)), strict=True)
+  tm.load_state_dict(_to_torch_state(keymap.to_hf(params, KEYMAP)), strict=True)
   pv, grid = _inputs(CASES["packed"], seed=1)
   ref = _torch_outputs(tm, pv, grid)
   packed = vision_host.pack_patches(pv, grid)
@@ -277,32 +278,30 @@ def test_gradients_reach_every_param():
 
 def test_keymap_round_trip_exact(from_hf):
   tm, hf, _ = from_hf
-  assert sorted(hf) == sorted(keymap_vision.vision_hf_keys(CFG))
+  assert sorted(hf) == sorted(keymap.hf_keys(KEYMAP))
   assert all(k.startswith("thinker.visual.") for k in hf)
   # transformers -> omnijax -> transformers
-  params = keymap_vision.vision_from_hf(hf.__getitem__, _abstract(), CFG)
-  back = keymap_vision.vision_to_hf(params, CFG)
-  assert list(back) == keymap_vision.vision_hf_keys(CFG)
+  params = keymap.from_hf(hf.__getitem__, _abstract(), KEYMAP)
+  back = keymap.to_hf(params, KEYMAP)
+  assert list(back) == keymap.hf_keys(KEYMAP)
   for k, v in hf.items():
     assert back[k].shape == v.shape and back[k].dtype == v.dtype and np.array_equal(back[k], v), k
   # omnijax -> transformers -> omnijax (boxed params from init are accepted too)
   ours = _random_omnijax_params(4)
-  again = keymap_vision.vision_from_hf(
-    keymap_vision.vision_to_hf(ours, CFG).__getitem__, vision.init_params(CFG), CFG
-  )
+  again = keymap.from_hf(keymap.to_hf(ours, KEYMAP).__getitem__, vision.init_params(CFG), KEYMAP)
   flat_a = traverse_util.flatten_dict(ours, sep="/")
   flat_b = traverse_util.flatten_dict(again, sep="/")
   assert set(flat_a) == set(flat_b)
   assert all(np.array_equal(flat_a[k], flat_b[k]) for k in flat_a)
   # a custom prefix, a wrong shape and a missing tensor
-  custom = keymap_vision.vision_to_hf(ours, CFG, prefix="visual")
+  custom = keymap.to_hf(ours, keymap.vision_keymap(CFG, prefix="visual"))
   assert all(k.startswith("visual.") for k in custom)
   bad = dict(hf)
   bad["thinker.visual.blocks.1.attn.qkv.weight"] = np.zeros((3, 3), np.float32)
   with pytest.raises(CheckpointError, match="blocks.1.attn.qkv.weight"):
-    keymap_vision.vision_from_hf(bad.__getitem__, _abstract(), CFG)
+    keymap.from_hf(bad.__getitem__, _abstract(), KEYMAP)
   with pytest.raises(KeyError):
-    keymap_vision.vision_from_hf({}.__getitem__, _abstract(), CFG)
+    keymap.from_hf({}.__getitem__, _abstract(), KEYMAP)
 
 
 def test_packing_metadata_matches_transformers():

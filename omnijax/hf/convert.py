@@ -22,14 +22,21 @@ from flax import traverse_util
 
 from omnijax.hf import safetensors_io, tokenizer_files
 from omnijax.hf.hf_config import from_hf_config, to_hf_config
-from omnijax.hf.keymap import THINKER_TEXT, CheckpointError, iter_text_to_hf, text_from_hf
-from omnijax.hf.keymap_audio import audio_from_hf, iter_audio_to_hf
-from omnijax.hf.keymap_vision import iter_vision_to_hf, vision_from_hf
+from omnijax.hf.keymap import (
+  THINKER_TEXT,
+  CheckpointError,
+  KeyMap,
+  audio_keymap,
+  from_hf,
+  iter_to_hf,
+  text_keymap,
+  vision_keymap,
+)
 from omnijax.processing import media
 from omnijax.models.config import ImplConfig, ThinkerConfig
 from omnijax.models.thinker import Thinker
 
-TOWERS = ("audio_tower", "visual")
+TOWERS = ("audio_tower", "visual")  # the towers' subtrees of the Thinker params; the rest is text
 
 CONFIG_FILE = "config.json"
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -43,6 +50,15 @@ def abstract_params(cfg: ThinkerConfig):
     lambda: nn.meta.unbox(
       model.init(jax.random.key(0), ids, media=media.empty_media(cfg, 1))["params"]
     )
+  )
+
+
+def thinker_keymap(cfg: ThinkerConfig) -> KeyMap:
+  """The Thinker's params (text decoder, audio_tower, visual) <-> its `thinker.*` keys."""
+  return (
+    text_keymap(cfg.text, THINKER_TEXT)
+    + audio_keymap(cfg.audio).under("audio_tower")
+    + vision_keymap(cfg.vision).under("visual")
   )
 
 
@@ -73,14 +89,7 @@ def check_params(cfg: ThinkerConfig, params) -> None:
 def hf_tensors(cfg: ThinkerConfig, params, dtype: str = "float32") -> Iterator[tuple[str, Any]]:
   """(transformers key, numpy tensor in `dtype`) of every Thinker tensor, lazily."""
   np_dtype = EXPORT_DTYPES[dtype]
-  params = nn.meta.unbox(params)
-  text = {k: v for k, v in params.items() if k not in TOWERS}
-  tensors = (
-    iter_text_to_hf(text, cfg.text, THINKER_TEXT),
-    iter_audio_to_hf(params["audio_tower"], cfg.audio),
-    iter_vision_to_hf(params["visual"], cfg.vision),
-  )
-  for key, w in (kw for part in tensors for kw in part):
+  for key, w in iter_to_hf(params, thinker_keymap(cfg)):
     yield key, w.astype(np_dtype, copy=False)
 
 
@@ -129,10 +138,4 @@ def load_hf(hf_dir: str | Path, impl: ImplConfig = ImplConfig()) -> tuple[Thinke
     )
   cfg = from_hf_config(json.loads((hf_dir / CONFIG_FILE).read_text()), impl)
   reader = safetensors_io.Reader(hf_dir)
-  abstract = abstract_params(cfg)
-  params = text_from_hf(
-    reader, {k: v for k, v in abstract.items() if k not in TOWERS}, cfg.text, THINKER_TEXT
-  )
-  params["audio_tower"] = audio_from_hf(reader, abstract["audio_tower"], cfg.audio)
-  params["visual"] = vision_from_hf(reader, abstract["visual"], cfg.vision)
-  return cfg, params
+  return cfg, from_hf(reader, abstract_params(cfg), thinker_keymap(cfg))
