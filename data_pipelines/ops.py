@@ -20,8 +20,8 @@ Any other exception is a bug and propagates.
 Modality modules register their ops the same way; ``build_ops`` imports them
 when a spec names an op not registered yet: ``data_pipelines.audio``
 (``decode_audio``, ``log_mel``), ``data_pipelines.vision`` (``decode_image``,
-``resize_image``, ``patchify_image``) and ``data_pipelines.video``
-(``decode_video``).
+``resize_image``, ``patchify_image``), ``data_pipelines.video``
+(``decode_video``) and ``data_pipelines.speech_codes`` (``speech_codes``).
 """
 
 import ast
@@ -40,7 +40,8 @@ import numpy as np
 # "missing_media" (a referenced media file does not exist), "bad_sample_rate"
 # (outside 1 kHz..384 kHz), "non_finite" (NaN/inf samples), "silent_audio"
 # (digital silence), "too_long" (longer than allowed where truncating would be
-# wrong), "bad_aspect_ratio" (an image or video side over 200x the other).
+# wrong), "bad_aspect_ratio" (an image or video side over 200x the other),
+# "too_short" (shorter than an op's minimum, e.g. speech under one codec frame).
 # Append new reasons at the end (checkpointed counts are keyed by name).
 SKIP_REASONS = (
   "undecodable",
@@ -53,10 +54,16 @@ SKIP_REASONS = (
   "silent_audio",
   "too_long",
   "bad_aspect_ratio",
+  "too_short",
 )
 # Modules whose import registers the modality ops (imported on first use, so
 # that text-only users do not load the media libraries).
-_MODALITY_MODULES = ("data_pipelines.audio", "data_pipelines.vision", "data_pipelines.video")
+_MODALITY_MODULES = (
+  "data_pipelines.audio",
+  "data_pipelines.vision",
+  "data_pipelines.video",
+  "data_pipelines.speech_codes",
+)
 
 Example = dict[str, Any]
 Op = Callable[[Example], Example]

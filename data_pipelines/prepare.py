@@ -3,7 +3,8 @@
 Usage::
 
   python -m data_pipelines.prepare --manifest=DIR/manifest.jsonl --out=OUT \\
-      [--workers=N] [--source=NAME] [--shard_mb=256] [--max_audio_seconds=S]
+      [--workers=N] [--source=NAME] [--shard_mb=256] [--max_audio_seconds=S] \\
+      [--speech_codes=CODEC_DIR]
 
 Manifest (JSONL, UTF-8, one JSON object per line; paths are relative to the
 manifest's folder)::
@@ -49,7 +50,20 @@ msgpack record (``data_pipelines.records``) in
   audio_seconds, audio_sample_rate         float, int (as stored in the file)
   video_seconds, video_fps, video_frames,  float, float, int,
   video_width, video_height                int, int
+  speech_codes, speech_codes_frames        bytes, int (with --speech_codes, see below)
   + the manifest line's extra scalar fields.
+
+With ``--speech_codes=CODEC_DIR`` (a transformers Mimi directory or an omnijax
+speech-tokenizer workdir, see ``omnijax.codec.providers``), every example of a
+speech task (``SPEECH_TASKS``: asr, whose audio is speech with its transcript;
+"audio" is any sound and videos need not speak) also stores its Qwen3-Omni
+codec codes, the Talker's targets, so that training does not re-encode:
+``speech_codes`` = int16 little-endian bytes of the ``(16, T)`` codes (C
+order), ``speech_codes_frames`` = T (12.5 frames per second of the 24 kHz
+audio; ``data_pipelines.speech_codes`` documents the format, and its op passes
+stored codes through). Speech the codec cannot code is skipped as that op
+skips it (``too_short``: under one frame, 0.08 s; ``silent_audio``,
+``non_finite``, ...). Each worker process loads the codec once.
 
 A line that fails validation is skipped and counted by reason (the
 ``ops.SKIP_REASONS`` of the failing op; a line that is not UTF-8 is
@@ -89,6 +103,7 @@ from rich.progress import (
 
 from data_pipelines import audio as audio_lib
 from data_pipelines import records
+from data_pipelines import speech_codes as speech_codes_lib
 from data_pipelines import video as video_lib
 from data_pipelines import vision
 from data_pipelines.ops import BadRecord, read_media_bytes
@@ -96,6 +111,7 @@ from data_pipelines.ops import BadRecord, read_media_bytes
 KIND = "prepared_media"
 VERSION = 1
 TASKS = ("text", "caption", "asr", "audio", "video")
+SPEECH_TASKS = ("asr",)  # Tasks whose audio is speech: coded with --speech_codes.
 _MEDIA = {"caption": "image", "asr": "audio", "audio": "audio", "video": "video"}
 _TEXT_REQUIRED = ("text", "caption", "asr")
 _TEXT_ALIASES = ("text", "caption", "transcript")
@@ -122,6 +138,8 @@ _RESERVED = {
   "video_frames",
   "video_width",
   "video_height",
+  "speech_codes",
+  "speech_codes_frames",
 }
 
 
@@ -167,12 +185,19 @@ def _image_fields(data: bytes) -> dict[str, Any]:
   return {"image_height": image.shape[0], "image_width": image.shape[1]}
 
 
-def _audio_fields(data: bytes, task: str, max_audio_seconds: float | None) -> dict[str, Any]:
+def _audio_fields(
+  data: bytes, task: str, max_audio_seconds: float | None, speech_codes: str | None = None
+) -> dict[str, Any]:
   samples, rate = audio_lib.decode_audio_bytes(data)
   audio_lib.clean_waveform(samples, rate, max_seconds=max_audio_seconds, truncate=task != "asr")
   if audio_lib.is_silent(samples):
     raise BadRecord("silent_audio", "peak < %g" % audio_lib.SILENCE_PEAK)
-  return {"audio_seconds": len(samples) / rate, "audio_sample_rate": rate}
+  fields = {"audio_seconds": len(samples) / rate, "audio_sample_rate": rate}
+  if speech_codes and task in SPEECH_TASKS:
+    provider = speech_codes_lib.get_code_provider(speech_codes)
+    codes = speech_codes_lib.encode_speech(provider, samples, rate, max_seconds=max_audio_seconds)
+    fields.update(speech_codes_lib.codes_to_record(codes))
+  return fields
 
 
 def _video_fields(data: bytes) -> tuple[dict[str, Any], bool]:
@@ -194,6 +219,7 @@ def prepare_line(
   default_id: str,
   default_source: str,
   max_audio_seconds: float | None = None,
+  speech_codes: str | None = None,
 ) -> dict[str, Any]:
   """One manifest line -> a record, validated; see the module doc.
 
@@ -239,7 +265,7 @@ def prepare_line(
       record.update(_image_fields(data))
       modality = "image"
     elif media == "audio":
-      record.update(_audio_fields(data, task, max_audio_seconds))
+      record.update(_audio_fields(data, task, max_audio_seconds, speech_codes))
       modality = "audio"
     else:
       fields, has_audio = _video_fields(data)
@@ -314,6 +340,7 @@ def prepare(
   source: str | None = None,
   shard_mb: float = 256,
   max_audio_seconds: float | None = None,
+  speech_codes: str | os.PathLike[str] | None = None,
   progress: bool = True,
   extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -327,11 +354,16 @@ def prepare(
     shard_mb: target shard size; a task's split gets ceil(its bytes / this)
       shards.
     max_audio_seconds: asr clips longer than this are skipped as too_long.
+    speech_codes: a codec directory: store the codec codes of speech examples
+      (see the module doc).
     progress: show a progress bar (on stderr).
     extra: fields merged into the summary (e.g. a corpus's kind and version).
   """
   start = time.time()
   manifest = pathlib.Path(manifest).resolve()
+  if speech_codes is not None:
+    speech_codes = os.path.abspath(os.fspath(speech_codes))
+    speech_codes_lib.providers.codec_kind(speech_codes)  # Fails fast on a wrong directory.
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   (out / records.MANIFEST_NAME).unlink(missing_ok=True)  # Incomplete now.
@@ -348,12 +380,14 @@ def prepare(
     "default_id": manifest.stem,
     "default_source": source or manifest.parent.name,
     "max_audio_seconds": max_audio_seconds,
+    "speech_codes": speech_codes,
   }
   tasks = [(line_no, raw, split, config) for line_no, raw, split, _ in lines]
   counts = {"modality": collections.Counter(), "task": collections.Counter()}
   skipped = collections.Counter()
   skipped_by_task = collections.defaultdict(collections.Counter)
   media_bytes = collections.Counter()
+  code_counts = collections.Counter()
   skip_log = []
   raw_lines = {line_no: raw for line_no, raw, _, _ in lines}
 
@@ -366,6 +400,9 @@ def prepare(
       for media in ("image", "audio", "video"):
         if media in record:
           media_bytes[media] += len(record[media])
+      if "speech_codes" in record:
+        code_counts["examples"] += 1
+        code_counts["frames"] += record["speech_codes_frames"]
     else:
       reason, detail = payload
       example_id, task = _describe(raw_lines[line_no])
@@ -392,7 +429,10 @@ def prepare(
           handle(*result)
           bar.advance(job)
       else:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pool = multiprocessing.get_context("spawn").Pool(
+          workers, initializer=_init_worker, initargs=(speech_codes is not None,)
+        )
+        with pool:
           for result in pool.imap(_work, tasks, chunksize=4):
             handle(*result)
             bar.advance(job)
@@ -415,11 +455,35 @@ def prepare(
     "media_bytes": dict(sorted(media_bytes.items())),
     "record_bytes": sum(s["num_bytes"] for s in splits.values()),
     "splits": splits,
+    **({"speech_codes": _codes_summary(speech_codes, code_counts)} if speech_codes else {}),
     "seconds": round(time.time() - start, 2),
     **(extra or {}),
   }
   records.write_manifest(out, summary)
   return summary
+
+
+def _init_worker(codes: bool) -> None:
+  """One compute thread per worker process when it runs a PyTorch codec (no oversubscription)."""
+  if codes:
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      return
+    torch.set_num_threads(1)
+
+
+def _codes_summary(codec: str, counts: collections.Counter) -> dict[str, Any]:
+  providers = speech_codes_lib.providers
+  return {
+    "codec": codec,
+    "tasks": list(SPEECH_TASKS),
+    "num_quantizers": providers.NUM_QUANTIZERS,
+    "codebook_size": providers.CODEBOOK_SIZE,
+    "frame_rate": providers.FRAME_RATE,
+    "num_examples": counts["examples"],
+    "num_frames": counts["frames"],
+  }
 
 
 def _describe(raw: bytes) -> tuple[str | None, str]:
@@ -448,6 +512,12 @@ def main(argv: list[str] | None = None) -> None:
     default=None,
     help="skip asr clips longer than this (too_long)",
   )
+  parser.add_argument(
+    "--speech_codes",
+    default=None,
+    metavar="CODEC_DIR",
+    help="store codec codes of speech examples (a Mimi directory or a speech-tokenizer workdir)",
+  )
   parser.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)
   summary = prepare(
@@ -457,6 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     source=args.source,
     shard_mb=args.shard_mb,
     max_audio_seconds=args.max_audio_seconds,
+    speech_codes=args.speech_codes,
     progress=not args.no_progress,
   )
   print(json.dumps(summary, indent=2, sort_keys=True))

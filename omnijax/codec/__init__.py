@@ -1,0 +1,1 @@
+"""Speech codec: quality metrics and baseline codecs."""
