@@ -5,6 +5,16 @@ logits = model.logits([[1, 2, 3]])           # float32 numpy (B, S, V)
 model.save_hf("/tmp/export")                  # same writer as `python -m omnijax.export to-hf`
 ids = model.tokenizer.encode("a red cube")    # its tokenizer.json (tokenizer None: none)
 out = model.generate([ids], max_new_tokens=32)  # prompt + new token ids (KV-cache decoding)
+wave = model.code2wav(codes)   # (B, 16, T) codec codes -> float32 (B, 1920 T - 555) at 24 kHz
+
+`code2wav` needs a Code2Wav vocoder: the transformers directory's ``code2wav.*`` tensors (a
+released Qwen3-Omni checkpoint, or `export to-hf --code2wav=CODEC_RUN`) or the workdir's
+code2wav/ (`export from-hf` of such a directory). A speech codec run (experiments/codec.py)
+loads as its speech tokenizer:
+
+tok = omnijax.load("workdirs/codec_tokenizer")  # omnijax.codec.tokenizer.SpeechTokenizer
+codes = tok.encode(waves)                       # (B, N) 24 kHz -> (B, 16, ceil(N / 1920))
+wave = tok.code2wav(codes)
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ from omnijax import decode
 from omnijax.hf import convert, safetensors_io
 from omnijax.processing import media as media_lib
 from omnijax.processing import positions as positions_lib
-from omnijax.models.config import ThinkerConfig
+from omnijax.models.code2wav import Code2Wav
+from omnijax.models.config import Code2WavConfig, ThinkerConfig
 from omnijax.models.decoder import load_balancing_loss
 from omnijax.models.thinker import MODALITIES, Thinker
 from omnijax.train import checkpoint as ckpt_lib
@@ -53,6 +64,16 @@ def _forward(config: ThinkerConfig):
   )
 
 
+CODE2WAV_BUCKET_FRAMES = 12  # code2wav pads T to a multiple of this (fewer compilations)
+
+
+@functools.lru_cache(maxsize=None)
+def _code2wav_forward(config: Code2WavConfig):
+  """The jitted Code2Wav of a config (compiled per padded shape)."""
+  model = Code2Wav(config)
+  return jax.jit(lambda p, codes: model.apply({"params": p}, codes))
+
+
 @functools.lru_cache(maxsize=None)
 def _routing(config: ThinkerConfig):
   """The jitted forward that keeps every MoE layer's expert choices (layers, B, S, k)."""
@@ -72,13 +93,26 @@ def _routing(config: ThinkerConfig):
 
 
 class Model:
-  """A Thinker's config and params with a forward pass jitted once per input shape."""
+  """A Thinker's config and params with a forward pass jitted once per input shape, and
+  optionally a Code2Wav vocoder (`code2wav`)."""
 
-  def __init__(self, config: ThinkerConfig, params: Any, step: int | None = None, tokenizer=None):
+  def __init__(
+    self,
+    config: ThinkerConfig,
+    params: Any,
+    step: int | None = None,
+    tokenizer=None,
+    code2wav: tuple[Code2WavConfig, Any] | None = None,
+  ):
     self.config = config
     self.params = jax.device_put(params)
     self.step = step  # the workdir checkpoint step loaded (None: init_params or transformers)
     self.tokenizer = tokenizer  # a data_pipelines TextTokenizer, or None
+    self.code2wav_config: Code2WavConfig | None = None  # None: no vocoder
+    self.code2wav_params = None
+    if code2wav is not None:
+      self.code2wav_config, params = code2wav
+      self.code2wav_params = jax.device_put(params)
 
   def _run(self, input_ids, positions, multimodal: dict[str, Any]):
     ids, pos, seg, media = self._prepare(input_ids, positions, multimodal)
@@ -223,6 +257,36 @@ class Model:
         counts[layer, m] = np.bincount(picked[layer].ravel(), minlength=c.text.num_experts)
     return counts
 
+  def code2wav(self, codes) -> np.ndarray:
+    """Codec codes (B, num_quantizers, T) of ints (numpy, torch or lists) -> float32 numpy
+    waveform (B, 1920 T - 555) at 24 kHz, as transformers' ``Qwen3OmniMoeCode2Wav`` (its
+    output clamped to [-1, 1]). T is padded to a multiple of CODE2WAV_BUCKET_FRAMES and the
+    samples trimmed (Code2Wav is causal: later frames do not change earlier samples).
+    Raises ValueError for codes of the wrong shape or out of the codebook's range."""
+    from omnijax.codec.providers import check_codes  # pylint: disable=import-outside-toplevel
+
+    cfg = self.code2wav_config
+    if cfg is None:
+      raise RuntimeError(
+        "this model has no Code2Wav vocoder. Load a transformers directory that holds "
+        "code2wav.* tensors (a released Qwen3-Omni checkpoint, or one written by `python -m "
+        "omnijax.export to-hf --workdir=W --out=DIR --code2wav=CODEC_RUN`), or a workdir with "
+        "a code2wav/ (`python -m omnijax.export from-hf` of such a directory); a speech codec "
+        "run (experiments/codec.py) loads with omnijax.load(run_dir) as a tokenizer with "
+        ".code2wav."
+      )
+    codes = check_codes(_as_numpy(codes), cfg.num_quantizers, cfg.codebook_size)
+    if codes.ndim != 3 or not codes.shape[-1]:
+      raise ValueError(
+        f"code2wav takes codes of shape (batch, num_quantizers={cfg.num_quantizers}, frames "
+        f">= 1), got shape {codes.shape}."
+      )
+    t = codes.shape[-1]
+    padded = -(-t // CODE2WAV_BUCKET_FRAMES) * CODE2WAV_BUCKET_FRAMES
+    codes = np.pad(codes, ((0, 0), (0, 0), (0, padded - t)))
+    wave = _code2wav_forward(cfg)(self.code2wav_params, jnp.asarray(codes))
+    return np.asarray(wave, np.float32)[:, : cfg.num_samples(t)]
+
   def save_hf(
     self,
     out_dir: str | Path,
@@ -231,7 +295,11 @@ class Model:
     max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE,
   ) -> list[str]:
     """Writes a transformers checkpoint directory (as `omnijax.export to-hf`), with the
-    tokenizer and processor files when the model has a tokenizer."""
+    tokenizer and processor files when the model has a tokenizer, and the Code2Wav when it
+    has one."""
+    code2wav = None
+    if self.code2wav_config is not None:
+      code2wav = (self.code2wav_config, jax.device_get(self.code2wav_params))
     return convert.save_hf(
       self.config,
       jax.device_get(self.params),
@@ -239,22 +307,33 @@ class Model:
       dtype=dtype,
       max_shard_size=max_shard_size,
       tokenizer=self.tokenizer,
+      code2wav=code2wav,
     )
 
 
-def load(path: str | Path, *, step: int | None = None, dtype: str | None = None) -> Model:
+def load(path: str | Path, *, step: int | None = None, dtype: str | None = None):
   """A Model from an omnijax workdir (model.json + checkpoints/ or init_params/; newest step
   unless `step`) or a transformers directory (config.json + safetensors), with the directory's
-  tokenizer.json as `tokenizer` (None without one). `dtype` overrides the compute dtype (e.g.
-  "float32" to evaluate a run trained in bfloat16)."""
+  tokenizer.json as `tokenizer` (None without one) and its Code2Wav (workdir/code2wav/, or the
+  directory's code2wav.* tensors) for `Model.code2wav`. `dtype` overrides the compute dtype
+  (e.g. "float32" to evaluate a run trained in bfloat16). A speech codec run
+  (experiments/codec.py) gives its `omnijax.codec.tokenizer.SpeechTokenizer` instead."""
+  from omnijax.codec import tokenizer as codec_tokenizer  # pylint: disable=import-outside-toplevel
+
   path = Path(path)
+  if codec_tokenizer.is_codec_run(path):
+    if dtype is not None:
+      raise ValueError(f"{path} is a speech codec run, which takes no dtype=; drop it.")
+    return codec_tokenizer.load_speech_tokenizer(path, step)
   if (path / ckpt_lib.MODEL_JSON).exists():
     cfg = ckpt_lib.read_model_config(path)
     params, step = ckpt_lib.latest_params(path, step)
+    code2wav = ckpt_lib.load_code2wav(path)
   elif convert.is_hf_dir(path):
     if step is not None:
       raise ValueError(f"{path} is a transformers directory, which has no steps; drop step=.")
     cfg, params = convert.load_hf(path)
+    code2wav = convert.load_code2wav_hf(path)
   else:
     raise FileNotFoundError(
       f"{path} is neither an omnijax workdir ({ckpt_lib.MODEL_JSON}) nor a transformers "
@@ -264,7 +343,7 @@ def load(path: str | Path, *, step: int | None = None, dtype: str | None = None)
   if dtype is not None:
     cfg = dataclasses.replace(cfg, impl=dataclasses.replace(cfg.impl, dtype=dtype))
     cfg.validate()
-  return Model(cfg, params, step, ckpt_lib.load_tokenizer(path))
+  return Model(cfg, params, step, ckpt_lib.load_tokenizer(path), code2wav)
 
 
 def _as_numpy(x) -> np.ndarray:

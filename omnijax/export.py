@@ -1,14 +1,18 @@
 """Convert between omnijax workdirs and transformers Qwen3-Omni checkpoints.
 
 python -m omnijax.export to-hf --workdir=W --out=DIR [--step=N] [--dtype=bfloat16]
+                                [--code2wav=CODEC_RUN]
     W's model.json and newest (or step N) checkpoint -> DIR/config.json + safetensors in
     the released layout (sharded above --max_shard_size), loadable with
     `Qwen3OmniMoeForConditionalGeneration.from_pretrained(DIR, enable_audio_output=False)`;
     with W's tokenizer.json, also the tokenizer and processor files (`AutoTokenizer`,
-    `AutoProcessor`; see omnijax/hf/tokenizer_files.py).
+    `AutoProcessor`; see omnijax/hf/tokenizer_files.py). With --code2wav (a codec run of
+    experiments/codec.py, or a directory holding code2wav.json), or when W has a code2wav/,
+    also the Code2Wav vocoder: `code2wav.*` tensors + code2wav_config (transformers'
+    Qwen3OmniMoeCode2Wav; `omnijax.load(DIR).code2wav(codes)` decodes with it).
 python -m omnijax.export from-hf --hf=DIR --workdir=W
     a transformers checkpoint -> W/model.json + W/init_params (+ W/tokenizer.json when DIR
-    has one), from which training starts.
+    has one, + W/code2wav/ when DIR holds code2wav.* tensors), from which training starts.
 """
 
 from __future__ import annotations
@@ -23,6 +27,24 @@ from omnijax.hf.keymap import CheckpointError
 from omnijax.train import checkpoint as ckpt_lib
 
 
+def load_code2wav_source(path: str | Path):
+  """(Code2WavConfig, params) of a codec run (experiments/codec.py), or of a directory laid out
+  as a workdir's code2wav/ (code2wav.json + params) or a workdir holding one."""
+  from omnijax.codec import tokenizer as codec_tokenizer  # pylint: disable=import-outside-toplevel
+
+  path = Path(path)
+  if codec_tokenizer.is_codec_run(path):
+    return codec_tokenizer.load_code2wav(path)
+  found = ckpt_lib.load_code2wav(path)
+  if found is None:
+    raise FileNotFoundError(
+      f"--code2wav {path} is neither a codec run (its {ckpt_lib.MODEL_JSON} has a 'codec' "
+      f"entry; experiments/codec.py) nor a directory with {ckpt_lib.CODE2WAV_JSON} (or "
+      f"{ckpt_lib.CODE2WAV}/{ckpt_lib.CODE2WAV_JSON})."
+    )
+  return found
+
+
 def to_hf(
   workdir: str | Path,
   out: str | Path,
@@ -30,13 +52,18 @@ def to_hf(
   step: int | None = None,
   dtype: str = "float32",
   max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE,
+  code2wav: str | Path | None = None,
 ) -> int | None:
   """Exports a workdir's checkpoint (and its tokenizer, when it has one) to a transformers
-  directory; returns the step exported (None: the workdir's init_params)."""
+  directory, with the Code2Wav of `code2wav` (see `load_code2wav_source`), else of the
+  workdir's code2wav/ when it has one; returns the step exported (None: init_params)."""
   workdir = Path(workdir)
   if not workdir.is_dir():
     raise FileNotFoundError(f"workdir {workdir} does not exist.")
   cfg = ckpt_lib.read_model_config(workdir)
+  vocoder = (
+    load_code2wav_source(code2wav) if code2wav is not None else ckpt_lib.load_code2wav(workdir)
+  )
   params, step = ckpt_lib.latest_params(workdir, step)
   convert.save_hf(
     cfg,
@@ -45,13 +72,14 @@ def to_hf(
     dtype=dtype,
     max_shard_size=max_shard_size,
     tokenizer=ckpt_lib.load_tokenizer(workdir),
+    code2wav=vocoder,
   )
   return step
 
 
 def from_hf(hf_dir: str | Path, workdir: str | Path) -> None:
   """Writes workdir/model.json and workdir/init_params (and workdir/tokenizer.json when hf_dir
-  has one) from a transformers checkpoint."""
+  has one, workdir/code2wav/ when it holds code2wav.* tensors) from a transformers checkpoint."""
   hf_dir, workdir = Path(hf_dir), Path(workdir)
   if not hf_dir.is_dir():
     raise FileNotFoundError(f"--hf directory {hf_dir} does not exist.")
@@ -62,6 +90,7 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> None:
       f"resume from instead of {ckpt_lib.INIT_PARAMS}; use a new workdir."
     )
   cfg, params = convert.load_hf(hf_dir)
+  vocoder = convert.load_code2wav_hf(hf_dir)
   tokenizer = ckpt_lib.load_tokenizer(hf_dir)
   if tokenizer is not None:
     tokenizer_files.check(tokenizer, cfg)
@@ -69,6 +98,8 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> None:
   ckpt_lib.save_params(workdir / ckpt_lib.INIT_PARAMS, params)
   if tokenizer is not None:
     ckpt_lib.save_tokenizer(workdir, tokenizer)
+  if vocoder is not None:
+    ckpt_lib.save_code2wav(workdir, *vocoder)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,6 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     default=safetensors_io.DEFAULT_MAX_SHARD_SIZE,
     help="shard the safetensors above this size (e.g. 500MB; default %(default)s)",
   )
+  p.add_argument(
+    "--code2wav",
+    default=None,
+    help="also export this Code2Wav: a codec run (experiments/codec.py) or a directory with "
+    "code2wav.json (default: the workdir's code2wav/, when it has one)",
+  )
   p = sub.add_parser("from-hf", help="transformers checkpoint directory -> omnijax workdir")
   p.add_argument("--hf", required=True, help="transformers directory (config.json + safetensors)")
   p.add_argument("--workdir", required=True, help="omnijax workdir to create")
@@ -97,10 +134,17 @@ def main(argv: list[str] | None = None) -> None:
   try:
     if args.command == "to-hf":
       step = to_hf(
-        args.workdir, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size
+        args.workdir,
+        args.out,
+        step=args.step,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        code2wav=args.code2wav,
       )
       source = "init_params" if step is None else f"step {step}"
       print(f"exported {args.workdir} ({source}) to {args.out}")
+      if convert.has_code2wav(args.out):
+        print(f"with Code2Wav ({args.code2wav or Path(args.workdir) / ckpt_lib.CODE2WAV})")
       if not (Path(args.workdir) / ckpt_lib.TOKENIZER_JSON).exists():
         print(
           f"note: {args.workdir} has no {ckpt_lib.TOKENIZER_JSON}, so {args.out} has no "
@@ -112,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         f"wrote {Path(args.workdir) / ckpt_lib.MODEL_JSON} and "
         f"{Path(args.workdir) / ckpt_lib.INIT_PARAMS} from {args.hf}"
       )
+      if (Path(args.workdir) / ckpt_lib.CODE2WAV).exists():
+        print(f"wrote {Path(args.workdir) / ckpt_lib.CODE2WAV} (Code2Wav) from {args.hf}")
   except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
     parser.exit(1, f"{parser.prog} {args.command}: error: {e}\n")
 

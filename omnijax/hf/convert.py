@@ -5,10 +5,17 @@ off) and safetensors in the released Hub layout (``thinker.model.layers.N...``, 
 expert; ``thinker.audio_tower.*``; ``thinker.visual.*``), which
 ``Qwen3OmniMoeForConditionalGeneration.from_pretrained`` loads; with a tokenizer, also the
 tokenizer and processor files of ``tokenizer_files`` (``AutoTokenizer``, ``AutoProcessor``).
+
+Optionally it also holds a Code2Wav vocoder: ``code2wav.*`` tensors (transformers'
+``Qwen3OmniMoeCode2Wav``) and ``code2wav_config``. ``enable_audio_output`` stays off while
+omnijax has no Talker, so transformers' from_pretrained skips the code2wav tensors (quietly: no
+unexpected keys reported, transformers 5.23); ``load_code2wav_hf`` and
+``omnijax.load(dir).code2wav`` read them, as they read a released checkpoint's.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,19 +28,27 @@ import numpy as np
 from flax import traverse_util
 
 from omnijax.hf import safetensors_io, tokenizer_files
-from omnijax.hf.hf_config import from_hf_config, to_hf_config
+from omnijax.hf.hf_config import (
+  code2wav_config_from_hf,
+  code2wav_config_to_hf,
+  from_hf_config,
+  to_hf_config,
+)
 from omnijax.hf.keymap import (
+  CODE2WAV_PREFIX,
   THINKER_TEXT,
   CheckpointError,
   KeyMap,
   audio_keymap,
+  code2wav_keymap,
   from_hf,
   iter_to_hf,
   text_keymap,
   vision_keymap,
 )
 from omnijax.processing import media
-from omnijax.models.config import ImplConfig, ThinkerConfig
+from omnijax.models.code2wav import Code2Wav
+from omnijax.models.config import Code2WavConfig, ImplConfig, ThinkerConfig
 from omnijax.models.thinker import Thinker
 
 TOWERS = ("audio_tower", "visual")  # the towers' subtrees of the Thinker params; the rest is text
@@ -62,11 +77,20 @@ def thinker_keymap(cfg: ThinkerConfig) -> KeyMap:
   )
 
 
-def check_params(cfg: ThinkerConfig, params) -> None:
+def abstract_code2wav_params(cfg: Code2WavConfig):
+  """ShapeDtypeStructs (float32) of the released-form Code2Wav's params."""
+  codes = jnp.zeros((1, cfg.num_quantizers, 1), jnp.int32)
+  return jax.eval_shape(
+    lambda: nn.meta.unbox(Code2Wav(cfg).init(jax.random.key(0), codes)["params"])
+  )
+
+
+def check_params(cfg: ThinkerConfig | Code2WavConfig, params) -> None:
   """Raises CheckpointError unless `params` has exactly the leaves and shapes `cfg` implies."""
-  want = {
-    k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_params(cfg), sep="/").items()
-  }
+  abstract = (
+    abstract_code2wav_params(cfg) if isinstance(cfg, Code2WavConfig) else abstract_params(cfg)
+  )
+  want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract, sep="/").items()}
   have = {
     k: tuple(np.shape(v))
     for k, v in traverse_util.flatten_dict(nn.meta.unbox(params), sep="/").items()
@@ -80,16 +104,20 @@ def check_params(cfg: ThinkerConfig, params) -> None:
   ]
   if problems:
     raise CheckpointError(
-      "params do not match the model config: "
+      f"{'Code2Wav ' if isinstance(cfg, Code2WavConfig) else ''}params do not match the model "
+      "config: "
       + "; ".join(problems[:10])
       + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
     )
 
 
-def hf_tensors(cfg: ThinkerConfig, params, dtype: str = "float32") -> Iterator[tuple[str, Any]]:
-  """(transformers key, numpy tensor in `dtype`) of every Thinker tensor, lazily."""
+def hf_tensors(
+  cfg: ThinkerConfig | Code2WavConfig, params, dtype: str = "float32"
+) -> Iterator[tuple[str, Any]]:
+  """(transformers key, numpy tensor in `dtype`) of every Thinker (or Code2Wav) tensor, lazily."""
   np_dtype = EXPORT_DTYPES[dtype]
-  for key, w in iter_to_hf(params, thinker_keymap(cfg)):
+  km = code2wav_keymap(cfg) if isinstance(cfg, Code2WavConfig) else thinker_keymap(cfg)
+  for key, w in iter_to_hf(params, km):
     yield key, w.astype(np_dtype, copy=False)
 
 
@@ -101,20 +129,28 @@ def save_hf(
   dtype: str = "float32",
   max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE,
   tokenizer=None,
+  code2wav: tuple[Code2WavConfig, Any] | None = None,
 ) -> list[str]:
   """Writes config.json + safetensors to out_dir, and the tokenizer and processor files when
-  given a `tokenizer` (a data_pipelines TextTokenizer); returns the safetensors file names."""
+  given a `tokenizer` (a data_pipelines TextTokenizer), and the ``code2wav.*`` tensors and
+  ``code2wav_config`` when given `code2wav` (Code2WavConfig, released-form params); returns the
+  safetensors file names."""
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {list(EXPORT_DTYPES)}.")
   hf_config = to_hf_config(cfg, dtype)  # refuses unexportable configs before writing anything
   check_params(cfg, params)
+  tensors = hf_tensors(cfg, params, dtype)
+  if code2wav is not None:
+    c2w_cfg, c2w_params = code2wav
+    c2w_cfg.validate()
+    check_params(c2w_cfg, c2w_params)
+    hf_config["code2wav_config"] = code2wav_config_to_hf(c2w_cfg)
+    tensors = itertools.chain(tensors, hf_tensors(c2w_cfg, c2w_params, dtype))
   if tokenizer is not None:
     tokenizer_files.check(tokenizer, cfg)
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  files = safetensors_io.write(
-    hf_tensors(cfg, params, dtype), out_dir, safetensors_io.parse_size(max_shard_size)
-  )
+  files = safetensors_io.write(tensors, out_dir, safetensors_io.parse_size(max_shard_size))
   (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
   if tokenizer is not None:
     tokenizer_files.write(out_dir, tokenizer, cfg)
@@ -139,3 +175,27 @@ def load_hf(hf_dir: str | Path, impl: ImplConfig = ImplConfig()) -> tuple[Thinke
   cfg = from_hf_config(json.loads((hf_dir / CONFIG_FILE).read_text()), impl)
   reader = safetensors_io.Reader(hf_dir)
   return cfg, from_hf(reader, abstract_params(cfg), thinker_keymap(cfg))
+
+
+def has_code2wav(hf_dir: str | Path) -> bool:
+  """Whether a transformers checkpoint directory holds ``code2wav.*`` tensors."""
+  keys = safetensors_io.Reader(hf_dir).keys()
+  return any(k.startswith(CODE2WAV_PREFIX + ".") for k in keys)
+
+
+def load_code2wav_hf(hf_dir: str | Path) -> tuple[Code2WavConfig, Any] | None:
+  """(Code2WavConfig, numpy float32 params) of the Code2Wav in a transformers checkpoint
+  directory (an omnijax export with code2wav, or a released Qwen3-Omni checkpoint); None when
+  it holds no ``code2wav.*`` tensors (transformers writes a default code2wav_config into every
+  Qwen3-Omni config.json, so the tensors decide)."""
+  hf_dir = Path(hf_dir)
+  if not has_code2wav(hf_dir):
+    return None
+  d = json.loads((hf_dir / CONFIG_FILE).read_text())
+  if "code2wav_config" not in d:
+    raise CheckpointError(
+      f"{hf_dir} holds {CODE2WAV_PREFIX}.* tensors but its {CONFIG_FILE} has no code2wav_config."
+    )
+  cfg = code2wav_config_from_hf(d["code2wav_config"])
+  reader = safetensors_io.Reader(hf_dir)
+  return cfg, from_hf(reader, abstract_code2wav_params(cfg), code2wav_keymap(cfg))

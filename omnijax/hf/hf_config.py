@@ -1,4 +1,5 @@
-"""ThinkerConfig <-> transformers ``Qwen3OmniMoeConfig`` (config.json) for the released layout.
+"""ThinkerConfig <-> transformers ``Qwen3OmniMoeConfig`` (config.json) for the released layout, and
+Code2WavConfig <-> its ``code2wav_config`` entry (``Qwen3OmniMoeCode2WavConfig``).
 
 Every field transformers reads is written explicitly: its per-class defaults (head_dim,
 norm_topk_prob, rope theta, M-RoPE sections) differ between the Thinker and Talker configs.
@@ -12,6 +13,7 @@ from typing import Any
 from omnijax.errors import ConfigError
 from omnijax.models.config import (
   AudioEncoderConfig,
+  Code2WavConfig,
   ImplConfig,
   TextConfig,
   ThinkerConfig,
@@ -153,4 +155,49 @@ def from_hf_config(d: dict[str, Any], impl: ImplConfig = ImplConfig()) -> Thinke
     **extra,
   )
   cfg.validate()
+  return cfg
+
+
+def code2wav_config_to_hf(cfg: Code2WavConfig) -> dict[str, Any]:
+  """The ``code2wav_config`` entry of a Qwen3-Omni config.json (every field transformers reads;
+  no head_dim: transformers derives hidden_size // num_attention_heads, as omnijax)."""
+  d = dataclasses.asdict(cfg)
+  d.pop("rope_theta")
+  return d | dict(
+    upsample_rates=list(cfg.upsample_rates),
+    upsampling_ratios=list(cfg.upsampling_ratios),
+    rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
+    hidden_act="silu",
+    attention_bias=False,
+    attention_dropout=0.0,
+  )
+
+
+def code2wav_config_from_hf(d: dict[str, Any]) -> Code2WavConfig:
+  """A Code2WavConfig from a ``code2wav_config`` dict (transformers v4 or v5: rope_theta at the
+  top or in rope_parameters; transformers' defaults, the released values, for absent fields).
+  Refuses settings omnijax's Code2Wav does not implement."""
+  rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+  where = "config.json code2wav_config"
+  if rope.get("rope_type", rope.get("type", "default")) != "default":
+    raise ConfigError(f"{where}: rope_type {rope.get('rope_type')!r}; only 'default' is supported.")
+  unsupported = {
+    "hidden_act": (d.get("hidden_act", "silu"), "silu"),
+    "attention_bias": (bool(d.get("attention_bias", False)), False),
+  }
+  for name, (have, want) in unsupported.items():
+    if have != want:
+      raise ConfigError(f"{where}: {name}={have!r}; omnijax's Code2Wav implements {want!r} only.")
+  kwargs = _pick(Code2WavConfig, d)
+  theta = rope.get("rope_theta", d.get("rope_theta"))
+  if theta is not None:
+    kwargs["rope_theta"] = float(theta)
+  cfg = Code2WavConfig(**kwargs)
+  head_dim = d.get("head_dim")
+  if head_dim is not None and head_dim != cfg.head_dim:
+    raise ConfigError(
+      f"{where}: head_dim={head_dim}, but Code2Wav's is hidden_size // num_attention_heads "
+      f"= {cfg.head_dim}."
+    )
+  cfg.validate(where)
   return cfg

@@ -1,7 +1,7 @@
 """omnijax params <-> the released (Hub) Qwen3-Omni safetensors layout: one key-map mechanism.
 
 A part of the model is described by a `KeyMap`, built from the part's config by a short table
-function (`text_keymap`, `audio_keymap`, `vision_keymap`; parts compose with `+` and `under`):
+function (`text_keymap`, `audio_keymap`, `vision_keymap`, `code2wav_keymap`; parts compose with `+` and `under`):
 - an `Entry` maps one omnijax leaf ('/'-joined path) to one transformers key through a
   `Transform` of the registry below, which knows the transformers shape of an omnijax shape and
   converts both ways;
@@ -23,7 +23,13 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
-from omnijax.models.config import AudioEncoderConfig, TextConfig, VisionEncoderConfig
+from omnijax.models.config import (
+  AudioEncoderConfig,
+  Code2WavConfig,
+  TextConfig,
+  VisionEncoderConfig,
+)
+from omnijax.models.code2wav import DILATIONS
 from omnijax.models.vision import layer_segments, segment_name
 
 Array = np.ndarray
@@ -494,3 +500,51 @@ def vision_keymap(cfg: VisionEncoderConfig, prefix: str = VISION_PREFIX) -> KeyM
     for first, count in layer_segments(cfg)
   ]
   return KeyMap([*top, *groups])
+
+
+CODE2WAV_PREFIX = "code2wav"
+
+
+def _conv(ours: str, hf: str, kernel: Transform = CONV1D) -> list[Entry]:
+  """A conv module (`kernel`, `bias`) <-> a torch conv's (weight, bias)."""
+  return [
+    Entry(f"{ours}/kernel", f"{hf}.weight", kernel),
+    Entry(f"{ours}/bias", f"{hf}.bias", COPY),
+  ]
+
+
+def _snake(ours: str, hf: str) -> list[Entry]:
+  return [Entry(f"{ours}/{p}", f"{hf}.{p}", COPY) for p in ("alpha", "beta")]
+
+
+def code2wav_keymap(cfg: Code2WavConfig, prefix: str = CODE2WAV_PREFIX) -> KeyMap:
+  """Code2Wav's params (`omnijax.models.code2wav.Code2Wav`, released form) <-> transformers'
+  ``Qwen3OmniMoeCode2Wav`` keys under `prefix`. Its causal convs wrap a torch conv in ``.conv``;
+  a ConvNeXt upsampler is ``upsample.{i}.{0: transposed conv, 1: ConvNeXt}``; a decoder block is
+  ``decoder.{b}.block.{0: SnakeBeta, 1: transposed conv, 2-4: residual units}``."""
+  top = []
+  for i in range(len(cfg.upsampling_ratios)):
+    ours, hf = f"upsample_{i}", f"{prefix}.upsample.{i}"
+    top += _conv(f"{ours}/conv", f"{hf}.0.conv", CONV1D_TRANSPOSE)
+    top += _conv(f"{ours}/convnext/dwconv", f"{hf}.1.dwconv.conv")
+    top += _norm(f"{ours}/convnext/norm", f"{hf}.1.norm", "weight", COPY)
+    top += _dense(f"{ours}/convnext/pwconv1", f"{hf}.1.pwconv1", bias=COPY)
+    top += _dense(f"{ours}/convnext/pwconv2", f"{hf}.1.pwconv2", bias=COPY)
+    top.append(Entry(f"{ours}/convnext/gamma", f"{hf}.1.gamma", COPY))
+  dec = f"{prefix}.decoder"
+  top += _conv("decoder_0", f"{dec}.0.conv")
+  blocks = len(cfg.upsample_rates)
+  for b in range(1, blocks + 1):
+    block = f"{dec}.{b}.block"
+    top += _snake(f"decoder_{b}/snake", f"{block}.0")
+    top += _conv(f"decoder_{b}/upconv", f"{block}.1.conv", CONV1D_TRANSPOSE)
+    for j in range(len(DILATIONS)):
+      ours, hf = f"decoder_{b}/res_{j}", f"{block}.{j + 2}"
+      top += _snake(f"{ours}/act1", f"{hf}.act1") + _conv(f"{ours}/conv1", f"{hf}.conv1.conv")
+      top += _snake(f"{ours}/act2", f"{hf}.act2") + _conv(f"{ours}/conv2", f"{hf}.conv2.conv")
+  top += _snake(f"decoder_{blocks + 1}", f"{dec}.{blocks + 1}")
+  top += _conv(f"decoder_{blocks + 2}", f"{dec}.{blocks + 2}.conv")
+  pre = decoder_keymap(cfg.transformer(), f"{prefix}.pre_transformer").under("pre_transformer")
+  return (
+    KeyMap([Entry("code_embedding", f"{prefix}.code_embedding.weight", COPY)]) + pre + KeyMap(top)
+  )

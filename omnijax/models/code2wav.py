@@ -17,6 +17,7 @@ architecture Code2Wav.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -171,6 +172,10 @@ class Code2WavStreamer:
   pre-transformer output, which makes their samples exact. Each ``push`` of n frames returns the
   samples that no later frame can change: after F frames, samples [0, 1920 F - 555) in all, so
   the concatenated pushes equal ``Code2Wav(codes)`` for the same frames.
+
+  The conv window is right-padded to a fixed conv_context_frames + chunk_frames frames (the
+  convs are causal, so padding after the last frame changes no sample kept): one compilation of
+  the conv stack per config and chunk size, shared by all streamers of that config.
   """
 
   def __init__(
@@ -192,17 +197,7 @@ class Code2WavStreamer:
     self.hidden = jnp.zeros((batch, 0, cfg.hidden_size), dtype_of(impl.dtype))
     self.frames = 0  # frames pushed so far
     self.emitted = 0  # samples returned so far
-    self._step = jax.jit(self._transform_step, static_argnums=())
-    self._synth = jax.jit(lambda p, h: self.model.apply({"params": p}, h, method="synthesize"))
-
-  def _transform_step(self, params, codes, cache, first):
-    n = codes.shape[-1]
-    cache = _shift_cache(cache, n)
-
-    def run(m):
-      return m.transform(m.embed(codes), cache, first)
-
-    return self.model.apply({"params": params}, method=run)
+    self._step, self._synth = _streamer_fns(cfg, impl)
 
   def push(self, codes) -> np.ndarray:
     """codes (B, Q, n), 1 <= n <= chunk_frames -> the newly final samples (B, m) float32."""
@@ -215,13 +210,34 @@ class Code2WavStreamer:
     self.frames += n
     context = self.hidden[:, -self.conv_context :] if self.conv_context else self.hidden[:, :0]
     first = start - context.shape[1]  # frame of the synthesized chunk's first sample
-    wave = self._synth(self.params, jnp.concatenate([context, hidden], axis=1))
-    self.hidden = jnp.concatenate([context, hidden], axis=1)[:, -self.conv_context :]
+    window = jnp.concatenate([context, hidden], axis=1)
+    width = self.conv_context + self.chunk
+    padded = jnp.pad(window, ((0, 0), (0, width - window.shape[1]), (0, 0)))
+    wave = self._synth(self.params, padded)
+    self.hidden = window[:, max(0, window.shape[1] - self.conv_context) :]
     end = self.cfg.num_samples(self.frames)
-    out = np.asarray(wave[:, self.emitted - first * self.cfg.total_upsample :])
+    offset = first * self.cfg.total_upsample
+    out = np.asarray(wave[:, self.emitted - offset : end - offset])
     assert out.shape[1] == end - self.emitted, (out.shape, end, self.emitted)
     self.emitted = end
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _streamer_fns(cfg: Code2WavConfig, impl: ImplConfig):
+  """The streamer's jitted (transform step, synthesize) of a config, shared by its streamers."""
+  model = Code2Wav(cfg, impl)
+
+  def step(params, codes, cache, first):
+    cache = _shift_cache(cache, codes.shape[-1])
+
+    def run(m):
+      return m.transform(m.embed(codes), cache, first)
+
+    return model.apply({"params": params}, method=run)
+
+  synth = jax.jit(lambda p, h: model.apply({"params": p}, h, method="synthesize"))
+  return jax.jit(step), synth
 
 
 def _shift_cache(cache, n: int):

@@ -7,6 +7,8 @@ Layout of a workdir:
   checkpoints/<step>/state    TrainState {step, params, opt_state}
   checkpoints/<step>/data     the Grain iterator state (when training from a pipeline)
   init_params/                params that initialise a fresh run (`export from-hf` writes it)
+  code2wav/                   code2wav.json + params/: a Code2Wav vocoder (`export from-hf` of a
+                              checkpoint with code2wav.* tensors), exported back by `to-hf`
   tensorboard/                TensorBoard event files
 Restoring onto abstract arrays with shardings reshards, so a checkpoint saved on one mesh
 restores onto another.
@@ -23,12 +25,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from omnijax.models.config import ThinkerConfig
+from omnijax.models.config import Code2WavConfig, ThinkerConfig
 
 CHECKPOINTS = "checkpoints"
 INIT_PARAMS = "init_params"
 MODEL_JSON = "model.json"
 TOKENIZER_JSON = "tokenizer.json"
+CODE2WAV = "code2wav"
+CODE2WAV_JSON = "code2wav.json"
 
 
 class Checkpointer:
@@ -141,6 +145,28 @@ def latest_params(
   )
 
 
+def restore_host(workdir: str | Path, names: tuple[str, ...], step: int | None = None):
+  """({name: numpy tree} of the named entries of a checkpoint's state, step): the newest or
+  given step, without building the model (other entries are not read)."""
+  workdir = Path(workdir).absolute()
+  steps = checkpoint_steps(workdir)
+  if not steps or (step is not None and step not in steps):
+    raise FileNotFoundError(
+      f"{workdir / CHECKPOINTS} holds no checkpoint{f' of step {step}' if step else ''} "
+      f"(steps: {steps}); train there first."
+    )
+  step = steps[-1] if step is None else step
+  with ocp.PyTreeCheckpointer() as ckpt:
+    path = workdir / CHECKPOINTS / str(step) / "state"
+    tree = ckpt.metadata(path).item_metadata.tree
+    item = {n: tree[n] for n in names}
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    state = ckpt.restore(
+      path, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+    )
+  return {n: state[n] for n in names}, step
+
+
 def write_model_config(workdir: str | Path, cfg: ThinkerConfig) -> None:
   path = Path(workdir) / MODEL_JSON
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,3 +191,23 @@ def load_tokenizer(workdir: str | Path):
 
   path = Path(workdir) / TOKENIZER_JSON
   return tok_lib.load_tokenizer(path) if path.exists() else None
+
+
+def save_code2wav(workdir: str | Path, cfg: Code2WavConfig, params) -> None:
+  """Keeps a Code2Wav vocoder (released-form params) in workdir/code2wav/."""
+  path = Path(workdir) / CODE2WAV
+  path.mkdir(parents=True, exist_ok=True)
+  (path / CODE2WAV_JSON).write_text(json.dumps(cfg.to_dict(), indent=2))
+  save_params(path / "params", params)
+
+
+def load_code2wav(workdir: str | Path) -> tuple[Code2WavConfig, Any] | None:
+  """(Code2WavConfig, numpy params) of workdir/code2wav/ (or of a directory laid out as it),
+  None when there is none."""
+  path = Path(workdir)
+  if not (path / CODE2WAV_JSON).exists():
+    path = path / CODE2WAV
+  if not (path / CODE2WAV_JSON).exists():
+    return None
+  cfg = Code2WavConfig.from_dict(json.loads((path / CODE2WAV_JSON).read_text()))
+  return cfg, restore_params(path / "params")
