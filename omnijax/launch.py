@@ -176,7 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     from omnijax.train import trainer
 
     workdir = FLAGS.workdir or default_workdir(exp)
-    if FLAGS.mode == "eval":
+    if FLAGS.config.get("task") == "codec":
+      from omnijax.codec import train as codec_train
+
+      if FLAGS.mode == "eval":
+        raise ConfigError("--mode=eval: evaluate a codec run with benchmarks/codec.py.")
+      codec_train.train(FLAGS.config, workdir)
+    elif FLAGS.mode == "eval":
       trainer.evaluate_workdir(workdir, FLAGS.config, FLAGS.step)
     else:
       trainer.train(FLAGS.config, workdir)

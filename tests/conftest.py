@@ -1,8 +1,32 @@
 """Every test process sees 8 CPU devices, so sharded code is checked against one device."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests that train several runs of one model reuse its compiled programs across runs.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="omnijax-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def local_speech_dir(tmp_path_factory):
+  """The asr records of a 24-fact local media corpus."""
+  from tests import helpers
+
+  return helpers.local_speech(tmp_path_factory.mktemp("speech"))
+
+
+@pytest.fixture(scope="session")
+def codec_run(local_speech_dir, tmp_path_factory):
+  """(workdir, metrics rows) of a tiny speech-tokenizer run: 4 steps on one device, adversarial
+  from step 2."""
+  from tests import helpers
+
+  workdir = tmp_path_factory.mktemp("codec") / "tokenizer"
+  return workdir, helpers.run_codec(workdir, local_speech_dir, steps=4, num_devices=1)

@@ -42,3 +42,68 @@ def tiny_config(corpus: Path, *, steps: int, seq_len: int = 64, batch: int = 8):
   c.optim.learning_rate = 3e-3
   c.optim.warmup_steps = 2
   return c
+
+
+def write_records(path: Path, split: str, examples) -> Path:
+  records.write_shards(examples, path, split, num_shards=1)
+  return path
+
+
+def local_speech(root: Path) -> Path:
+  """The asr records (train and validation) of a 24-fact local media corpus."""
+  from data_pipelines import local_media_corpus  # pylint: disable=import-outside-toplevel
+
+  return Path(local_media_corpus.build_local_media_corpus(root / "media", num_facts=24)) / "asr"
+
+
+def tiny_codec_model(**over) -> dict:
+  """A codec config with the released frame layout (hop 1920, 16 x 2048 codes) and tiny widths."""
+  m = dict(
+    code2wav=dict(
+      hidden_size=32,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      num_key_value_heads=2,
+      intermediate_size=64,
+      decoder_dim=32,
+    ),
+    codebook_dim=8,
+    encoder_channels=4,
+    encoder_hidden=32,
+    encoder_layers=1,
+    encoder_heads=2,
+    encoder_intermediate=64,
+  )
+  m.update(over)
+  return m
+
+
+def codec_config(workdir: Path, speech: Path, *, steps: int, num_devices: int, **arg):
+  from experiments import codec  # pylint: disable=import-outside-toplevel
+
+  spec = ",".join(f"{k}={v}" for k, v in arg.items())
+  c = codec.get_config(spec or None)
+  c.model.update(tiny_codec_model())
+  c.data.update(path=str(speech), batch_size=8, segment_samples=3840, eval_clips=2)
+  c.disc.update(periods=(2, 3), period_channels=(4, 8), stft_sizes=(256, 128), stft_channels=4)
+  c.train.update(
+    total_steps=steps,
+    adversarial_start=1,
+    log_every=1,
+    eval_every=1000,
+    checkpoint_every=1,
+    num_devices=num_devices,
+  )
+  return c
+
+
+def run_codec(workdir: Path, speech: Path, *, steps: int, num_devices: int, **arg) -> list[dict]:
+  """Trains (or resumes) a tiny codec run; returns its metrics.jsonl rows with a loss."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  from omnijax.codec import train as codec_train  # pylint: disable=import-outside-toplevel
+
+  c = codec_config(workdir, speech, steps=steps, num_devices=num_devices, **arg)
+  codec_train.train(c, workdir)
+  rows = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return [r for r in rows if "loss" in r]

@@ -2,7 +2,6 @@
 MimiModel), the ``speech_codes`` op (resampling, skips), ``check_codes``, and codes stored
 by ``data_pipelines.prepare``. A tiny randomly initialised Mimi stands in for kyutai/mimi."""
 
-import importlib
 import io
 import json
 import math
@@ -158,20 +157,8 @@ def test_codec_run_dispatches_to_load_speech_tokenizer(tmp_path, monkeypatch):
     providers.load_code_provider(tmp_path)
 
 
-def _tiny_codec_run(tmp_path, tokenizer):
-  """A small omnijax speech-tokenizer workdir (fill in with the codec experiment's writer)."""
-  del tmp_path, tokenizer
-  pytest.skip("TODO: write a tiny speech-tokenizer workdir with omnijax.codec's training code")
-
-
-def test_omnijax_speech_tokenizer_provider(tmp_path):
-  try:
-    tokenizer = importlib.import_module("omnijax.codec.tokenizer")
-  except ImportError:
-    pytest.skip("omnijax.codec.tokenizer does not exist yet")
-  if not hasattr(tokenizer, "load_speech_tokenizer"):
-    pytest.skip("omnijax.codec.tokenizer has no load_speech_tokenizer yet")
-  workdir = _tiny_codec_run(tmp_path, tokenizer)
+def test_omnijax_speech_tokenizer_provider(codec_run):
+  workdir = codec_run[0]
   provider = providers.load_code_provider(workdir)
   assert isinstance(provider, providers.CodeProvider)
   waves = np.random.default_rng(0).standard_normal((2, 5000)).astype(np.float32) * 0.1

@@ -81,8 +81,15 @@ class Interval:
 class MetricWriter:
   """Writes scalars from process 0 only; every process may call it."""
 
-  def __init__(self, workdir: str | Path, total_steps: int, first_step: int = 0):
+  def __init__(
+    self,
+    workdir: str | Path,
+    total_steps: int,
+    first_step: int = 0,
+    console_keys: tuple[str, ...] = CONSOLE_KEYS,
+  ):
     self.enabled = jax.process_index() == 0
+    self.console_keys = console_keys
     self.console = Console(stderr=True)
     if not self.enabled:
       return
@@ -109,7 +116,7 @@ class MetricWriter:
     self.tb.flush()
     self.jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
     self.jsonl.flush()
-    shown = " ".join(f"{k}={_fmt(scalars[k])}" for k in CONSOLE_KEYS if k in scalars)
+    shown = " ".join(f"{k}={_fmt(scalars[k])}" for k in self.console_keys if k in scalars)
     self.progress.update(self.task, completed=step, info=f"loss={_fmt(scalars.get('loss', 0))}")
     self.progress.console.print(f"step {step}: {shown}", soft_wrap=True)
 

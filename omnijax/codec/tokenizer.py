@@ -1,0 +1,132 @@
+"""A trained speech tokenizer run as an object: waveform -> codes -> waveform.
+
+    tok = load_speech_tokenizer("workdirs/codec_tokenizer")   # or a stage=vocoder run
+    codes = tok.encode(waves)        # (B, N) float32 at 24 kHz -> (B, 16, ceil(N / 1920)) int32
+    waves = tok.code2wav(codes)      # (B, 16, T) -> (B, 1920 T - 555) float32
+
+A run's ``model.json`` is {"codec": CodecConfig, "stage": ..., "tokenizer": the tokenizer run
+a vocoder run reads codes from}. The encoder and codebooks come from the tokenizer run; the
+decoder is the released-architecture Code2Wav: a vocoder run's generator, or a tokenizer run's
+decoder with its codebooks folded into ``code_embedding``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from omnijax.codec.model import CodecConfig, Encoder, encode_codes, export_code2wav
+from omnijax.models.code2wav import Code2Wav
+from omnijax.train import checkpoint as ckpt_lib
+
+RUN_JSON = ckpt_lib.MODEL_JSON
+BUCKET_FRAMES = 12  # encode/decode lengths are padded to multiples of this (fewer compilations)
+
+
+def write_run_config(workdir, cfg: CodecConfig, stage: str, tokenizer: str | None) -> None:
+  tokenizer = str(Path(tokenizer).absolute()) if tokenizer else None
+  (Path(workdir) / RUN_JSON).write_text(
+    json.dumps(dict(codec=cfg.to_dict(), stage=stage, tokenizer=tokenizer), indent=2)
+  )
+
+
+def is_codec_run(path) -> bool:
+  p = Path(path) / RUN_JSON
+  return p.exists() and "codec" in json.loads(p.read_text())
+
+
+def read_run_config(workdir) -> tuple[CodecConfig, str, str | None]:
+  path = Path(workdir) / RUN_JSON
+  if not is_codec_run(workdir):
+    raise FileNotFoundError(f"{path} is not an omnijax codec run (experiments/codec.py).")
+  d = json.loads(path.read_text())
+  return CodecConfig.from_dict(d["codec"]), d["stage"], d.get("tokenizer")
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(cfg: CodecConfig):
+  encoder, code2wav = Encoder(cfg), Code2Wav(cfg.code2wav, cfg.impl)
+  encode = jax.jit(lambda p, e, w: encode_codes(encoder.apply({"params": p}, w), e))
+  decode = jax.jit(lambda p, c: code2wav.apply({"params": p}, c))
+  return encode, decode
+
+
+class SpeechTokenizer:
+  """Encoder params, codebooks (Q, K, d) and released-architecture Code2Wav params."""
+
+  def __init__(self, cfg: CodecConfig, encoder, codebooks, code2wav, step: int | None = None):
+    self.cfg, self.step = cfg, step
+    self.encoder_params = jax.device_put(encoder)
+    self.codebooks = jnp.asarray(codebooks)
+    self.code2wav_params_ = jax.device_put(code2wav)
+    self.sample_rate = cfg.sample_rate
+    self.frame_rate = cfg.frame_rate
+    self.num_quantizers = cfg.num_quantizers
+    self.codebook_size = cfg.codebook_size
+
+  @classmethod
+  def from_state(cls, cfg: CodecConfig, state, stage: str, frozen=None, step=None):
+    """The tokenizer of a training state (see omnijax.codec.train); `frozen`: the tokenizer a
+    vocoder run reads codes from."""
+    if stage == "tokenizer":
+      books = state["books"]
+      c2w = export_code2wav(cfg, state["gen"], books)
+      return cls(cfg, state["gen"]["encoder"], books["embed"], c2w, step)
+    return cls(cfg, frozen.encoder_params, frozen.codebooks, state["gen"], step)
+
+  def code2wav_params(self):
+    return self.code2wav_params_
+
+  def encode_jax(self, wave: jax.Array) -> jax.Array:
+    """Traceable: wave (B, N), N a multiple of the hop -> codes (B, Q, N / hop)."""
+    latent = Encoder(self.cfg).apply({"params": self.encoder_params}, wave)
+    return encode_codes(latent, self.codebooks)
+
+  def encode(self, waves) -> np.ndarray:
+    """(B, N) float32 at sample_rate -> codes (B, Q, ceil(N / hop)) int32 (the last frame is
+    zero-padded)."""
+    waves = np.asarray(waves, np.float32)
+    if waves.ndim != 2:
+      raise ValueError(f"encode takes waveforms (B, N), got shape {waves.shape}.")
+    hop = self.cfg.hop
+    frames = -(-waves.shape[1] // hop)
+    padded = -(-frames // BUCKET_FRAMES) * BUCKET_FRAMES
+    waves = np.pad(waves, ((0, 0), (0, padded * hop - waves.shape[1])))
+    codes = _jitted(self.cfg)[0](self.encoder_params, self.codebooks, waves)
+    return np.asarray(codes)[..., :frames]
+
+  def code2wav(self, codes) -> np.ndarray:
+    """codes (B, Q, T) -> float32 waveform (B, 1920 T - 555), as transformers' Code2Wav."""
+    from omnijax.codec.providers import check_codes  # pylint: disable=import-outside-toplevel
+
+    codes = np.asarray(codes)
+    check_codes(codes, self.num_quantizers, self.codebook_size)
+    t = codes.shape[-1]
+    padded = -(-t // BUCKET_FRAMES) * BUCKET_FRAMES
+    codes = np.pad(codes, ((0, 0), (0, 0), (0, padded - t)))
+    wave = _jitted(self.cfg)[1](self.code2wav_params_, jnp.asarray(codes, jnp.int32))
+    return np.asarray(wave)[:, : self.cfg.code2wav.num_samples(t)]
+
+  decode = code2wav
+
+
+def load_speech_tokenizer(path, step: int | None = None) -> SpeechTokenizer:
+  """The tokenizer of a codec run (its newest or `step` checkpoint)."""
+  cfg, stage, tokenizer_run = read_run_config(path)
+  if stage == "tokenizer":
+    state, step = ckpt_lib.restore_host(path, ("gen", "books"), step)
+    return SpeechTokenizer.from_state(cfg, state, stage, None, step)
+  frozen = load_speech_tokenizer(tokenizer_run)
+  state, step = ckpt_lib.restore_host(path, ("gen",), step)
+  return SpeechTokenizer.from_state(cfg, state, stage, frozen).with_step(step)
+
+
+def load_code2wav(path, step: int | None = None):
+  """(Code2WavConfig, released-layout Code2Wav params) of a codec run."""
+  tok = load_speech_tokenizer(path, step)
+  return tok.cfg.code2wav, jax.device_get(tok.code2wav_params())
