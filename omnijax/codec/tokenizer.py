@@ -123,7 +123,7 @@ def load_speech_tokenizer(path, step: int | None = None) -> SpeechTokenizer:
     return SpeechTokenizer.from_state(cfg, state, stage, None, step)
   frozen = load_speech_tokenizer(tokenizer_run)
   state, step = ckpt_lib.restore_host(path, ("gen",), step)
-  return SpeechTokenizer.from_state(cfg, state, stage, frozen).with_step(step)
+  return SpeechTokenizer.from_state(cfg, state, stage, frozen, step)
 
 
 def load_code2wav(path, step: int | None = None):
