@@ -86,9 +86,12 @@ def main(argv=None):
   if args.vocoder:
     codecs = {"codec (vocoder)": tokenizer_lib.load_speech_tokenizer(args.vocoder), **codecs}
   rng = jax.random.key(config["train"]["seed"])
-  init = SpeechCodec(cfg).init(
-    rng, np.zeros((1, cfg.hop), np.float32), init_codebooks(cfg, rng)["embed"], np.ones((1,), int)
-  )["params"]
+  books = init_codebooks(cfg, rng)["embed"]
+  init = jax.jit(
+    lambda r: SpeechCodec(cfg).init(
+      r, np.zeros((1, cfg.hop), np.float32), books, np.ones((1,), int)
+    )
+  )(rng)["params"]
   untrained = tokenizer_lib.SpeechTokenizer(
     cfg,
     tok.encoder_params,

@@ -107,3 +107,28 @@ def run_codec(workdir: Path, speech: Path, *, steps: int, num_devices: int, **ar
   codec_train.train(c, workdir)
   rows = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
   return [r for r in rows if "loss" in r]
+
+
+def random_params(abstract, seed: int = 0, gain: float = 1.0):
+  """Host-drawn random params shaped like `abstract` (a tree of ShapeDtypeStructs, e.g. from
+  jax.eval_shape(module.init, ...)), scaled so random-weight outputs are O(1) rather than ~0:
+  kernels N(0, gain^2 / fan_in) (fan_in: all dims but the last), norm weights and layer scales
+  1 + N(0, 0.1^2), ConvNeXt gammas 0.5, everything else (biases, SnakeBeta alpha / beta)
+  N(0, 0.1^2). Drawing on the host avoids compiling the model's initialisers."""
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(seed)
+  flat = traverse_util.flatten_dict(abstract, sep="/")
+  out = {}
+  for path, leaf in flat.items():
+    shape, name = tuple(leaf.shape), path.rsplit("/", 1)[-1]
+    if len(shape) >= 2:
+      value = gain * rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+    elif "norm" in path or name == "scale":
+      value = 1 + 0.1 * rng.standard_normal(shape)
+    elif name == "gamma":
+      value = np.full(shape, 0.5)
+    else:
+      value = 0.1 * rng.standard_normal(shape)
+    out[path] = value.astype(leaf.dtype)
+  return traverse_util.unflatten_dict(out, sep="/")

@@ -157,6 +157,7 @@ def test_codec_run_dispatches_to_load_speech_tokenizer(tmp_path, monkeypatch):
     providers.load_code_provider(tmp_path)
 
 
+@pytest.mark.slow  # trains the tiny codec run
 def test_omnijax_speech_tokenizer_provider(codec_run):
   workdir = codec_run[0]
   provider = providers.load_code_provider(workdir)

@@ -54,6 +54,7 @@ class CodecConfig:
   # step (0.1 with decay 0.99: unused for about 70 steps after one hit at 2048 entries).
   dead_code_threshold: float = 0.1
   quantizer_dropout: float = 0.5  # share of examples decoded from the first n ~ U{1..Q} codes
+  quantize_rate: float = 0.5  # share of examples quantised at all in training (Mimi: 0.5)
   impl: ImplConfig = ImplConfig()
 
   @property
@@ -102,8 +103,10 @@ class CodecConfig:
       )
     if self.encoder_hidden % self.encoder_heads:
       raise ConfigError(f"{where}.encoder_hidden must be a multiple of encoder_heads.")
-    if not 0 <= self.quantizer_dropout <= 1 or not 0 < self.ema_decay < 1:
-      raise ConfigError(f"{where}: quantizer_dropout in [0, 1] and ema_decay in (0, 1).")
+    if not (0 <= self.quantizer_dropout <= 1 and 0 < self.quantize_rate <= 1):
+      raise ConfigError(f"{where}: quantizer_dropout must be in [0, 1], quantize_rate in (0, 1].")
+    if not 0 < self.ema_decay < 1:
+      raise ConfigError(f"{where}.ema_decay must be in (0, 1).")
     self.transformer().validate(f"{where} (encoder transformer)")
 
   @classmethod
@@ -151,7 +154,10 @@ class Encoder(nn.Module):
       x, pos, jnp.ones((b, t), jnp.int32)
     )
     x = CausalConv1d(cfg.encoder_hidden, 4, stride=2, name="downsample")(x)
-    return Dense((cfg.encoder_hidden,), (cfg.codebook_dim,), (None, None), name="proj")(x)
+    z = Dense((cfg.encoder_hidden,), (cfg.codebook_dim,), (None, None), name="proj")(x)
+    # Unit RMS per frame: the latent cannot shrink towards its codebooks (commitment) until
+    # every frame quantises to one entry.
+    return z * jax.lax.rsqrt(jnp.mean(jnp.square(z), -1, keepdims=True) + 1e-6)
 
 
 class SpeechCodec(nn.Module):
@@ -163,12 +169,15 @@ class SpeechCodec(nn.Module):
     self.encoder = Encoder(self.cfg)
     self.decoder = Code2Wav(self.cfg.code2wav, self.cfg.impl, latent_dim=self.cfg.codebook_dim)
 
-  def __call__(self, wave, embed, n_active):
+  def __call__(self, wave, embed, n_active, bypass=None):
     """Training forward: wave (B, N) -> (reconstruction (B, N - trim), commitment loss,
-    aux {codes (B, Q, T), residuals (Q, B, T, d), active (Q, B)})."""
+    aux {codes (B, Q, T), residuals (Q, B, T, d), active (Q, B)}). Examples with `bypass` (B,)
+    set are decoded from the unquantised latent (Mimi's quantization rate)."""
     z = self.encode_latent(wave)
     zq, codes, residuals, active, commit = quantize(z, embed, n_active)
     zq = z + jax.lax.stop_gradient(zq - z)  # straight-through
+    if bypass is not None:
+      zq = jnp.where(bypass[:, None, None], z, zq)
     return (
       self.decoder.from_latent(zq),
       commit,

@@ -157,7 +157,8 @@ def train(config, workdir) -> dict:
       q = cfg.num_quantizers
       drop = jax.random.bernoulli(rng, cfg.quantizer_dropout, (wave.shape[0],))
       n = jnp.where(drop, jax.random.randint(jax.random.fold_in(rng, 1), drop.shape, 1, q + 1), q)
-      recon, commit, aux = gen.apply({"params": gen_params}, wave, books["embed"], n)
+      bypass = ~jax.random.bernoulli(jax.random.fold_in(rng, 2), cfg.quantize_rate, drop.shape)
+      recon, commit, aux = gen.apply({"params": gen_params}, wave, books["embed"], n, bypass)
       return (recon, commit), aux
     codes = jax.lax.stop_gradient(frozen.encode_jax(wave))
     return (gen.apply({"params": gen_params}, codes), jnp.zeros(())), {"codes": codes}

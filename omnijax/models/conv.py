@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omnijax.models.layers import INIT_STD, Dense, LayerNorm, logical_param
+from omnijax.models.layers import Dense, LayerNorm, logical_param
 
 
 def _param(module, name, shape, init, param_dtype):
@@ -37,7 +37,7 @@ class CausalConv1d(nn.Module):
       self,
       "kernel",
       (k, cin // self.groups, self.features),
-      nn.initializers.normal(INIT_STD),
+      nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
       self.param_dtype,
     )
     bias = _param(self, "bias", (self.features,), nn.initializers.zeros, self.param_dtype)
@@ -72,13 +72,11 @@ class CausalConvTranspose1d(nn.Module):
     k, s = self.kernel_size, self.stride
     if k % s or k // s not in (1, 2):
       raise ValueError(f"CausalConvTranspose1d: kernel {k} must be stride {s} or twice it.")
-    kernel = _param(
-      self,
-      "kernel",
-      (k, x.shape[-1], self.features),
-      nn.initializers.normal(INIT_STD),
-      self.param_dtype,
+    # each output sample sums k / s taps over C_in channels
+    init = nn.initializers.variance_scaling(
+      s, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2
     )
+    kernel = _param(self, "kernel", (k, x.shape[-1], self.features), init, self.param_dtype)
     bias = _param(self, "bias", (self.features,), nn.initializers.zeros, self.param_dtype)
     b, length = x.shape[:2]
     taps = jnp.einsum("bli,kio->blko", x, kernel.astype(x.dtype))  # (B, L, k, out)
