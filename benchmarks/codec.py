@@ -95,8 +95,8 @@ def main(argv=None):
   untrained = tokenizer_lib.SpeechTokenizer(
     cfg,
     tok.encoder_params,
-    tok.codebooks,
-    export_code2wav(cfg, init, {"embed": tok.codebooks}),
+    tok.books,
+    export_code2wav(cfg, init, tok.books),
   )
 
   def via(codec):

@@ -50,12 +50,22 @@ def test_quantize_is_residual_nearest_neighbour_with_dropout():
 def test_ema_update_moves_used_entries_and_restarts_dead_ones():
   q, k, d = 2, 8, 2
   books = dict(
-    embed=jnp.zeros((q, k, d)), cluster_size=jnp.ones((q, k)) * 10, embed_sum=jnp.zeros((q, k, d))
+    embed=jnp.zeros((q, k, d)),
+    cluster_size=jnp.ones((q, k)) * 10,
+    embed_sum=jnp.zeros((q, k, d)),
+    latent_mean=jnp.zeros((d,)),
+    latent_var=jnp.ones((d,)),
   )
   books["cluster_size"] = books["cluster_size"].at[:, 7].set(0.0)  # entry 7 is dead
   res = jnp.ones((q, 1, 4, d)) * jnp.arange(1, 5, dtype=jnp.float32)[None, None, :, None]
   codes = jnp.zeros((1, q, 4), jnp.int32)  # every vector goes to entry 0
-  aux = dict(residuals=res, codes=codes, active=jnp.ones((q, 1), bool))
+  aux = dict(
+    residuals=res,
+    codes=codes,
+    active=jnp.ones((q, 1), bool),
+    latent_mean=jnp.full((d,), 2.0),
+    latent_var=jnp.full((d,), 3.0),
+  )
   new, stats = codec_model.ema_update(books, aux, jax.random.key(0), decay=0.5, threshold=0.1)
   # entry 0: size 0.5 * 10 + 0.5 * 4 = 7, sum 0.5 * 0 + 0.5 * (1 + 2 + 3 + 4) = 5 per dim
   smoothed_total = float(new["cluster_size"][0].sum())
@@ -65,6 +75,8 @@ def test_ema_update_moves_used_entries_and_restarts_dead_ones():
   assert float(new["embed"][0, 7, 0]) in (1.0, 2.0, 3.0, 4.0)
   assert new["cluster_size"][0, 7] == pytest.approx(4 / k)
   assert float(stats["dead_codes"]) == 1.0 and smoothed_total > 0
+  np.testing.assert_allclose(new["latent_mean"], 1.0)  # EMA of the latent's batch statistics
+  np.testing.assert_allclose(new["latent_var"], 2.0)
 
 
 def _tiny_codec(**over) -> codec_model.CodecConfig:

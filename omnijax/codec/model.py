@@ -2,7 +2,7 @@
 
     wave (B, N) -> SEANet-style causal conv encoder (strides 4, 5, 6, 8: 25 frames/s)
       -> sliding-window transformer -> stride-2 causal conv (12.5 frames/s) -> projection
-      -> residual VQ: 16 codebooks of 2048 entries (EMA updates, dead-code restarts,
+      -> per-dimension standardisation -> residual VQ: 16 codebooks of 2048 entries (EMA updates, dead-code restarts,
          quantizer dropout) -> codes (B, 16, T)
     codes -> sum of codebook vectors -> Code2Wav (codec-training form: ``latent_proj``)
 
@@ -13,8 +13,10 @@ codebooks and projection into ``code_embedding`` exactly, and the vocoder stage
 (``experiments/codec.py:stage=vocoder``) fine-tunes that Code2Wav on (codes, waveform) pairs.
 The Talker's targets (codes of this encoder) and the vocoder therefore agree by construction.
 
-The codebooks are not parameters: they live in a ``codebooks`` state
-{embed (Q, K, d), cluster_size (Q, K), embed_sum (Q, K, d)} updated by ``ema_update``.
+The codebooks are not parameters: they live in a ``codebooks`` state {embed (Q, K, d),
+cluster_size (Q, K), embed_sum (Q, K, d), latent_mean (d,), latent_var (d,)} updated by
+``ema_update`` (the latent is standardised per dimension before quantisation: see
+``normalize_latent``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from omnijax.models.code2wav import Code2Wav, fold_latent_proj
 from omnijax.models.config import Code2WavConfig, ImplConfig, TextConfig, _build, _to_dict
 from omnijax.models.conv import CausalConv1d
 from omnijax.models.decoder import Decoder
-from omnijax.models.layers import Dense
+from omnijax.models.layers import INIT_STD, Dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +132,7 @@ class EncoderResidual(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     y = CausalConv1d(c // 2, 3, name="conv1")(jax.nn.elu(x))
-    y = CausalConv1d(c, 1, name="conv2")(jax.nn.elu(y))
+    y = CausalConv1d(c, 1, init_std=INIT_STD, name="conv2")(jax.nn.elu(y))
     return x + y
 
 
@@ -154,10 +156,7 @@ class Encoder(nn.Module):
       x, pos, jnp.ones((b, t), jnp.int32)
     )
     x = CausalConv1d(cfg.encoder_hidden, 4, stride=2, name="downsample")(x)
-    z = Dense((cfg.encoder_hidden,), (cfg.codebook_dim,), (None, None), name="proj")(x)
-    # Unit RMS per frame: the latent cannot shrink towards its codebooks (commitment) until
-    # every frame quantises to one entry.
-    return z * jax.lax.rsqrt(jnp.mean(jnp.square(z), -1, keepdims=True) + 1e-6)
+    return Dense((cfg.encoder_hidden,), (cfg.codebook_dim,), (None, None), name="proj")(x)
 
 
 class SpeechCodec(nn.Module):
@@ -171,24 +170,31 @@ class SpeechCodec(nn.Module):
 
   def __call__(self, wave, embed, n_active, bypass=None):
     """Training forward: wave (B, N) -> (reconstruction (B, N - trim), commitment loss,
-    aux {codes (B, Q, T), residuals (Q, B, T, d), active (Q, B)}). Examples with `bypass` (B,)
+    aux {codes (B, Q, T), residuals (Q, B, T, d), active (Q, B), the latent's batch mean and
+    variance}). Examples with `bypass` (B,)
     set are decoded from the unquantised latent (Mimi's quantization rate)."""
-    z = self.encode_latent(wave)
+    raw = self.encode_latent(wave)
+    mean, var = jnp.mean(raw, (0, 1)), jnp.var(raw, (0, 1))
+    z = normalize_latent(raw, mean, var)
     zq, codes, residuals, active, commit = quantize(z, embed, n_active)
     zq = z + jax.lax.stop_gradient(zq - z)  # straight-through
     if bypass is not None:
       zq = jnp.where(bypass[:, None, None], z, zq)
-    return (
-      self.decoder.from_latent(zq),
-      commit,
-      dict(codes=codes, residuals=residuals, active=active),
-    )
+    aux = dict(codes=codes, residuals=residuals, active=active, latent_mean=mean, latent_var=var)
+    return self.decoder.from_latent(zq), commit, aux
 
   def encode_latent(self, wave):
     return self.encoder(wave)
 
   def decode_latent(self, zq):
     return self.decoder.from_latent(zq)
+
+
+def normalize_latent(z, mean, var):
+  """Standardises every latent dimension over frames (batch statistics in training, their EMA
+  at inference), so the latent cannot collapse onto one codebook entry: a constant latent has
+  nothing left after the mean is removed, and the codes always see unit-variance input."""
+  return (z - mean) * jax.lax.rsqrt(var + 1e-5)
 
 
 def quantize(z, embed, n_active):
@@ -229,6 +235,8 @@ def init_codebooks(cfg: CodecConfig, rng) -> dict:
     embed=jax.random.normal(rng, (q, k, d)) * 0.1,
     cluster_size=jnp.zeros((q, k)),
     embed_sum=jnp.zeros((q, k, d)),
+    latent_mean=jnp.zeros((d,)),
+    latent_var=jnp.ones((d,)),
   )
 
 
@@ -259,7 +267,11 @@ def ema_update(books: dict, aux: dict, rng, decay: float, threshold: float, eps:
     dead, share, size
   )  # restarted as an average entry: it has ~230 steps to get used
   esum = jnp.where(dead[..., None], fresh * share[..., None], esum)
-  books = dict(embed=jax.lax.stop_gradient(embed), cluster_size=size, embed_sum=esum)
+  stats = {
+    n: jax.lax.stop_gradient(decay * books[n] + (1 - decay) * aux[n])
+    for n in ("latent_mean", "latent_var")
+  }
+  books = dict(embed=jax.lax.stop_gradient(embed), cluster_size=size, embed_sum=esum, **stats)
   return books, {"dead_codes": jnp.mean(jnp.sum(dead, -1).astype(jnp.float32))}
 
 

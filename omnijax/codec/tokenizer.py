@@ -20,7 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from omnijax.codec.model import CodecConfig, Encoder, encode_codes, export_code2wav
+from omnijax.codec.model import (
+  CodecConfig,
+  Encoder,
+  encode_codes,
+  export_code2wav,
+  normalize_latent,
+)
 from omnijax.models.code2wav import Code2Wav
 from omnijax.train import checkpoint as ckpt_lib
 
@@ -48,21 +54,30 @@ def read_run_config(workdir) -> tuple[CodecConfig, str, str | None]:
   return CodecConfig.from_dict(d["codec"]), d["stage"], d.get("tokenizer")
 
 
+def _codes(encoder, params, books, wave):
+  latent = encoder.apply({"params": params}, wave)
+  latent = normalize_latent(latent, books["latent_mean"], books["latent_var"])
+  return encode_codes(latent, books["embed"])
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted(cfg: CodecConfig):
   encoder, code2wav = Encoder(cfg), Code2Wav(cfg.code2wav, cfg.impl)
-  encode = jax.jit(lambda p, e, w: encode_codes(encoder.apply({"params": p}, w), e))
+  encode = jax.jit(lambda p, b, w: _codes(encoder, p, b, w))
   decode = jax.jit(lambda p, c: code2wav.apply({"params": p}, c))
   return encode, decode
 
 
 class SpeechTokenizer:
-  """Encoder params, codebooks (Q, K, d) and released-architecture Code2Wav params."""
+  """Encoder params, codebook state (embed (Q, K, d) and the latent statistics) and
+  released-architecture Code2Wav params."""
 
-  def __init__(self, cfg: CodecConfig, encoder, codebooks, code2wav, step: int | None = None):
+  def __init__(self, cfg: CodecConfig, encoder, books, code2wav, step: int | None = None):
     self.cfg, self.step = cfg, step
     self.encoder_params = jax.device_put(encoder)
-    self.codebooks = jnp.asarray(codebooks)
+    names = ("embed", "latent_mean", "latent_var")
+    self.books = {k: jnp.asarray(books[k]) for k in names}
+    self.codebooks = self.books["embed"]
     self.code2wav_params_ = jax.device_put(code2wav)
     self.sample_rate = cfg.sample_rate
     self.frame_rate = cfg.frame_rate
@@ -76,16 +91,15 @@ class SpeechTokenizer:
     if stage == "tokenizer":
       books = state["books"]
       c2w = export_code2wav(cfg, state["gen"], books)
-      return cls(cfg, state["gen"]["encoder"], books["embed"], c2w, step)
-    return cls(cfg, frozen.encoder_params, frozen.codebooks, state["gen"], step)
+      return cls(cfg, state["gen"]["encoder"], books, c2w, step)
+    return cls(cfg, frozen.encoder_params, frozen.books, state["gen"], step)
 
   def code2wav_params(self):
     return self.code2wav_params_
 
   def encode_jax(self, wave: jax.Array) -> jax.Array:
     """Traceable: wave (B, N), N a multiple of the hop -> codes (B, Q, N / hop)."""
-    latent = Encoder(self.cfg).apply({"params": self.encoder_params}, wave)
-    return encode_codes(latent, self.codebooks)
+    return _codes(Encoder(self.cfg), self.encoder_params, self.books, wave)
 
   def encode(self, waves) -> np.ndarray:
     """(B, N) float32 at sample_rate -> codes (B, Q, ceil(N / hop)) int32 (the last frame is
@@ -97,7 +111,7 @@ class SpeechTokenizer:
     frames = -(-waves.shape[1] // hop)
     padded = -(-frames // BUCKET_FRAMES) * BUCKET_FRAMES
     waves = np.pad(waves, ((0, 0), (0, padded * hop - waves.shape[1])))
-    codes = _jitted(self.cfg)[0](self.encoder_params, self.codebooks, waves)
+    codes = _jitted(self.cfg)[0](self.encoder_params, self.books, waves)
     return np.asarray(codes)[..., :frames]
 
   def code2wav(self, codes) -> np.ndarray:

@@ -34,7 +34,7 @@ from omnijax.models.conv import (
   SnakeBeta,
 )
 from omnijax.models.decoder import Decoder, init_cache
-from omnijax.models.layers import Dense, dtype_of, logical_param
+from omnijax.models.layers import INIT_STD, Dense, dtype_of, logical_param
 
 DILATIONS = (1, 3, 9)
 
@@ -95,7 +95,10 @@ class Code2Wav(nn.Module):
     for r in cfg.upsample_rates:
       dim //= 2
       decoder.append(DecoderBlock(dim, r, pdt))
-    self.decoder = decoder + [SnakeBeta(pdt), CausalConv1d(1, 7, param_dtype=pdt)]
+    self.decoder = decoder + [
+      SnakeBeta(pdt),
+      CausalConv1d(1, 7, param_dtype=pdt, init_std=INIT_STD),
+    ]
 
   def __call__(self, codes: jax.Array) -> jax.Array:
     """codes (B, Q, T) int -> waveform (B, num_samples(T)) float32 in [-1, 1]."""

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omnijax.models.layers import Dense, LayerNorm, logical_param
+from omnijax.models.layers import INIT_STD, Dense, LayerNorm, logical_param
 
 
 def _param(module, name, shape, init, param_dtype):
@@ -29,15 +29,19 @@ class CausalConv1d(nn.Module):
   stride: int = 1
   groups: int = 1
   param_dtype: jnp.dtype = jnp.float32
+  init_std: float | None = None  # None: LeCun; a std for layers that should start near zero
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k, cin = self.kernel_size, x.shape[-1]
+    init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+    if self.init_std is not None:
+      init = nn.initializers.normal(self.init_std)
     kernel = _param(
       self,
       "kernel",
       (k, cin // self.groups, self.features),
-      nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
+      init,
       self.param_dtype,
     )
     bias = _param(self, "bias", (self.features,), nn.initializers.zeros, self.param_dtype)
@@ -130,5 +134,5 @@ class ResidualUnit(nn.Module):
     y = SnakeBeta(pdt, name="act1")(x)
     y = CausalConv1d(d, 7, dilation=self.dilation, param_dtype=pdt, name="conv1")(y)
     y = SnakeBeta(pdt, name="act2")(y)
-    y = CausalConv1d(d, 1, param_dtype=pdt, name="conv2")(y)
+    y = CausalConv1d(d, 1, param_dtype=pdt, init_std=INIT_STD, name="conv2")(y)
     return x + y
