@@ -11,7 +11,7 @@ GAN x1 (multi-period + multi-resolution STFT discriminators), feature matching x
 x0.25; DAC's codebook loss (x1) is replaced by EMA codebook updates. AdamW(0.8, 0.99) with
 exponential decay, generator and discriminator optimizers in one checkpoint.
 
-Local (this CPU, the local media corpus's eSpeak speech, 37 minutes of it; ~20 + 8 minutes):
+Local (this CPU, the local media corpus's eSpeak speech, 37 minutes of it; ~25 + 8 minutes):
 
   python -m omnijax.launch --exp=codec:local --workdir=workdirs/codec_tokenizer
   python -m omnijax.launch --exp=codec:local,stage=vocoder,tokenizer=workdirs/codec_tokenizer \
@@ -90,10 +90,10 @@ def get_config(arg=None):
     c.optim.learning_rate = 1e-3 if arg.stage == "tokenizer" else 5e-4
     c.train.update(
       # Most of the CPU budget on the mel loss: a GAN step costs ~4 mel-only steps here.
-      total_steps=1200 if arg.stage == "tokenizer" else 300,
-      adversarial_start=1000 if arg.stage == "tokenizer" else 200,
-      log_every=50,
-      eval_every=400 if arg.stage == "tokenizer" else 150,
+      total_steps=1200 if arg.stage == "tokenizer" else 240,
+      adversarial_start=1000 if arg.stage == "tokenizer" else 180,
+      log_every=50 if arg.stage == "tokenizer" else 20,
+      eval_every=400 if arg.stage == "tokenizer" else 120,
       checkpoint_every=200,
     )
   if arg.steps:
