@@ -5,7 +5,8 @@
 Each record's audio (bytes, a path or an array with its rate) is decoded, checked and
 resampled to ``cfg.sample_rate`` (24 kHz for the codec); training takes a random
 ``segment_samples`` window of each clip (shorter clips are zero-padded at the end). Bad audio
-is skipped and counted by reason (``ops.SKIP_REASONS``): undecodable, non-finite, silent,
+is skipped and counted by reason (``ops.SKIP_REASONS``; the checks are the speech_codes op's,
+``speech_codes.speech_waveform``): undecodable, bad sample rate, non-finite, empty, silent,
 or shorter than ``cfg.min_seconds``. Evaluation (``eval_clips``) reads whole clips in order.
 """
 
@@ -17,12 +18,12 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
-import soxr
 
 from data_pipelines import records
-from data_pipelines.audio import is_silent, load_waveform
+from data_pipelines.audio import load_waveform
 from data_pipelines.ops import SKIP_REASONS, BadRecord
 from data_pipelines.pipeline import CountSkippedIterDataset
+from data_pipelines.speech_codes import speech_waveform
 
 
 def default_config(path: str = "") -> ml_collections.ConfigDict:
@@ -49,16 +50,7 @@ def load_clip(example: dict[str, Any], cfg) -> np.ndarray:
   if cfg.audio_key not in example:
     raise BadRecord("missing_field", cfg.audio_key)
   samples, rate = load_waveform(example[cfg.audio_key], example.get(cfg.sample_rate_key))
-  samples = np.asarray(samples, np.float32)
-  if not np.isfinite(samples).all():
-    raise BadRecord("non_finite", f"{int((~np.isfinite(samples)).sum())} samples")
-  if len(samples) < cfg.min_seconds * rate:
-    raise BadRecord("too_short", f"{len(samples) / rate:.3f}s < {cfg.min_seconds}s")
-  if is_silent(samples):
-    raise BadRecord("silent_audio", "")
-  if rate != cfg.sample_rate:
-    samples = soxr.resample(samples, rate, cfg.sample_rate, quality="HQ").astype(np.float32)
-  return samples
+  return speech_waveform(samples, rate, min_seconds=cfg.min_seconds, sample_rate=cfg.sample_rate)
 
 
 @dataclasses.dataclass

@@ -69,8 +69,9 @@ def speech_waveform(
   truncate: bool = False,
   min_seconds: float = MIN_SECONDS,
   silence_peak: float = SILENCE_PEAK,
+  sample_rate: int = providers.SAMPLE_RATE,
 ) -> np.ndarray:
-  """A mono waveform checked for coding and resampled to 24 kHz (float32).
+  """A mono waveform checked for coding and resampled to `sample_rate` (float32).
 
   Raises:
     BadRecord: ``bad_sample_rate``, ``non_finite``, ``empty``, ``too_short``,
@@ -91,10 +92,8 @@ def speech_waveform(
     samples = samples[: int(max_seconds * rate)]
   if is_silent(samples, silence_peak):
     raise BadRecord("silent_audio", f"peak < {silence_peak}")
-  if rate != providers.SAMPLE_RATE:
-    samples = librosa.resample(
-      samples, orig_sr=rate, target_sr=providers.SAMPLE_RATE, res_type="soxr_hq"
-    )
+  if rate != sample_rate:
+    samples = librosa.resample(samples, orig_sr=rate, target_sr=sample_rate, res_type="soxr_hq")
   return samples.astype(np.float32)
 
 

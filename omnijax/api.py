@@ -32,7 +32,7 @@ from omnijax import decode
 from omnijax.hf import convert, safetensors_io
 from omnijax.processing import media as media_lib
 from omnijax.processing import positions as positions_lib
-from omnijax.models.code2wav import Code2Wav
+from omnijax.models import code2wav as code2wav_lib
 from omnijax.models.config import Code2WavConfig, ThinkerConfig
 from omnijax.models.decoder import load_balancing_loss
 from omnijax.models.thinker import MODALITIES, Thinker
@@ -62,16 +62,6 @@ def _forward(config: ThinkerConfig):
       {"params": p}, ids, positions=pos, segment_ids=seg, media=media
     )
   )
-
-
-CODE2WAV_BUCKET_FRAMES = 12  # code2wav pads T to a multiple of this (fewer compilations)
-
-
-@functools.lru_cache(maxsize=None)
-def _code2wav_forward(config: Code2WavConfig):
-  """The jitted Code2Wav of a config (compiled per padded shape)."""
-  model = Code2Wav(config)
-  return jax.jit(lambda p, codes: model.apply({"params": p}, codes))
 
 
 @functools.lru_cache(maxsize=None)
@@ -259,12 +249,7 @@ class Model:
 
   def code2wav(self, codes) -> np.ndarray:
     """Codec codes (B, num_quantizers, T) of ints (numpy, torch or lists) -> float32 numpy
-    waveform (B, 1920 T - 555) at 24 kHz, as transformers' ``Qwen3OmniMoeCode2Wav`` (its
-    output clamped to [-1, 1]). T is padded to a multiple of CODE2WAV_BUCKET_FRAMES and the
-    samples trimmed (Code2Wav is causal: later frames do not change earlier samples).
-    Raises ValueError for codes of the wrong shape or out of the codebook's range."""
-    from omnijax.codec.providers import check_codes  # pylint: disable=import-outside-toplevel
-
+    waveform (B, 1920 T - 555) at 24 kHz (``omnijax.models.code2wav.decode``)."""
     cfg = self.code2wav_config
     if cfg is None:
       raise RuntimeError(
@@ -275,17 +260,7 @@ class Model:
         "run (experiments/codec.py) loads with omnijax.load(run_dir) as a tokenizer with "
         ".code2wav."
       )
-    codes = check_codes(_as_numpy(codes), cfg.num_quantizers, cfg.codebook_size)
-    if codes.ndim != 3 or not codes.shape[-1]:
-      raise ValueError(
-        f"code2wav takes codes of shape (batch, num_quantizers={cfg.num_quantizers}, frames "
-        f">= 1), got shape {codes.shape}."
-      )
-    t = codes.shape[-1]
-    padded = -(-t // CODE2WAV_BUCKET_FRAMES) * CODE2WAV_BUCKET_FRAMES
-    codes = np.pad(codes, ((0, 0), (0, 0), (0, padded - t)))
-    wave = _code2wav_forward(cfg)(self.code2wav_params, jnp.asarray(codes))
-    return np.asarray(wave, np.float32)[:, : cfg.num_samples(t)]
+    return code2wav_lib.decode(cfg, self.code2wav_params, _as_numpy(codes))
 
   def save_hf(
     self,

@@ -132,3 +132,14 @@ def random_params(abstract, seed: int = 0, gain: float = 1.0):
       value = 0.1 * rng.standard_normal(shape)
     out[path] = value.astype(leaf.dtype)
   return traverse_util.unflatten_dict(out, sep="/")
+
+
+def assert_trees_equal(a, b):
+  """Same leaves, dtypes and values (bitwise)."""
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+
+  fa, fb = (traverse_util.flatten_dict(t, sep="/") for t in (a, b))
+  assert sorted(fa) == sorted(fb)
+  for k in fa:
+    assert np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype, k
+    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)

@@ -30,6 +30,7 @@ from omnijax.models import code2wav as c2w
 from omnijax.models import presets
 from omnijax.models.config import Code2WavConfig, ThinkerConfig
 from omnijax.train import checkpoint as ckpt_lib
+from tests import helpers
 
 TINY = dict(
   codebook_size=64,
@@ -129,14 +130,6 @@ def hf_dir(tmp_path_factory, thinker, params):
   out = tmp_path_factory.mktemp("hf_c2w")
   convert.save_hf(*thinker, out, code2wav=(CFG, params))
   return out
-
-
-def _assert_trees_equal(a, b):
-  fa, fb = (traverse_util.flatten_dict(t, sep="/") for t in (a, b))
-  assert sorted(fa) == sorted(fb)
-  for k in fa:
-    assert np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype, k
-    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +239,7 @@ def test_export_loads_into_transformers(hf_dir, hf_model, params, fwd, thinker):
 
   cfg, loaded = convert.load_code2wav_hf(hf_dir)
   assert cfg == CFG
-  _assert_trees_equal(loaded, params)
+  helpers.assert_trees_equal(loaded, params)
 
 
 def test_no_code2wav(tmp_path, thinker):
@@ -269,7 +262,7 @@ def test_workdir_round_trip(hf_dir, tmp_path, params):
   export.from_hf(hf_dir, workdir)
   cfg, loaded = ckpt_lib.load_code2wav(workdir)
   assert cfg == CFG
-  _assert_trees_equal(loaded, params)
+  helpers.assert_trees_equal(loaded, params)
   for source in (None, workdir / ckpt_lib.CODE2WAV):
     out = tmp_path / f"out_{source is None}"
     export.to_hf(workdir, out, code2wav=source)

@@ -24,6 +24,7 @@ from omnijax.models import presets
 from omnijax.processing import positions
 from omnijax.models.config import ThinkerConfig
 from omnijax.train import checkpoint as ckpt_lib
+from tests import helpers
 from omnijax.train.step import TrainState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,14 +75,6 @@ def _multimodal_inputs(cfg: ThinkerConfig):
     pixel_values=rng.standard_normal((16, pixels)).astype(np.float32),
     image_grid_thw=np.array([[1, 4, 4]]),
   )
-
-
-def _assert_trees_equal(a, b):
-  fa, fb = (traverse_util.flatten_dict(t, sep="/") for t in (a, b))
-  assert sorted(fa) == sorted(fb)
-  for k in fa:
-    assert np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype, k
-    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +131,7 @@ def test_params_round_trip_exact(cfg, tmp_path, dtype):
   assert loaded_cfg == cfg
   if dtype == "bfloat16":
     params = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32), params)
-  _assert_trees_equal(loaded, params)
+  helpers.assert_trees_equal(loaded, params)
 
 
 def test_sharded_safetensors(cfg, tmp_path):
@@ -160,7 +153,7 @@ def test_sharded_safetensors(cfg, tmp_path):
     total += nbytes
   assert index["metadata"]["total_size"] == total
   _, loaded = convert.load_hf(tmp_path)
-  _assert_trees_equal(loaded, params)
+  helpers.assert_trees_equal(loaded, params)
   # Re-exporting unsharded into the same directory leaves no stale shards behind.
   convert.save_hf(cfg, params, tmp_path)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
@@ -267,7 +260,7 @@ def test_from_hf_workdir_starts_training(cfg, tmp_path):
   assert ckpt_lib.read_model_config(tmp_path / "w") == cfg
   restored, step = ckpt_lib.latest_params(tmp_path / "w")
   assert step is None
-  _assert_trees_equal(jax.tree.map(np.asarray, restored), params)
+  helpers.assert_trees_equal(jax.tree.map(np.asarray, restored), params)
 
 
 def test_from_hf_refuses_workdir_with_checkpoints(cfg, train_workdir, tmp_path, capsys):

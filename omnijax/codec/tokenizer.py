@@ -27,11 +27,11 @@ from omnijax.codec.model import (
   export_code2wav,
   normalize_latent,
 )
-from omnijax.models.code2wav import Code2Wav
+from omnijax.models import code2wav as code2wav_lib
 from omnijax.train import checkpoint as ckpt_lib
 
 RUN_JSON = ckpt_lib.MODEL_JSON
-BUCKET_FRAMES = 12  # encode/decode lengths are padded to multiples of this (fewer compilations)
+BUCKET_FRAMES = code2wav_lib.BUCKET_FRAMES  # encode pads lengths to multiples of this
 
 
 def write_run_config(workdir, cfg: CodecConfig, stage: str, tokenizer: str | None) -> None:
@@ -62,10 +62,8 @@ def _codes(encoder, params, books, wave):
 
 @functools.lru_cache(maxsize=None)
 def _jitted(cfg: CodecConfig):
-  encoder, code2wav = Encoder(cfg), Code2Wav(cfg.code2wav, cfg.impl)
-  encode = jax.jit(lambda p, b, w: _codes(encoder, p, b, w))
-  decode = jax.jit(lambda p, c: code2wav.apply({"params": p}, c))
-  return encode, decode
+  encoder = Encoder(cfg)
+  return jax.jit(lambda p, b, w: _codes(encoder, p, b, w))
 
 
 class SpeechTokenizer:
@@ -111,20 +109,12 @@ class SpeechTokenizer:
     frames = -(-waves.shape[1] // hop)
     padded = -(-frames // BUCKET_FRAMES) * BUCKET_FRAMES
     waves = np.pad(waves, ((0, 0), (0, padded * hop - waves.shape[1])))
-    codes = _jitted(self.cfg)[0](self.encoder_params, self.books, waves)
+    codes = _jitted(self.cfg)(self.encoder_params, self.books, waves)
     return np.asarray(codes)[..., :frames]
 
   def code2wav(self, codes) -> np.ndarray:
     """codes (B, Q, T) -> float32 waveform (B, 1920 T - 555), as transformers' Code2Wav."""
-    from omnijax.codec.providers import check_codes  # pylint: disable=import-outside-toplevel
-
-    codes = np.asarray(codes)
-    check_codes(codes, self.num_quantizers, self.codebook_size)
-    t = codes.shape[-1]
-    padded = -(-t // BUCKET_FRAMES) * BUCKET_FRAMES
-    codes = np.pad(codes, ((0, 0), (0, 0), (0, padded - t)))
-    wave = _jitted(self.cfg)[1](self.code2wav_params_, jnp.asarray(codes, jnp.int32))
-    return np.asarray(wave)[:, : self.cfg.code2wav.num_samples(t)]
+    return code2wav_lib.decode(self.cfg.code2wav, self.code2wav_params_, codes, self.cfg.impl)
 
   decode = code2wav
 

@@ -37,6 +37,7 @@ from omnijax.models.decoder import Decoder, init_cache
 from omnijax.models.layers import INIT_STD, Dense, dtype_of, logical_param
 
 DILATIONS = (1, 3, 9)
+BUCKET_FRAMES = 12  # `decode` pads T to a multiple of this (fewer compilations)
 
 
 class Upsample(nn.Module):
@@ -129,6 +130,32 @@ class Code2Wav(nn.Module):
     for layer in self.decoder:
       x = layer(x)
     return jnp.clip(x[..., 0].astype(jnp.float32), -1.0, 1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(cfg: Code2WavConfig, impl: ImplConfig):
+  model = Code2Wav(cfg, impl)
+  return jax.jit(lambda p, codes: model.apply({"params": p}, codes))
+
+
+def decode(cfg: Code2WavConfig, params, codes, impl: ImplConfig = ImplConfig()) -> np.ndarray:
+  """Codec codes (B, num_quantizers, T) of ints -> float32 numpy waveform (B, 1920 T - 555),
+  as transformers' ``Qwen3OmniMoeCode2Wav``. T is padded to a multiple of BUCKET_FRAMES and the
+  samples trimmed (Code2Wav is causal: later frames do not change earlier samples). Raises
+  ValueError for codes of the wrong shape or out of the codebook's range."""
+  from omnijax.codec.providers import check_codes  # pylint: disable=import-outside-toplevel
+
+  codes = check_codes(np.asarray(codes), cfg.num_quantizers, cfg.codebook_size)
+  if codes.ndim != 3 or not codes.shape[-1]:
+    raise ValueError(
+      f"code2wav takes codes of shape (batch, num_quantizers={cfg.num_quantizers}, frames "
+      f">= 1), got shape {codes.shape}."
+    )
+  t = codes.shape[-1]
+  padded = -(-t // BUCKET_FRAMES) * BUCKET_FRAMES
+  codes = np.pad(codes, ((0, 0), (0, 0), (0, padded - t)))
+  wave = _forward(cfg, impl)(params, jnp.asarray(codes))
+  return np.asarray(wave, np.float32)[:, : cfg.num_samples(t)]
 
 
 def conv_context_frames(cfg: Code2WavConfig) -> int:
