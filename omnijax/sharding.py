@@ -45,6 +45,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("mlp", "tensor"),
   ("exp", "expert"),
   ("layers", None),
+  ("codebook", None),
   ("norm", None),
   ("router", None),
 )

@@ -1,19 +1,15 @@
 """omnijax logits and load-balancing loss equal transformers' Qwen3-Omni on the same weights.
 
 Tiny float32 configs, compared in both directions:
-- omnijax params -> transformers: Thinkers through `python -m omnijax.export to-hf` (main) and
-  `Qwen3OmniMoeForConditionalGeneration.from_pretrained`; the shared-expert decoder through
-  the Talker key map (`keymap.text_keymap(.., keymap.TALKER_TEXT)`) into a full model's checkpoint, loaded the same way.
-- transformers params -> omnijax: `save_pretrained`, then `export from-hf` + `omnijax.load`
-  (Thinkers) or the Talker key map (shared expert).
+- omnijax params -> transformers: `python -m omnijax.export to-hf` (main) and
+  `Qwen3OmniMoeForConditionalGeneration.from_pretrained`;
+- transformers params -> omnijax: `save_pretrained`, then `export from-hf` + `omnijax.load`.
 Each runs on plain rows with default positions and with explicit (3, B, S) TM-RoPE ids whose
 T/H/W rows differ from each other and between batch rows. `pytest -s` prints the differences.
 Params are whole Thinker trees (text decoder + audio_tower + visual); the Thinker checkpoints
 carry the towers too and they are checked to load exactly (their multimodal forward is
-tests/test_thinker_multimodal.py). The Talker layout only concerns the text decoder.
+tests/test_thinker_multimodal.py). The Talker (shared-expert MoE) is tests/test_talker.py.
 """
-
-import json
 
 import jax
 import numpy as np
@@ -23,18 +19,17 @@ from flax import traverse_util
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf_modeling  # noqa: E402
 
 import omnijax  # noqa: E402
 from omnijax import api, export  # noqa: E402
-from omnijax.hf import convert, hf_config, keymap, safetensors_io  # noqa: E402
+from omnijax.hf import convert, hf_config, safetensors_io  # noqa: E402
 from omnijax.models import presets  # noqa: E402
 from omnijax.models.config import ThinkerConfig  # noqa: E402
 from omnijax.train import checkpoint as ckpt_lib  # noqa: E402
 
 TOL = 1e-4
 BATCH, SEQ = 2, 24
-CONFIGS = ("thinker", "thinker_dense_layers", "talker_shared_expert")
+CONFIGS = ("thinker", "thinker_dense_layers")
 
 
 def _config(name: str) -> ThinkerConfig:
@@ -42,10 +37,6 @@ def _config(name: str) -> ThinkerConfig:
   if name == "thinker_dense_layers":  # MoE, dense, MoE: three scanned blocks
     cd.text.num_hidden_layers = 3
     cd.text.mlp_only_layers = (1,)
-  elif name == "talker_shared_expert":
-    cd.text.num_experts_per_tok = 3
-    cd.text.norm_topk_prob = False
-    cd.text.shared_expert_intermediate_size = 48
   return ThinkerConfig.from_dict(cd)
 
 
@@ -86,15 +77,6 @@ def _random_omnijax_params(cfg: ThinkerConfig, seed: int = 1):
   )
 
 
-def _text(params):
-  """The text-decoder subtree (embed_tokens, model, lm_head) of a Thinker params tree."""
-  return {k: v for k, v in params.items() if k not in convert.TOWERS}
-
-
-def _towers(params):
-  return {k: v for k, v in params.items() if k in convert.TOWERS}
-
-
 def _assert_towers_match(cfg: ThinkerConfig, params, hf_model) -> None:
   """transformers holds exactly the tower tensors of `params` (under the checkpoint keys)."""
   ours = {
@@ -120,68 +102,21 @@ def _randomize_torch(module, seed: int = 2):
       p.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.05 * noise)
 
 
-def _full_config_with_talker(talker_cfg: ThinkerConfig) -> dict:
-  """A Qwen3OmniMoeConfig dict whose Talker text decoder is `talker_cfg.text` (rest tiny)."""
-  d = hf_config.to_hf_config(ThinkerConfig.from_dict(presets.get("tiny")))
-  d["enable_audio_output"] = True
-  d["talker_config"] = dict(
-    text_config=hf_config.talker_text_config_to_hf(talker_cfg.text),
-    thinker_hidden_size=d["thinker_config"]["text_config"]["hidden_size"],
-    code_predictor_config=dict(
-      vocab_size=64,
-      hidden_size=32,
-      intermediate_size=64,
-      num_hidden_layers=1,
-      num_attention_heads=2,
-      num_key_value_heads=1,
-      head_dim=16,
-      num_code_groups=2,
-    ),
-    num_code_groups=2,
-    accept_hidden_layer=1,
-    spatial_merge_size=2,
-  )
-  d["code2wav_config"] = dict(
-    codebook_size=64,
-    hidden_size=32,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_quantizers=2,
-    decoder_dim=32,
-    upsample_rates=[2, 2, 2, 2],
-    upsampling_ratios=[2, 2],
-    sliding_window=8,
-  )
-  return d
-
-
-def _hf_outputs(hf_model, cfg: ThinkerConfig, talker: bool, ids, positions):
-  """(float32 logits, aux loss) of the Thinker, or of the Talker text decoder + codec head."""
+def _hf_outputs(hf_model, ids, positions):
+  """(float32 logits, aux loss) of the Thinker."""
   ids_t = torch.from_numpy(ids)
   pos_t = None if positions is None else torch.from_numpy(positions)
   with torch.no_grad():
-    if not talker:
-      out = hf_model.thinker(input_ids=ids_t, position_ids=pos_t, output_router_logits=True)
-      return out.logits.float().numpy(), float(out.aux_loss)
-    decoder = hf_model.talker.model
-    out = decoder(
-      inputs_embeds=decoder.codec_embedding(ids_t), position_ids=pos_t, output_router_logits=True
-    )
-    logits = hf_model.talker.codec_head(out.last_hidden_state)
-    aux = hf_modeling.load_balancing_loss_func(
-      out.router_logits, cfg.text.num_experts, cfg.text.num_experts_per_tok
-    )
-    return logits.float().numpy(), float(aux)
+    out = hf_model.thinker(input_ids=ids_t, position_ids=pos_t, output_router_logits=True)
+    return out.logits.float().numpy(), float(out.aux_loss)
 
 
-def _check_parity(label: str, model: api.Model, hf_model, talker: bool) -> None:
+def _check_parity(label: str, model: api.Model, hf_model) -> None:
   ids, positions = _inputs(model.config)
   results = {}
   for pos_name, pos in (("default positions", None), ("3-row positions", positions)):
     ours = model.logits(ids, pos), model.aux_loss(ids, pos)
-    theirs = _hf_outputs(hf_model, model.config, talker, ids, pos)
+    theirs = _hf_outputs(hf_model, ids, pos)
     d_logits = float(np.abs(ours[0] - theirs[0]).max())
     d_aux = abs(ours[1] - theirs[1])
     print(
@@ -207,36 +142,18 @@ def test_omnijax_to_transformers(name, tmp_path):
   cfg = _config(name)
   params = _random_omnijax_params(cfg)
   out = tmp_path / "hf"
-  if name == "talker_shared_expert":
-    out.mkdir()
-    safetensors_io.write(
-      keymap.iter_to_hf(_text(params), keymap.text_keymap(cfg.text, keymap.TALKER_TEXT)),
-      out,
-      safetensors_io.parse_size("2GB"),
-    )
-    (out / "config.json").write_text(json.dumps(_full_config_with_talker(cfg)))
-    hf_model, info = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-      out, dtype=torch.float32, output_loading_info=True
-    )
-    _assert_weights_loaded(info, ("talker.model.", "talker.codec_head"))
-  else:
-    workdir = tmp_path / "workdir"
-    ckpt_lib.write_model_config(workdir, cfg)
-    ckpt_lib.save_params(workdir / ckpt_lib.INIT_PARAMS, params)
-    shard = ["--max_shard_size=100KB"] if name == "thinker_dense_layers" else []
-    export.main(["to-hf", f"--workdir={workdir}", f"--out={out}", *shard])
-    assert (out / safetensors_io.INDEX_FILE).exists() == bool(shard)
-    hf_model, info = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-      out, enable_audio_output=False, dtype=torch.float32, output_loading_info=True
-    )
-    _assert_weights_loaded(info, ("thinker.",))  # text decoder and both towers
-    _assert_towers_match(cfg, params, hf_model)
-  _check_parity(
-    f"{name}: omnijax -> transformers",
-    api.Model(cfg, params),
-    hf_model.eval(),
-    talker=name == "talker_shared_expert",
+  workdir = tmp_path / "workdir"
+  ckpt_lib.write_model_config(workdir, cfg)
+  ckpt_lib.save_params(workdir / ckpt_lib.INIT_PARAMS, params)
+  shard = ["--max_shard_size=100KB"] if name == "thinker_dense_layers" else []
+  export.main(["to-hf", f"--workdir={workdir}", f"--out={out}", *shard])
+  assert (out / safetensors_io.INDEX_FILE).exists() == bool(shard)
+  hf_model, info = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+    out, enable_audio_output=False, dtype=torch.float32, output_loading_info=True
   )
+  _assert_weights_loaded(info, ("thinker.",))  # text decoder and both towers
+  _assert_towers_match(cfg, params, hf_model)
+  _check_parity(f"{name}: omnijax -> transformers", api.Model(cfg, params), hf_model.eval())
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -244,39 +161,18 @@ def test_transformers_to_omnijax(name, tmp_path):
   cfg = _config(name)
   hf_dir = tmp_path / "hf"
   torch.manual_seed(0)
-  if name == "talker_shared_expert":
-    hf_model = transformers.Qwen3OmniMoeForConditionalGeneration(
-      transformers.Qwen3OmniMoeConfig(**_full_config_with_talker(cfg))
-    )
-    _randomize_torch(hf_model.talker.model)
-    _randomize_torch(hf_model.talker.codec_head)
-    hf_model.save_pretrained(hf_dir)
-    text = keymap.from_hf(
-      safetensors_io.Reader(hf_dir),
-      _text(convert.abstract_params(cfg)),
-      keymap.text_keymap(cfg.text, keymap.TALKER_TEXT),
-    )
-    params = text | _towers(_random_omnijax_params(cfg))  # towers: unused by text-only inputs
-    convert.check_params(cfg, params)
-    model = api.Model(cfg, params)
-  else:
-    hf_model = transformers.Qwen3OmniMoeForConditionalGeneration(
-      transformers.Qwen3OmniMoeConfig(**hf_config.to_hf_config(cfg))
-    )
-    _randomize_torch(hf_model.thinker.model.language_model)
-    _randomize_torch(hf_model.thinker.lm_head)
-    shard = dict(max_shard_size="100KB") if name == "thinker_dense_layers" else {}
-    hf_model.save_pretrained(hf_dir, **shard)
-    assert (hf_dir / safetensors_io.INDEX_FILE).exists() == bool(shard)
-    workdir = tmp_path / "workdir"
-    export.main(["from-hf", f"--hf={hf_dir}", f"--workdir={workdir}"])
-    model = omnijax.load(workdir)
-    assert model.config == cfg
-    convert.check_params(cfg, model.params)
-    _assert_towers_match(cfg, jax.device_get(model.params), hf_model)
-  _check_parity(
-    f"{name}: transformers -> omnijax",
-    model,
-    hf_model.eval(),
-    talker=name == "talker_shared_expert",
+  hf_model = transformers.Qwen3OmniMoeForConditionalGeneration(
+    transformers.Qwen3OmniMoeConfig(**hf_config.to_hf_config(cfg))
   )
+  _randomize_torch(hf_model.thinker.model.language_model)
+  _randomize_torch(hf_model.thinker.lm_head)
+  shard = dict(max_shard_size="100KB") if name == "thinker_dense_layers" else {}
+  hf_model.save_pretrained(hf_dir, **shard)
+  assert (hf_dir / safetensors_io.INDEX_FILE).exists() == bool(shard)
+  workdir = tmp_path / "workdir"
+  export.main(["from-hf", f"--hf={hf_dir}", f"--workdir={workdir}"])
+  model = omnijax.load(workdir)
+  assert model.config == cfg
+  convert.check_params(cfg, model.params)
+  _assert_towers_match(cfg, jax.device_get(model.params), hf_model)
+  _check_parity(f"{name}: transformers -> omnijax", model, hf_model.eval())

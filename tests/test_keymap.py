@@ -350,3 +350,22 @@ def test_decoder_keymap_fits_code2wav_style_decoder():
   params = jax.tree.map(lambda v: _rand(*v.shape), nn.meta.unbox(abstract))
   back = keymap.from_hf(keymap.to_hf(params, km).__getitem__, abstract, km)
   jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+def test_released_talker_keys():
+  """The released Talker's key map has the released checkpoint's 8037 ``talker.*`` tensors
+  (per-expert layout) and fits the Talker module's abstract params leaf for leaf."""
+  from omnijax.hf import convert
+  from omnijax.models import presets
+  from omnijax.models.config import TalkerConfig
+
+  cfg = TalkerConfig.from_dict(presets.get_talker("qwen3-omni-30b-a3b"))
+  km = keymap.talker_keymap(cfg)
+  keys = keymap.hf_keys(km)
+  assert len(keys) == len(set(keys)) == 8037
+  assert "talker.code_predictor.model.codec_embedding.14.weight" in keys
+  assert "talker.code_predictor.lm_head.14.weight" in keys
+  assert "talker.model.layers.19.mlp.experts.127.down_proj.weight" in keys
+  assert "talker.model.layers.19.mlp.shared_expert_gate.weight" in keys
+  flat = traverse_util.flatten_dict(convert.abstract_talker_params(cfg), sep="/")
+  keymap._check_leaves(km, {k: tuple(v.shape) for k, v in flat.items()})

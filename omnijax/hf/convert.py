@@ -1,16 +1,16 @@
-"""omnijax Thinker params <-> a transformers Qwen3-Omni checkpoint directory.
+"""omnijax params <-> a transformers Qwen3-Omni checkpoint directory.
 
-The directory holds ``config.json`` (a ``Qwen3OmniMoeConfig`` with ``enable_audio_output``
-off) and safetensors in the released Hub layout (``thinker.model.layers.N...``, one tensor per
-expert; ``thinker.audio_tower.*``; ``thinker.visual.*``), which
-``Qwen3OmniMoeForConditionalGeneration.from_pretrained`` loads; with a tokenizer, also the
-tokenizer and processor files of ``tokenizer_files`` (``AutoTokenizer``, ``AutoProcessor``).
-
-Optionally it also holds a Code2Wav vocoder: ``code2wav.*`` tensors (transformers'
-``Qwen3OmniMoeCode2Wav``) and ``code2wav_config``. ``enable_audio_output`` stays off while
-omnijax has no Talker, so transformers' from_pretrained skips the code2wav tensors (quietly: no
-unexpected keys reported, transformers 5.23); ``load_code2wav_hf`` and
-``omnijax.load(dir).code2wav`` read them, as they read a released checkpoint's.
+The directory holds ``config.json`` (a ``Qwen3OmniMoeConfig``) and safetensors in the released
+Hub layout, which ``Qwen3OmniMoeForConditionalGeneration.from_pretrained`` loads:
+- the Thinker: ``thinker.model.layers.N...`` (one tensor per expert), ``thinker.audio_tower.*``,
+  ``thinker.visual.*``;
+- optionally the Talker (``talker.*``, ``talker_config``; ``enable_audio_output`` on);
+- optionally a Code2Wav vocoder (``code2wav.*``, ``code2wav_config``). Without a Talker,
+  ``enable_audio_output`` is off and transformers' from_pretrained skips the code2wav tensors
+  (quietly, transformers 5.23); ``load_code2wav_hf`` and ``omnijax.load(dir).code2wav`` read
+  them, as they read a released checkpoint's;
+and with a tokenizer, the tokenizer and processor files of ``tokenizer_files``
+(``AutoTokenizer``, ``AutoProcessor``).
 """
 
 from __future__ import annotations
@@ -32,24 +32,29 @@ from omnijax.hf.hf_config import (
   code2wav_config_from_hf,
   code2wav_config_to_hf,
   from_hf_config,
+  talker_config_from_hf,
   to_hf_config,
 )
 from omnijax.hf.keymap import (
   CODE2WAV_PREFIX,
-  THINKER_TEXT,
+  TALKER_PREFIX,
   CheckpointError,
   KeyMap,
   audio_keymap,
   code2wav_keymap,
   from_hf,
   iter_to_hf,
+  talker_keymap,
   text_keymap,
   vision_keymap,
 )
 from omnijax.processing import media
 from omnijax.models.code2wav import Code2Wav
-from omnijax.models.config import Code2WavConfig, ImplConfig, ThinkerConfig
+from omnijax.models.config import Code2WavConfig, ImplConfig, TalkerConfig, ThinkerConfig
+from omnijax.models.talker import Talker
 from omnijax.models.thinker import Thinker
+
+PartConfig = ThinkerConfig | TalkerConfig | Code2WavConfig
 
 TOWERS = ("audio_tower", "visual")  # the towers' subtrees of the Thinker params; the rest is text
 
@@ -71,7 +76,7 @@ def abstract_params(cfg: ThinkerConfig):
 def thinker_keymap(cfg: ThinkerConfig) -> KeyMap:
   """The Thinker's params (text decoder, audio_tower, visual) <-> its `thinker.*` keys."""
   return (
-    text_keymap(cfg.text, THINKER_TEXT)
+    text_keymap(cfg.text)
     + audio_keymap(cfg.audio).under("audio_tower")
     + vision_keymap(cfg.vision).under("visual")
   )
@@ -85,11 +90,37 @@ def abstract_code2wav_params(cfg: Code2WavConfig):
   )
 
 
-def check_params(cfg: ThinkerConfig | Code2WavConfig, params) -> None:
-  """Raises CheckpointError unless `params` has exactly the leaves and shapes `cfg` implies."""
-  abstract = (
-    abstract_code2wav_params(cfg) if isinstance(cfg, Code2WavConfig) else abstract_params(cfg)
+def abstract_talker_params(cfg: TalkerConfig, impl: ImplConfig = ImplConfig()):
+  """ShapeDtypeStructs of the Talker's params (dtype: impl.param_dtype)."""
+  b, s, groups = 1, 2, cfg.num_code_groups
+  thinker_width = jnp.zeros((b, s, cfg.thinker_hidden_size))
+  args = (
+    thinker_width,
+    thinker_width,
+    jnp.zeros((b, s), bool),
+    jnp.zeros((b, s, groups), jnp.int32),
+    jnp.zeros((3, b, s)),
+    jnp.ones((b, s), jnp.int32),
+    jnp.zeros((b, 1), jnp.int32),
+    jnp.zeros((b, 1, groups), jnp.int32),
   )
+  return jax.eval_shape(
+    lambda: nn.meta.unbox(Talker(cfg, impl).init(jax.random.key(0), *args)["params"])
+  )
+
+
+def _part(cfg: PartConfig) -> tuple[str, Any, Any]:
+  """(name, abstract params, key map) of one part of the model."""
+  if isinstance(cfg, Code2WavConfig):
+    return "Code2Wav ", abstract_code2wav_params(cfg), code2wav_keymap(cfg)
+  if isinstance(cfg, TalkerConfig):
+    return "Talker ", abstract_talker_params(cfg), talker_keymap(cfg)
+  return "", abstract_params(cfg), thinker_keymap(cfg)
+
+
+def check_params(cfg: PartConfig, params) -> None:
+  """Raises CheckpointError unless `params` has exactly the leaves and shapes `cfg` implies."""
+  name, abstract, _ = _part(cfg)
   want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract, sep="/").items()}
   have = {
     k: tuple(np.shape(v))
@@ -104,20 +135,18 @@ def check_params(cfg: ThinkerConfig | Code2WavConfig, params) -> None:
   ]
   if problems:
     raise CheckpointError(
-      f"{'Code2Wav ' if isinstance(cfg, Code2WavConfig) else ''}params do not match the model "
+      f"{name}params do not match the model "
       "config: "
       + "; ".join(problems[:10])
       + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
     )
 
 
-def hf_tensors(
-  cfg: ThinkerConfig | Code2WavConfig, params, dtype: str = "float32"
-) -> Iterator[tuple[str, Any]]:
-  """(transformers key, numpy tensor in `dtype`) of every Thinker (or Code2Wav) tensor, lazily."""
+def hf_tensors(cfg: PartConfig, params, dtype: str = "float32") -> Iterator[tuple[str, Any]]:
+  """(transformers key, numpy tensor in `dtype`) of every tensor of a Thinker, Talker or
+  Code2Wav, lazily."""
   np_dtype = EXPORT_DTYPES[dtype]
-  km = code2wav_keymap(cfg) if isinstance(cfg, Code2WavConfig) else thinker_keymap(cfg)
-  for key, w in iter_to_hf(params, km):
+  for key, w in iter_to_hf(params, _part(cfg)[2]):
     yield key, w.astype(np_dtype, copy=False)
 
 
@@ -129,17 +158,23 @@ def save_hf(
   dtype: str = "float32",
   max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE,
   tokenizer=None,
+  talker: tuple[TalkerConfig, Any] | None = None,
   code2wav: tuple[Code2WavConfig, Any] | None = None,
 ) -> list[str]:
   """Writes config.json + safetensors to out_dir, and the tokenizer and processor files when
-  given a `tokenizer` (a data_pipelines TextTokenizer), and the ``code2wav.*`` tensors and
-  ``code2wav_config`` when given `code2wav` (Code2WavConfig, released-form params); returns the
-  safetensors file names."""
+  given a `tokenizer` (a data_pipelines TextTokenizer), the ``talker.*`` tensors and
+  ``talker_config`` when given `talker` (TalkerConfig, params), and the ``code2wav.*`` tensors
+  and ``code2wav_config`` when given `code2wav` (Code2WavConfig, released-form params); returns
+  the safetensors file names."""
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {list(EXPORT_DTYPES)}.")
-  hf_config = to_hf_config(cfg, dtype)  # refuses unexportable configs before writing anything
+  # refuses unexportable configs before writing anything
+  hf_config = to_hf_config(cfg, dtype, None if talker is None else talker[0])
   check_params(cfg, params)
   tensors = hf_tensors(cfg, params, dtype)
+  if talker is not None:
+    check_params(*talker)
+    tensors = itertools.chain(tensors, hf_tensors(*talker, dtype))
   if code2wav is not None:
     c2w_cfg, c2w_params = code2wav
     c2w_cfg.validate()
@@ -177,10 +212,36 @@ def load_hf(hf_dir: str | Path, impl: ImplConfig = ImplConfig()) -> tuple[Thinke
   return cfg, from_hf(reader, abstract_params(cfg), thinker_keymap(cfg))
 
 
+def _holds(hf_dir: str | Path, prefix: str) -> bool:
+  return any(k.startswith(prefix + ".") for k in safetensors_io.Reader(hf_dir).keys())
+
+
 def has_code2wav(hf_dir: str | Path) -> bool:
   """Whether a transformers checkpoint directory holds ``code2wav.*`` tensors."""
-  keys = safetensors_io.Reader(hf_dir).keys()
-  return any(k.startswith(CODE2WAV_PREFIX + ".") for k in keys)
+  return _holds(hf_dir, CODE2WAV_PREFIX)
+
+
+def has_talker(hf_dir: str | Path) -> bool:
+  """Whether a transformers checkpoint directory holds ``talker.*`` tensors."""
+  return _holds(hf_dir, TALKER_PREFIX)
+
+
+def load_talker_hf(
+  hf_dir: str | Path, thinker: ThinkerConfig | None = None
+) -> tuple[TalkerConfig, Any] | None:
+  """(TalkerConfig, numpy params) of the Talker in a transformers checkpoint directory (checked
+  against the `thinker` it follows); None when it holds no ``talker.*`` tensors."""
+  hf_dir = Path(hf_dir)
+  if not has_talker(hf_dir):
+    return None
+  d = json.loads((hf_dir / CONFIG_FILE).read_text())
+  if "talker_config" not in d:
+    raise CheckpointError(
+      f"{hf_dir} holds {TALKER_PREFIX}.* tensors but its {CONFIG_FILE} has no talker_config."
+    )
+  cfg = talker_config_from_hf(d, thinker)
+  reader = safetensors_io.Reader(hf_dir)
+  return cfg, from_hf(reader, abstract_talker_params(cfg), talker_keymap(cfg))
 
 
 def load_code2wav_hf(hf_dir: str | Path) -> tuple[Code2WavConfig, Any] | None:

@@ -1,4 +1,5 @@
-"""ThinkerConfig <-> transformers ``Qwen3OmniMoeConfig`` (config.json) for the released layout, and
+"""ThinkerConfig <-> transformers ``Qwen3OmniMoeConfig`` (config.json) for the released layout,
+TalkerConfig <-> its ``talker_config`` entry (+ the top-level token ids the Talker reads), and
 Code2WavConfig <-> its ``code2wav_config`` entry (``Qwen3OmniMoeCode2WavConfig``).
 
 Every field transformers reads is written explicitly: its per-class defaults (head_dim,
@@ -15,6 +16,7 @@ from omnijax.models.config import (
   AudioEncoderConfig,
   Code2WavConfig,
   ImplConfig,
+  TalkerConfig,
   TextConfig,
   ThinkerConfig,
   VisionEncoderConfig,
@@ -79,9 +81,11 @@ def talker_text_config_to_hf(t: TextConfig) -> dict[str, Any]:
   )
 
 
-def to_hf_config(cfg: ThinkerConfig, dtype: str = "float32") -> dict[str, Any]:
-  """config.json of a Qwen3OmniMoeForConditionalGeneration holding this Thinker (no Talker),
-  with weights stored in `dtype`."""
+def to_hf_config(
+  cfg: ThinkerConfig, dtype: str = "float32", talker: TalkerConfig | None = None
+) -> dict[str, Any]:
+  """config.json of a Qwen3OmniMoeForConditionalGeneration holding this Thinker (and with
+  `talker` the Talker, ``enable_audio_output`` on), with weights stored in `dtype`."""
   if cfg.text.shared_expert_intermediate_size:
     raise ConfigError(
       "the Qwen3-Omni Thinker has no shared expert, so a Thinker with "
@@ -109,13 +113,119 @@ def to_hf_config(cfg: ThinkerConfig, dtype: str = "float32") -> dict[str, Any]:
     tie_word_embeddings=False,
     **{k: getattr(cfg, k) for k in _TOKEN_FIELDS},
   )
-  return dict(
+  out = dict(
     architectures=["Qwen3OmniMoeForConditionalGeneration"],
     model_type="qwen3_omni_moe",
     dtype=dtype,
-    enable_audio_output=False,
+    enable_audio_output=talker is not None,
     thinker_config=thinker,
   )
+  if talker is not None:
+    talker.validate(cfg)
+    out["talker_config"] = talker_config_to_hf(talker, cfg)
+    out.update({k: getattr(talker, k) for k in TALKER_TOP_LEVEL_IDS})
+  return out
+
+
+# Thinker-vocabulary ids that transformers keeps at the top of Qwen3OmniMoeConfig.
+TALKER_TOP_LEVEL_IDS = (
+  "tts_pad_token_id",
+  "tts_bos_token_id",
+  "tts_eos_token_id",
+  "im_start_token_id",
+  "im_end_token_id",
+  "system_token_id",
+  "user_token_id",
+  "assistant_token_id",
+)
+_TALKER_FIELDS = (
+  "num_code_groups",
+  "thinker_hidden_size",
+  "accept_hidden_layer",
+  "codec_pad_id",
+  "codec_bos_id",
+  "codec_eos_token_id",
+  "codec_nothink_id",
+  "codec_think_bos_id",
+  "codec_think_eos_id",
+  "spatial_merge_size",
+)
+
+
+def code_predictor_config_to_hf(p: TextConfig, num_code_groups: int) -> dict[str, Any]:
+  """A ``Qwen3OmniMoeTalkerCodePredictorConfig`` dict (a dense decoder with plain RoPE)."""
+  if p.num_experts or tuple(p.mrope_section[1:]) != (0, 0) or not p.qk_norm or p.sliding_window:
+    raise ConfigError(
+      "the code predictor is a dense decoder with q/k norm and plain (1-D) RoPE: set "
+      "num_experts=0, mrope_section=(head_dim // 2, 0, 0), qk_norm=True, sliding_window=0."
+    )
+  keys = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "max_position_embeddings",
+  )
+  return {k: getattr(p, k) for k in keys} | dict(
+    model_type="qwen3_omni_moe_talker_code_predictor",
+    num_code_groups=num_code_groups,
+    hidden_act="silu",
+    attention_bias=False,
+    tie_word_embeddings=False,
+    rope_parameters=dict(rope_type="default", rope_theta=p.rope_theta),
+  )
+
+
+def talker_config_to_hf(cfg: TalkerConfig, thinker: ThinkerConfig) -> dict[str, Any]:
+  """The ``talker_config`` entry: the Talker's own fields and the Thinker's placeholder ids."""
+  return {k: getattr(cfg, k) for k in _TALKER_FIELDS} | dict(
+    model_type="qwen3_omni_moe_talker",
+    text_config=talker_text_config_to_hf(cfg.text),
+    code_predictor_config=code_predictor_config_to_hf(cfg.code_predictor, cfg.num_code_groups),
+    speaker_id=dict(cfg.speaker_id),
+    audio_token_id=thinker.audio_token_id,
+    image_token_id=thinker.image_token_id,
+    video_token_id=thinker.video_token_id,
+    vision_start_token_id=thinker.vision_start_token_id,
+    audio_start_token_id=thinker.audio_start_token_id,
+    position_id_per_seconds=thinker.position_id_per_seconds,
+    tie_word_embeddings=False,
+  )
+
+
+def talker_config_from_hf(d: dict[str, Any], thinker: ThinkerConfig | None = None) -> TalkerConfig:
+  """The TalkerConfig of a full Qwen3-Omni config.json (`d`), checked against `thinker`."""
+  talker = d["talker_config"]
+  text = _text_config_from_hf(talker["text_config"], "talker_config.text_config")
+  p = dict(talker["code_predictor_config"])
+  p.setdefault("head_dim", p["hidden_size"] // p["num_attention_heads"])
+  p.setdefault("num_key_value_heads", p["num_attention_heads"])
+  rope = p.get("rope_parameters") or p.get("rope_scaling") or {}
+  theta = rope.get("rope_theta", p.get("rope_theta", 10000.0))  # transformers' default
+  code_predictor = TextConfig(
+    **{k: v for k, v in _pick(TextConfig, p).items() if k not in _NOT_IN_HF_TEXT},
+    rope_theta=float(theta),
+    mrope_section=(p["head_dim"] // 2, 0, 0),
+    num_experts=0,
+    num_experts_per_tok=0,
+    moe_intermediate_size=0,
+  )
+  top = {k: d[k] for k in TALKER_TOP_LEVEL_IDS if k in d}
+  fields = {k: talker[k] for k in _TALKER_FIELDS if k in talker}
+  speakers = talker.get("speaker_id") or {}
+  cfg = TalkerConfig(
+    text=text,
+    code_predictor=code_predictor,
+    speaker_id=tuple(sorted(((str(n), int(i)) for n, i in speakers.items()), key=lambda x: x[1])),
+    **fields,
+    **top,
+  )
+  cfg.validate(thinker, where="config.json talker_config")
+  return cfg
 
 
 def _pick(cls, d: dict[str, Any]) -> dict[str, Any]:
@@ -123,14 +233,19 @@ def _pick(cls, d: dict[str, Any]) -> dict[str, Any]:
   return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
 
 
-def from_hf_config(d: dict[str, Any], impl: ImplConfig = ImplConfig()) -> ThinkerConfig:
-  """The Thinker part of a transformers Qwen3-Omni config.json (full model or Thinker alone)."""
-  thinker = d.get("thinker_config", d)
-  text = dict(thinker["text_config"])
+# TextConfig fields that are omnijax's (Code2Wav options), never read from a Thinker/Talker config.
+_NOT_IN_HF_TEXT = ("qk_norm", "sliding_window", "layer_scale_initial_scale")
+
+
+def _text_config_from_hf(text: dict[str, Any], where: str) -> TextConfig:
+  """A Thinker or Talker decoder's TextConfig from its transformers text_config dict."""
+  text = dict(text)
+  if "num_local_experts" in text:  # the Talker's name for num_experts in a saved config.json
+    text.setdefault("num_experts", text.pop("num_local_experts"))
   rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
   theta = rope.get("rope_theta", text.get("rope_theta"))
   if theta is None:
-    raise ConfigError("config.json text_config has no rope_theta (in rope_parameters or at top).")
+    raise ConfigError(f"config.json {where} has no rope_theta (in rope_parameters or at top).")
   if "mrope_section" in rope and not rope.get("mrope_interleaved", rope.get("interleaved", False)):
     raise ConfigError(
       "config.json uses contiguous (Qwen2.5-Omni) M-RoPE sections; omnijax "
@@ -139,11 +254,19 @@ def from_hf_config(d: dict[str, Any], impl: ImplConfig = ImplConfig()) -> Thinke
   text["rope_theta"] = float(theta)
   if "mrope_section" in rope:
     text["mrope_section"] = rope["mrope_section"]
-  if "head_dim" not in text or text["head_dim"] is None:
+  if text.get("head_dim") is None:
     text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
-  for k in ("qk_norm", "sliding_window", "layer_scale_initial_scale"):  # not the Thinker's
+  if text.get("mlp_only_layers") is None:
+    text["mlp_only_layers"] = ()
+  for k in _NOT_IN_HF_TEXT:
     text.pop(k, None)
-  text_cfg = TextConfig(**_pick(TextConfig, text))
+  return TextConfig(**_pick(TextConfig, text))
+
+
+def from_hf_config(d: dict[str, Any], impl: ImplConfig = ImplConfig()) -> ThinkerConfig:
+  """The Thinker part of a transformers Qwen3-Omni config.json (full model or Thinker alone)."""
+  thinker = d.get("thinker_config", d)
+  text_cfg = _text_config_from_hf(thinker["text_config"], "text_config")
   tokens = {k: thinker[k] for k in _TOKEN_FIELDS if k in thinker}
   extra = {k: thinker[k] for k in ("position_id_per_seconds", "seconds_per_chunk") if k in thinker}
   cfg = ThinkerConfig(

@@ -1,7 +1,8 @@
 """omnijax params <-> the released (Hub) Qwen3-Omni safetensors layout: one key-map mechanism.
 
 A part of the model is described by a `KeyMap`, built from the part's config by a short table
-function (`text_keymap`, `audio_keymap`, `vision_keymap`, `code2wav_keymap`; parts compose with `+` and `under`):
+function (`text_keymap`, `audio_keymap`, `vision_keymap`, `talker_keymap`, `code2wav_keymap`;
+parts compose with `+` and `under`):
 - an `Entry` maps one omnijax leaf ('/'-joined path) to one transformers key through a
   `Transform` of the registry below, which knows the transformers shape of an omnijax shape and
   converts both ways;
@@ -26,6 +27,7 @@ from flax import traverse_util
 from omnijax.models.config import (
   AudioEncoderConfig,
   Code2WavConfig,
+  TalkerConfig,
   TextConfig,
   VisionEncoderConfig,
 )
@@ -110,7 +112,8 @@ class Linear(Transform):
 
 @dataclasses.dataclass(frozen=True)
 class Experts(Transform):
-  """An omnijax stack (num, ...) <-> one torch tensor per expert (``{e}`` in the key), each
+  """An omnijax stack (num, ...) <-> one torch tensor per expert (``{e}`` in the key; also the
+  code predictor's per-codebook tables and heads), each
   converted by `inner`: experts are unstacked on export and stacked on import. The key map
   applies `inner` per expert; `hf_shape` is that of one expert."""
 
@@ -415,30 +418,41 @@ def decoder_keymap(cfg: TextConfig, prefix: str) -> KeyMap:
   return KeyMap([*groups, Entry("norm/weight", f"{prefix}.norm.weight", COPY)])
 
 
-@dataclasses.dataclass(frozen=True)
-class TextLayout:
-  """Where a text decoder lives in the checkpoint (the Thinker and the Talker differ)."""
-
-  model: str  # the decoder stack: `{model}.layers.{i}.*`, `{model}.norm.weight`
-  embed: str
-  head: str | None  # None: no output head
-
-
-THINKER_TEXT = TextLayout(
-  model="thinker.model", embed="thinker.model.embed_tokens.weight", head="thinker.lm_head.weight"
-)
-TALKER_TEXT = TextLayout(
-  model="talker.model", embed="talker.model.codec_embedding.weight", head="talker.codec_head.weight"
-)
-
-
-def text_keymap(cfg: TextConfig, layout: TextLayout) -> KeyMap:
-  """A text decoder's params: embed_tokens, model/{layers_*, norm}, lm_head."""
-  head = [Entry("lm_head", layout.head, LINEAR)] if layout.head else []
+def text_keymap(cfg: TextConfig, prefix: str = "thinker") -> KeyMap:
+  """The Thinker's text decoder params: embed_tokens, model/{layers_*, norm}, lm_head."""
   return (
-    KeyMap([Entry("embed_tokens", layout.embed, COPY)])
-    + decoder_keymap(cfg, layout.model).under("model")
-    + KeyMap(head)
+    KeyMap([Entry("embed_tokens", f"{prefix}.model.embed_tokens.weight", COPY)])
+    + decoder_keymap(cfg, f"{prefix}.model").under("model")
+    + KeyMap([Entry("lm_head", f"{prefix}.lm_head.weight", LINEAR)])
+  )
+
+
+TALKER_PREFIX = "talker"
+
+
+def talker_keymap(cfg: TalkerConfig, prefix: str = TALKER_PREFIX) -> KeyMap:
+  """The Talker's params (`omnijax.models.talker.Talker`): codec embedding, MoE decoder, codec
+  head, the two projections, and the code predictor, whose per-codebook embedding tables and
+  heads are stacked on a leading axis in omnijax (``{e}``: one transformers tensor each)."""
+  groups = cfg.num_code_groups - 1
+  top = [Entry("codec_embedding", f"{prefix}.model.codec_embedding.weight", COPY)]
+  top.append(Entry("codec_head", f"{prefix}.codec_head.weight", LINEAR))
+  for proj in ("text_projection", "hidden_projection"):
+    for fc in ("linear_fc1", "linear_fc2"):
+      top += _dense(f"{proj}/{fc}", f"{prefix}.{proj}.{fc}", bias=COPY)
+  mtp = f"{prefix}.code_predictor"
+  top += [
+    Entry(
+      "code_predictor/codec_embedding",
+      f"{mtp}.model.codec_embedding.{{e}}.weight",
+      Experts(groups, COPY),
+    ),
+    Entry("code_predictor/lm_head", f"{mtp}.lm_head.{{e}}.weight", Experts(groups, LINEAR)),
+  ]
+  return (
+    KeyMap(top)
+    + decoder_keymap(cfg.text, f"{prefix}.model").under("model")
+    + decoder_keymap(cfg.code_predictor, f"{mtp}.model").under("code_predictor/model")
   )
 
 

@@ -389,3 +389,140 @@ class Code2WavConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TalkerConfig:
+  """The Talker (transformers `Qwen3OmniMoeTalkerConfig` field names; released values as
+  defaults where they are not sizes): a MoE decoder over codec frames whose codebook 0 it
+  predicts (`text`: vocab = the codec vocabulary, every layer MoE with a shared expert; its
+  intermediate_size is the hidden width of text_projection / hidden_projection, as in
+  transformers), and the dense MTP code predictor (`code_predictor`) for codebooks 1..15."""
+
+  text: TextConfig
+  code_predictor: TextConfig
+  num_code_groups: int = 16
+  thinker_hidden_size: int = 2048
+  accept_hidden_layer: int = 24
+  codec_pad_id: int = 2148
+  codec_bos_id: int = 2149
+  codec_eos_token_id: int = 2150
+  codec_nothink_id: int = 2155
+  codec_think_bos_id: int = 2156
+  codec_think_eos_id: int = 2157
+  speaker_id: tuple[tuple[str, int], ...] = (("chelsie", 2301), ("ethan", 2302), ("aiden", 2303))
+  # Thinker-vocabulary ids the Talker reads (transformers keeps them in the top-level config).
+  tts_pad_token_id: int = 151671
+  tts_bos_token_id: int = 151672
+  tts_eos_token_id: int = 151673
+  im_start_token_id: int = 151644
+  im_end_token_id: int = 151645
+  system_token_id: int = 8948
+  user_token_id: int = 872
+  assistant_token_id: int = 77091
+  spatial_merge_size: int = 2
+
+  @property
+  def codebook_size(self) -> int:
+    return self.code_predictor.vocab_size
+
+  def speakers(self) -> dict[str, int]:
+    return dict(self.speaker_id)
+
+  def validate(self, thinker: "ThinkerConfig | None" = None, where: str = "model.talker") -> None:
+    def need(cond: bool, msg: str) -> None:
+      if not cond:
+        raise ConfigError(f"{where}: {msg}")
+
+    self.text.validate(f"{where}.text")
+    self.code_predictor.validate(f"{where}.code_predictor")
+    t, p = self.text, self.code_predictor
+    need(
+      all(t.is_moe_layer(i) for i in range(t.num_hidden_layers))
+      and t.shared_expert_intermediate_size > 0,
+      "every Talker layer is a sparse-MoE block with a shared expert; set text.mlp_only_layers=(), "
+      "text.decoder_sparse_step=1 and text.shared_expert_intermediate_size > 0.",
+    )
+    need(
+      t.intermediate_size > 0, "text.intermediate_size (the projections' hidden width) must be > 0."
+    )
+    need(
+      p.num_experts == 0 and p.intermediate_size > 0,
+      "the code predictor is dense: set code_predictor.num_experts=0 and intermediate_size > 0.",
+    )
+    need(
+      p.hidden_size == t.hidden_size,
+      f"code_predictor.hidden_size ({p.hidden_size}) must equal text.hidden_size ({t.hidden_size}): "
+      "the predictor reads the Talker's hidden state without a projection.",
+    )
+    need(self.num_code_groups >= 2, f"num_code_groups must be >= 2, got {self.num_code_groups}.")
+    need(
+      p.vocab_size <= t.vocab_size,
+      f"code_predictor.vocab_size ({p.vocab_size}) is the codebook size; codebook 0 shares the "
+      f"Talker vocabulary (text.vocab_size={t.vocab_size}), which must hold it.",
+    )
+    codec = {
+      k: getattr(self, k)
+      for k in (
+        "codec_pad_id",
+        "codec_bos_id",
+        "codec_eos_token_id",
+        "codec_nothink_id",
+        "codec_think_bos_id",
+        "codec_think_eos_id",
+      )
+    } | {f"speaker_id[{n!r}]": i for n, i in self.speaker_id}
+    for k, v in codec.items():
+      need(
+        p.vocab_size <= v < t.vocab_size,
+        f"{k}={v} must be a special codec id in [codebook_size={p.vocab_size}, "
+        f"text.vocab_size={t.vocab_size}).",
+      )
+    if thinker is not None:
+      need(
+        self.thinker_hidden_size == thinker.text.hidden_size,
+        f"thinker_hidden_size ({self.thinker_hidden_size}) must equal model.text.hidden_size "
+        f"({thinker.text.hidden_size}).",
+      )
+      need(
+        0 <= self.accept_hidden_layer <= thinker.text.num_hidden_layers,
+        f"accept_hidden_layer ({self.accept_hidden_layer}) indexes the Thinker's hidden states "
+        f"0..{thinker.text.num_hidden_layers} (0: embeddings, k: after k layers).",
+      )
+      for k in (
+        "tts_pad_token_id",
+        "tts_bos_token_id",
+        "tts_eos_token_id",
+        "im_start_token_id",
+        "im_end_token_id",
+        "system_token_id",
+        "user_token_id",
+        "assistant_token_id",
+      ):
+        v = getattr(self, k)
+        need(
+          0 <= v < thinker.text.vocab_size,
+          f"{k}={v} is outside the Thinker vocabulary [0, {thinker.text.vocab_size}); set it to "
+          "the tokenizer's id of that token.",
+        )
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], where: str = "model.talker") -> "TalkerConfig":
+    d = _to_dict(d)
+    kwargs = {}
+    for key, value in d.items():
+      if key in ("text", "code_predictor"):
+        value = _build(TextConfig, value, f"{where}.{key}")
+      elif key == "speaker_id":  # {name: id} or (name, id) pairs, kept in id order
+        pairs = value.items() if isinstance(value, Mapping) else value
+        value = tuple(sorted(((str(n), int(i)) for n, i in pairs), key=lambda x: x[1]))
+      kwargs[key] = value
+    for key in ("text", "code_predictor"):
+      if key not in kwargs:
+        raise ConfigError(f"{where}.{key} is missing: start from a preset's talker.")
+    cfg = _build(cls, kwargs, where)
+    cfg.validate(where=where)
+    return cfg
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)

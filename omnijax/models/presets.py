@@ -27,6 +27,19 @@ LOCAL_TOKEN_IDS = dict(
   video_token_id=9,
 )
 
+# Thinker-vocabulary ids the Talker reads, in the locally trained tokenizer's layout
+# (data_pipelines.tokenizer.SPECIAL_TOKENS).
+LOCAL_TALKER_TOKEN_IDS = dict(
+  im_start_token_id=1,
+  im_end_token_id=2,
+  tts_pad_token_id=10,
+  tts_bos_token_id=11,
+  tts_eos_token_id=12,
+  system_token_id=13,
+  user_token_id=14,
+  assistant_token_id=15,
+)
+
 
 def _tiny() -> dict:
   return dict(
@@ -192,6 +205,92 @@ def _qwen3_omni_30b_a3b() -> dict:
   )
 
 
+def _talker_tiny() -> dict:
+  """A Talker for the tiny Thinker, with the released codec vocabulary (16 x 2048 codes)."""
+  return dict(
+    text=dict(
+      vocab_size=3072,
+      hidden_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=16,
+      num_experts=8,
+      num_experts_per_tok=2,
+      moe_intermediate_size=32,
+      intermediate_size=128,
+      shared_expert_intermediate_size=64,
+      mrope_section=(4, 2, 2),
+    ),
+    code_predictor=dict(
+      vocab_size=2048,
+      hidden_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=16,
+      num_experts=0,
+      num_experts_per_tok=0,
+      moe_intermediate_size=0,
+      intermediate_size=128,
+      mrope_section=(8, 0, 0),
+    ),
+    thinker_hidden_size=64,
+    accept_hidden_layer=1,
+    **LOCAL_TALKER_TOKEN_IDS,
+  )
+
+
+def _talker_qwen3_omni_30b_a3b() -> dict:
+  """The released Talker (3B-A0.3B) and its 5-layer MTP."""
+  return dict(
+    text=dict(
+      vocab_size=3072,
+      hidden_size=1024,
+      num_hidden_layers=20,
+      num_attention_heads=16,
+      num_key_value_heads=2,
+      head_dim=128,
+      num_experts=128,
+      num_experts_per_tok=6,
+      moe_intermediate_size=384,
+      intermediate_size=2048,
+      shared_expert_intermediate_size=768,
+      norm_topk_prob=True,
+      rms_norm_eps=1e-6,
+      rope_theta=1_000_000.0,
+      mrope_section=(24, 20, 20),
+      router_aux_loss_coef=0.001,
+      max_position_embeddings=65536,
+    ),
+    code_predictor=dict(
+      vocab_size=2048,
+      hidden_size=1024,
+      num_hidden_layers=5,
+      num_attention_heads=16,
+      num_key_value_heads=8,
+      head_dim=128,
+      num_experts=0,
+      num_experts_per_tok=0,
+      moe_intermediate_size=0,
+      intermediate_size=3072,
+      rms_norm_eps=1e-6,
+      rope_theta=1_000_000.0,
+      mrope_section=(64, 0, 0),
+      max_position_embeddings=32768,
+    ),
+    num_code_groups=16,
+    thinker_hidden_size=2048,
+    accept_hidden_layer=24,
+  )
+
+
+TALKER_PRESETS = {
+  "tiny": _talker_tiny,
+  "qwen3-omni-30b-a3b": _talker_qwen3_omni_30b_a3b,
+}
+
+
 PRESETS = {
   "tiny": _tiny,
   "small": _small,
@@ -215,3 +314,10 @@ def get(name: str) -> ml_collections.ConfigDict:
     attention_query_blocks=8,
   )
   return ml_collections.ConfigDict(d)
+
+
+def get_talker(name: str) -> ml_collections.ConfigDict:
+  """The Talker preset of a Thinker preset (``TalkerConfig.from_dict`` reads it)."""
+  if name not in TALKER_PRESETS:
+    raise ConfigError(f"no Talker preset {name!r}; available: {sorted(TALKER_PRESETS)}.")
+  return ml_collections.ConfigDict(TALKER_PRESETS[name]())
