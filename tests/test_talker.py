@@ -200,3 +200,19 @@ def test_export_writes_the_talker_back_and_transformers_loads_it(pair, tmp_path)
   assert not [k for k in info["missing_keys"] if k.startswith(("talker.", "thinker."))]
   assert convert.load_talker_hf(out, thinker)[0] == talker
   assert jax.tree.structure(convert.load_talker_hf(out)[1]) == jax.tree.structure(params)
+
+
+def test_thinker_captures_the_hidden_states_the_talker_reads(pair):
+  """Thinker(capture=k) returns transformers' ``hidden_states[k]`` (0: the input embeddings,
+  0 < k < layers: the raw residual stream, k = layers: the final norm's output)."""
+  from omnijax.models.thinker import Thinker
+
+  thinker, _, hf, hf_dir, _ = pair
+  params = convert.load_hf(hf_dir)[1]
+  ids = np.random.default_rng(4).integers(0, thinker.text.vocab_size, (B, S))
+  with torch.no_grad():
+    theirs = hf.thinker(input_ids=_t(ids), output_hidden_states=True).hidden_states
+  assert len(theirs) == thinker.text.num_hidden_layers + 1
+  for k, want in enumerate(theirs):
+    *_, tap = Thinker(thinker).apply({"params": params}, ids, capture=k)
+    np.testing.assert_allclose(np.asarray(tap), want.numpy(), atol=1e-5, err_msg=f"capture={k}")

@@ -32,12 +32,15 @@ class DecoderLayer(nn.Module):
   cfg: TextConfig
   impl: ImplConfig
   moe: bool
+  capture: int = -1  # the carry's `captured` takes the output of this many layers
 
   @nn.compact
-  def __call__(self, h, layer_index, cos, sin, segment_ids, modality, deepstack, kv, kv_mask):
-    """`modality` (B,S) selects the router when the config has modality routers; `deepstack`
+  def __call__(self, carry, layer_index, cos, sin, segment_ids, modality, deepstack, kv, kv_mask):
+    """`carry` (h, captured): the hidden states and the captured ones (None: no capture);
+    `modality` (B,S) selects the router when the config has modality routers; `deepstack`
     (taps, B, S, D) or None is added to the output of layer i < taps (DeepStack); `kv`,
-    `kv_mask`: this layer's KV cache or None (see Attention). Returns (h, (stats, kv))."""
+    `kv_mask`: this layer's KV cache or None (see Attention). Returns ((h, captured), (stats, kv))."""
+    h, captured = carry
     cfg, pdt = self.cfg, dtype_of(self.impl.param_dtype)
     x = RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(h)
     y, kv = Attention(cfg, self.impl, name="self_attn")(x, cos, sin, segment_ids, kv, kv_mask)
@@ -58,7 +61,10 @@ class DecoderLayer(nn.Module):
         deepstack, jnp.minimum(layer_index, taps - 1), 0, keepdims=False
       )
       h = h + jnp.where(layer_index < taps, tap, 0).astype(h.dtype)
-    return constrain(h, ("batch", "seq", "act_embed")), (stats, kv)
+    h = constrain(h, ("batch", "seq", "act_embed"))
+    if captured is not None:
+      captured = jnp.where(layer_index == self.capture - 1, h, captured)
+    return (h, captured), (stats, kv)
 
 
 def _block_name(first: int, count: int) -> str:
@@ -81,15 +87,23 @@ def init_cache(cfg: TextConfig, impl: ImplConfig, batch: int, length: int) -> di
 
 
 class Decoder(nn.Module):
-  """Layers + final norm. Returns (hidden (B,S,D), moe stats stacked over MoE layers), and with
-  a `cache` (``init_cache``) the cache with the S tokens written at its index, as a third value."""
+  """Layers + final norm. Returns (hidden (B,S,D), moe stats stacked over MoE layers), with a
+  `cache` (``init_cache``) the cache with the S tokens written at its index as a further value,
+  and with `capture` = k the hidden states after k layers as the last value (transformers'
+  ``hidden_states[k]``: 0 the input, k < layers the raw residual stream, k = layers the final
+  norm's output)."""
 
   cfg: TextConfig
   impl: ImplConfig
 
   @nn.compact
-  def __call__(self, h, positions, segment_ids, modality=None, deepstack=None, cache=None):
+  def __call__(
+    self, h, positions, segment_ids, modality=None, deepstack=None, cache=None, capture=None
+  ):
     cfg = self.cfg
+    if capture is not None and not 0 <= capture <= cfg.num_hidden_layers:
+      raise ValueError(f"capture={capture} is not a hidden-state index 0..{cfg.num_hidden_layers}.")
+    captured = None if capture is None else h
     cos, sin = tm_rope.cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
     kv_mask = new_cache = None
     if cache is not None:
@@ -113,8 +127,10 @@ class Decoder(nn.Module):
         length=count,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      h, (block_stats, kv) = stack(cfg, self.impl, moe, name=name)(
-        h,
+      (h, captured), (block_stats, kv) = stack(
+        cfg, self.impl, moe, -1 if capture is None else capture, name=name
+      )(
+        (h, captured),
         jnp.arange(first, first + count),
         cos,
         sin,
@@ -130,9 +146,10 @@ class Decoder(nn.Module):
         new_cache["kv"][name] = kv
     h = RMSNorm(cfg.rms_norm_eps, dtype_of(self.impl.param_dtype), name="norm")(h)
     stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats) if stats else {}
-    if cache is None:
-      return h, stats
-    return h, stats, new_cache
+    out = (h, stats) if cache is None else (h, stats, new_cache)
+    if capture is None:
+      return out
+    return out + (h if capture == cfg.num_hidden_layers else captured,)
 
 
 def load_balancing_loss(stats, num_experts: int) -> jax.Array:

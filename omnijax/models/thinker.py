@@ -71,10 +71,12 @@ class Thinker(nn.Module):
     segment_ids: jax.Array | None = None,
     media: Mapping[str, jax.Array] | None = None,
     cache: dict | None = None,
+    capture: int | None = None,
   ):
     """input_ids (B, S); positions (3, B, S) TM-RoPE ids (default: text positions per segment);
     segment_ids (B, S), 0 = padding (default: one segment per row); media as above; cache: a KV
-    cache to decode with (see the module docstring)."""
+    cache to decode with (see the module docstring); capture: also return the hidden states
+    (B, S, D) after this many decoder layers, as the last value (the Talker reads them)."""
     cfg, text, impl = self.cfg, self.cfg.text, self.cfg.impl
     dtype, pdt = dtype_of(impl.dtype), dtype_of(impl.param_dtype)
     media = dict(media or {})
@@ -113,17 +115,17 @@ class Thinker(nn.Module):
         deepstack = taps if deepstack is None else deepstack + taps
 
     modality = self.modality(input_ids) if text.modality_routers else None
-    decoder = Decoder(text, impl, name="model")
-    if cache is None:
-      h, stats = decoder(h, positions, segment_ids, modality, deepstack)
-    else:
-      h, stats, cache = decoder(h, positions, segment_ids, modality, deepstack, cache)
+    dec = Decoder(text, impl, name="model")(
+      h, positions, segment_ids, modality, deepstack, cache, capture
+    )
+    h, stats = dec[:2]
+    if cache is not None:
+      cache = dec[2]
       h = h[:, -1:]
     lm_head = logical_param(
       self, "lm_head", (text.hidden_size, text.vocab_size), ("embed", "vocab"), pdt
     )
     logits = jnp.einsum("bsd,dv->bsv", h, lm_head.astype(dtype), preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", "seq", "act_vocab"))
-    if cache is None:
-      return logits, stats
-    return logits, stats, cache
+    out = (logits, stats) if cache is None else (logits, stats, cache)
+    return out if capture is None else out + (dec[-1],)
