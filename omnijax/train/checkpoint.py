@@ -7,6 +7,8 @@ Layout of a workdir:
   checkpoints/<step>/state    TrainState {step, params, opt_state}
   checkpoints/<step>/data     the Grain iterator state (when training from a pipeline)
   init_params/                params that initialise a fresh run (`export from-hf` writes it)
+  talker.json                 the TalkerConfig of a run with a Talker: its params trees are then
+                              {"thinker": ..., "talker": ...} (`split_params`)
   code2wav/                   code2wav.json + params/: a Code2Wav vocoder (`export from-hf` of a
                               checkpoint with code2wav.* tensors), exported back by `to-hf`
   tensorboard/                TensorBoard event files
@@ -25,12 +27,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from omnijax.models.config import Code2WavConfig, ThinkerConfig
+from omnijax.models.config import Code2WavConfig, TalkerConfig, ThinkerConfig
 
 CHECKPOINTS = "checkpoints"
 INIT_PARAMS = "init_params"
 MODEL_JSON = "model.json"
 TOKENIZER_JSON = "tokenizer.json"
+TALKER_JSON = "talker.json"
 CODE2WAV = "code2wav"
 CODE2WAV_JSON = "code2wav.json"
 
@@ -178,6 +181,27 @@ def read_model_config(workdir: str | Path) -> ThinkerConfig:
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: not an omnijax workdir.")
   return ThinkerConfig.from_dict(json.loads(path.read_text()))
+
+
+def write_talker_config(workdir: str | Path, cfg: TalkerConfig) -> None:
+  path = Path(workdir) / TALKER_JSON
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(cfg.to_dict(), indent=2))
+
+
+def read_talker_config(workdir: str | Path) -> TalkerConfig | None:
+  """The workdir's TalkerConfig, None when its model has no Talker."""
+  path = Path(workdir) / TALKER_JSON
+  if not path.exists():
+    return None
+  return TalkerConfig.from_dict(json.loads(path.read_text()), where=str(path))
+
+
+def split_params(workdir: str | Path, params) -> tuple[Any, Any]:
+  """(Thinker params, Talker params or None) of a params tree of this workdir."""
+  if not (Path(workdir) / TALKER_JSON).exists():
+    return params, None
+  return params["thinker"], params["talker"]
 
 
 def save_tokenizer(workdir: str | Path, tokenizer) -> None:
