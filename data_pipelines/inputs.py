@@ -146,7 +146,9 @@ def load_tokenizer(config, model_cfg):
   return tokenizer
 
 
-def _dataset(d, model_cfg, tokenizer, *, batch_size: int, seed: int, split: str = "train"):
+def _dataset(
+  d, model_cfg, tokenizer, *, batch_size: int, seed: int, split: str = "train", talker_cfg=None
+):
   from data_pipelines import omni, pipeline  # pylint: disable=import-outside-toplevel
 
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count(), seed=seed)
@@ -156,14 +158,21 @@ def _dataset(d, model_cfg, tokenizer, *, batch_size: int, seed: int, split: str 
     )
   try:
     return omni.make_omni_dataset(
-      d, tokenizer=tokenizer, model_cfg=model_cfg, seq_len=d.seq_len, batch_size=batch_size, **hosts
+      d,
+      tokenizer=tokenizer,
+      model_cfg=model_cfg,
+      seq_len=d.seq_len,
+      batch_size=batch_size,
+      talker_cfg=talker_cfg,
+      **hosts,
     )
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
 
-def make_train_iterator(config, model_cfg) -> Inputs:
-  """This host's training batches (config.train.global_batch_size / processes rows each)."""
+def make_train_iterator(config, model_cfg, talker_cfg=None) -> Inputs:
+  """This host's training batches (config.train.global_batch_size / processes rows each), with
+  the Talker's rows when `talker_cfg` is given."""
   d = config.data
   host_batch = config.train.global_batch_size // jax.process_count()
   if d.kind not in KINDS:
@@ -178,7 +187,9 @@ def make_train_iterator(config, model_cfg) -> Inputs:
   _build_local_corpora(d)
   _check_sources(d)
   tokenizer = load_tokenizer(config, model_cfg)
-  ds = _dataset(d, model_cfg, tokenizer, batch_size=host_batch, seed=config.seed)
+  ds = _dataset(
+    d, model_cfg, tokenizer, batch_size=host_batch, seed=config.seed, talker_cfg=talker_cfg
+  )
   if d.kind == "text":
     return Inputs(iter(ds), True, [], tokenizer)
   return Inputs(iter(ds), True, sorted(d.mixture), tokenizer, ds.sources)

@@ -59,15 +59,24 @@ PROMPTS = {
     "Narrate this clip.",
   ),
 }
+PROMPTS["tts"] = ("Read this aloud:", "Say the following:", "Speak this text:")
+PROMPTS["spoken_asr"] = PROMPTS["asr"]
 TASK_OPS = {
   "text": ("decode_text",),
+  "tts": ("decode_text",),
+  "spoken_asr": ("decode_text", "decode_audio(truncate=False, max_seconds=30)", "log_mel"),
   "caption": ("decode_text", "decode_image", "resize_image", "patchify_image"),
   "asr": ("decode_text", "decode_audio(truncate=False, max_seconds=30)", "log_mel"),
   "audio": ("decode_text", "decode_audio(max_seconds=30)", "log_mel"),
   "video": ("decode_text", "decode_video(fps=2.0, max_seconds=20)"),
 }
+# Tasks whose answer is also spoken: the Talker's targets are the codes of the example's
+# speech (a `speech_codes` op with the source's `codec`, before any audio op).
+TALKER_TASKS = ("tts", "spoken_asr")
 TASK_MODALITY = {
   "text": "text",
+  "tts": "text",
+  "spoken_asr": "audio",
   "caption": "image",
   "asr": "audio",
   "audio": "audio",
@@ -86,16 +95,38 @@ class ToSequence:
 
   Output: inputs/targets (L,) int32, loss_mask (L,) float32, positions (3, L) float32, and
   media lists audio [(mel, T)], image [(pixels, grid)], video [(pixels, grid)] with the
-  per-video seconds per grid in video_spg.
+  per-video seconds per grid in video_spg. TALKER_TASKS add the Talker layout of the
+  conversation (``omnijax.processing.talker.talker_example``) as ``talker_*`` arrays.
   """
 
-  def __init__(self, task: str, task_id: int, tokenizer, model_cfg, seq_len: int, seed: int):
+  def __init__(
+    self,
+    task: str,
+    task_id: int,
+    tokenizer,
+    model_cfg,
+    seq_len: int,
+    seed: int,
+    talker_cfg=None,
+    talker_seq_len: int = 0,
+    speaker: str = "ethan",
+  ):
     from omnijax.processing import positions  # pylint: disable=import-outside-toplevel
+    from omnijax.processing import talker  # pylint: disable=import-outside-toplevel
 
     if task not in TASK_MODALITY:
       raise ValueError(f"unknown task {task!r}; tasks: {sorted(TASK_MODALITY)}")
+    if task in TALKER_TASKS:
+      if talker_cfg is None:
+        raise ValueError(f"task {task!r} trains a Talker: set config.talker (a Talker model).")
+      speakers = talker_cfg.speakers()
+      if speaker.lower() not in speakers:
+        raise ValueError(f"speaker {speaker!r} is not one of {sorted(speakers)}.")
+      self._talker_ids = talker.TalkerTokenIds.from_configs(model_cfg, talker_cfg)
+      self._speaker_id = speakers[speaker.lower()]
+      self._talker_example = talker.talker_example
     self.task, self.task_id, self.tok, self.cfg = task, task_id, tokenizer, model_cfg
-    self.seq_len, self.seed = seq_len, seed
+    self.seq_len, self.seed, self.talker_seq_len = seq_len, seed, talker_seq_len
     self._positions = positions
     self._rope_kwargs = positions.rope_kwargs_from_config(model_cfg)
     self._ids = {
@@ -110,12 +141,14 @@ class ToSequence:
   def _media_span(self, example) -> tuple[list[int], dict[str, Any]]:
     c, pos = self.cfg, self._positions
     merge = c.vision.spatial_merge_size
+    if self.task == "tts":
+      return [], {}
     if self.task == "caption":
       grid = np.asarray(example["image_grid_thw"]).reshape(3)
       n = int(pos.image_token_count(grid, merge))
       span = [c.vision_start_token_id] + [c.image_token_id] * n + [c.vision_end_token_id]
       return span, dict(image=[(example["pixel_values"], grid[None])], image_grid=[grid])
-    if self.task in ("asr", "audio"):
+    if self.task in ("asr", "spoken_asr", "audio"):
       mel = example["audio_features"]
       n = int(pos.audio_token_count(mel.shape[1], c.audio.n_window))
       span = [c.audio_start_token_id] + [c.audio_token_id] * n + [c.audio_end_token_id]
@@ -148,6 +181,8 @@ class ToSequence:
     decoding continues from; the training sequence appends the answer)."""
     span, media = self._media_span(example)
     prompt = PROMPTS[self.task][self._rng(example).integers(len(PROMPTS[self.task]))]
+    if self.task == "tts":
+      prompt = f"{prompt}\n{example['text'].strip()}"
     ims, ime = self._ids["<|im_start|>"], self._ids["<|im_end|>"]
     user = np.concatenate(
       [
@@ -198,6 +233,13 @@ class ToSequence:
     )
     for k in ("audio", "image", "video"):
       out[k] = media.get(k, [])
+    if self.task in TALKER_TASKS:
+      layout = self._talker_example(
+        tokens[:-1], example["speech_codes"], self._speaker_id, self._talker_ids
+      )
+      if len(layout["labels"]) > self.talker_seq_len:
+        return _skip("too_long")
+      out |= {f"talker_{k}": v for k, v in layout.items()}
     return out
 
 
@@ -219,7 +261,43 @@ def _text_chunks(seq: dict[str, Any], seq_len: int) -> list[dict[str, Any]]:
   return out
 
 
-def _pack_row(docs: list[dict[str, Any]], seq_len: int, skips: np.ndarray) -> dict[str, Any]:
+def _pack_talker(row: dict[str, Any], docs: list[dict[str, Any]], capacity: "RowCapacity") -> None:
+  """The Talker parts of a row's documents, packed in the same order into the row's Talker
+  arrays (segment i: the row's i-th document; Thinker indices shifted to the row)."""
+  length, groups = capacity.talker_len, capacity.groups
+  row |= dict(
+    talker_text_ids=np.zeros(length, np.int32),
+    talker_thinker_index=np.full(length, -1, np.int32),
+    talker_codec_ids=np.full((length, groups), -1, np.int32),
+    talker_positions=np.zeros((3, length), np.float32),
+    talker_segment_ids=np.zeros(length, np.int32),
+    talker_labels=np.full(length, -1, np.int32),
+    talker_mtp_index=np.zeros(capacity.mtp_rows, np.int32),
+    talker_mtp_codes=np.full((capacity.mtp_rows, groups), -1, np.int32),
+  )
+  at = talker_at = mtp_at = 0
+  for i, d in enumerate(docs, start=1):
+    if "talker_labels" in d:
+      n = len(d["talker_labels"])
+      sl = slice(talker_at, talker_at + n)
+      row["talker_text_ids"][sl] = d["talker_text_ids"]
+      index = d["talker_thinker_index"]
+      row["talker_thinker_index"][sl] = np.where(index >= 0, index + at, -1)
+      row["talker_codec_ids"][sl] = d["talker_codec_ids"]
+      row["talker_positions"][:, sl] = d["talker_positions"]
+      row["talker_segment_ids"][sl] = i
+      row["talker_labels"][sl] = d["talker_labels"]
+      frames = np.flatnonzero(d["talker_mtp_codes"][:, 0] >= 0)
+      row["talker_mtp_index"][mtp_at : mtp_at + len(frames)] = frames + talker_at
+      row["talker_mtp_codes"][mtp_at : mtp_at + len(frames)] = d["talker_mtp_codes"][frames]
+      talker_at, mtp_at = talker_at + n, mtp_at + len(frames)
+    at += len(d["inputs"])
+
+
+def _pack_row(
+  docs: list[dict[str, Any]], capacity: "RowCapacity", skips: np.ndarray
+) -> dict[str, Any]:
+  seq_len = capacity.seq_len
   row = dict(
     inputs=np.zeros(seq_len, np.int32),
     targets=np.zeros(seq_len, np.int32),
@@ -243,32 +321,48 @@ def _pack_row(docs: list[dict[str, Any]], seq_len: int, skips: np.ndarray) -> di
     for k in ("audio", "image", "video"):
       row[k].extend(d[k])
     at += n
+  if capacity.talker_len:
+    _pack_talker(row, docs, capacity)
   row[_SKIPS] = skips
   return row
 
 
 class RowCapacity:
-  """What one packed row holds: tokens, audios, frames per audio, image and video patches."""
+  """What one packed row holds: tokens, audios, frames per audio, image and video patches,
+  and with a Talker its positions and MTP frames."""
 
-  def __init__(self, seq_len: int, buckets):
+  def __init__(self, seq_len: int, buckets, talker_len: int = 0, mtp_rows: int = 0, groups=16):
     self.seq_len = seq_len
     self.audios = int(buckets.audios_per_row)
     self.frames = max(buckets.audio_frames)
     self.image_patches = max(buckets.image_patches)
     self.video_patches = max(buckets.video_patches)
+    self.talker_len, self.mtp_rows, self.groups = talker_len, mtp_rows, groups
 
   def usage(self, doc: dict[str, Any]) -> np.ndarray:
+    talker = doc.get("talker_labels")
     return np.array(
       [
         len(doc["inputs"]),
         len(doc["audio"]),
         sum(len(p) for p, _ in doc["image"]),
         sum(len(p) for p, _ in doc["video"]),
+        0 if talker is None else len(talker),
+        0 if talker is None else int(np.sum(doc["talker_mtp_codes"][:, 0] >= 0)),
       ]
     )
 
   def limits(self) -> np.ndarray:
-    return np.array([self.seq_len, self.audios, self.image_patches, self.video_patches])
+    return np.array(
+      [
+        self.seq_len,
+        self.audios,
+        self.image_patches,
+        self.video_patches,
+        self.talker_len,
+        self.mtp_rows,
+      ]
+    )
 
   def fits_alone(self, doc: dict[str, Any]) -> bool:
     return (
@@ -317,7 +411,7 @@ class _PackIterator(grain.DatasetIterator):
       self._pending_state = state
 
   def __next__(self) -> dict[str, Any]:
-    docs, used = [], np.zeros(4, np.int64)
+    docs, used = [], np.zeros(6, np.int64)
     limits = self._capacity.limits()
     while True:
       try:
@@ -335,7 +429,7 @@ class _PackIterator(grain.DatasetIterator):
       if not self._pending:
         self._pending_state, self._consumed = None, 0
     skips, self._skips = self._skips, np.zeros_like(self._skips)
-    return _pack_row(docs, self._seq_len, skips)
+    return _pack_row(docs, self._capacity, skips)
 
   def get_state(self) -> dict[str, Any]:
     parent = self._pending_state if self._pending_state is not None else self._parent.get_state()
@@ -359,10 +453,9 @@ def assemble_batch(
   the smallest configured buckets that fit (so the train step compiles once per bucket)."""
   from omnijax.processing import media  # pylint: disable=import-outside-toplevel
 
-  batch = {
-    k: np.stack([r[k] for r in rows])
-    for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions", "task_ids", _SKIPS)
-  }
+  keys = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "task_ids", _SKIPS)
+  keys += tuple(k for k in rows[0] if k.startswith("talker_"))
+  batch = {k: np.stack([r[k] for r in rows]) for k in keys}
   if "audio" in modalities or "video" in modalities:
     frames = max((m.shape[1] for r in rows for m in r["audio"]), default=1)
     batch |= media.audio_buffers(
@@ -415,10 +508,20 @@ def _source_dataset(
   process_index: int,
   process_count: int,
   num_epochs: int | None = None,
+  talker_cfg=None,
+  talker_seq_len: int = 0,
 ) -> tuple[grain.MapDataset, int]:
   """(sequences of a source for this host, its number of examples on this host)."""
   task = spec.task
-  ops = build_ops(list(spec.get("ops", None) or TASK_OPS[task]), OpContext(tokenizer=tokenizer))
+  op_specs = list(spec.get("ops", None) or TASK_OPS[task])
+  if task in TALKER_TASKS and not spec.get("ops", None):
+    if not spec.get("codec"):
+      raise ValueError(
+        f"data.mixture.{name} (task {task}) needs `codec`: a speech tokenizer run "
+        "(experiments/codec.py) or a transformers Mimi directory, whose codes the Talker learns."
+      )
+    op_specs.insert(1, f"speech_codes(codec={str(spec.codec)!r})")
+  ops = build_ops(op_specs, OpContext(tokenizer=tokenizer))
   ds = grain.MapDataset.source(open_source(spec))
   ds = ds[process_index::process_count]
   if spec.get("max_examples"):
@@ -426,9 +529,18 @@ def _source_dataset(
   examples = len(ds)
   if shuffle:
     ds = ds.seed(seed + zlib.crc32(name.encode())).shuffle()
-  return ds.repeat(num_epochs).map(ApplyOps(ops)).map(
-    ToSequence(task, task_id, tokenizer, model_cfg, seq_len, seed)
-  ), examples
+  to_sequence = ToSequence(
+    task,
+    task_id,
+    tokenizer,
+    model_cfg,
+    seq_len,
+    seed,
+    talker_cfg,
+    talker_seq_len,
+    spec.get("speaker", "ethan"),
+  )
+  return ds.repeat(num_epochs).map(ApplyOps(ops)).map(to_sequence), examples
 
 
 def estimate_tokens_per_example(ds: grain.MapDataset, samples: int) -> float:
@@ -474,8 +586,12 @@ def make_omni_dataset(
   process_index: int,
   process_count: int,
   seed: int,
+  talker_cfg=None,
 ) -> grain.IterDataset:
   """Packed mixed-modality batches for this host (see the module doc).
+
+  With `talker_cfg` (a TalkerConfig) every row also holds the Talker layouts of its spoken
+  documents (TALKER_TASKS) in `talker_seq_len` positions and `talker_mtp_rows` MTP frames.
 
   `cfg` is config.data: `mixture` {name: {path | tfds [+ tfds_data_dir], task, weight[, ops,
   split, max_examples, estimate_samples]}}, `mixture_by` ("tokens": weights are token ratios; "epochs": passes
@@ -508,6 +624,8 @@ def make_omni_dataset(
       process_index=process_index,
       process_count=process_count,
       num_epochs=cfg.get("num_epochs"),
+      talker_cfg=talker_cfg,
+      talker_seq_len=cfg.get("talker_seq_len", 0),
     )
     try:
       per_example[name] = estimate_tokens_per_example(
@@ -527,7 +645,16 @@ def make_omni_dataset(
   logging.info("mixture: tokens/example %s -> sampling weights %s", per_example, weights)
   modalities = frozenset(TASK_MODALITY[cfg.mixture[n].task] for n in names)
   it = grain.IterDataset.mix(sources, weights)
-  it = _PackIterDataset(it, RowCapacity(seq_len, cfg.buckets))
+  capacity = RowCapacity(seq_len, cfg.buckets)
+  if talker_cfg is not None:
+    capacity = RowCapacity(
+      seq_len,
+      cfg.buckets,
+      talker_len=cfg.talker_seq_len,
+      mtp_rows=cfg.talker_mtp_rows,
+      groups=talker_cfg.num_code_groups,
+    )
+  it = _PackIterDataset(it, capacity)
   it = it.batch(
     batch_size,
     drop_remainder=cfg.get("num_epochs") is None,

@@ -5,7 +5,8 @@
 * ``train_bpe_tokenizer(texts, vocab_size=...)`` trains a byte-level BPE
   (ByteLevel pre-tokenizer and decoder, all 256 bytes in the base alphabet, so
   no ``<unk>``) whose first ids are ``SPECIAL_TOKENS`` in order:
-  ``<|endoftext|>`` = 0, ``<|im_start|>`` = 1, ..., ``<|video_pad|>`` = 9.
+  ``<|endoftext|>`` = 0, ``<|im_start|>`` = 1, ..., ``<|tts_eos|>`` = 12, then the
+  whole-word ``ROLE_TOKENS`` ``system`` = 13, ``user`` = 14, ``assistant`` = 15.
 * ``local_tokenizer(corpus_dir, vocab_size=...)`` trains one on a corpus'
   train split once and caches it as ``corpus_dir/bpe-{vocab_size}/tokenizer.json``.
 
@@ -36,7 +37,14 @@ SPECIAL_TOKENS = (
   "<|vision_end|>",
   "<|image_pad|>",
   "<|video_pad|>",
+  "<|tts_pad|>",
+  "<|tts_bos|>",
+  "<|tts_eos|>",
 )
+# Chat roles as whole-word tokens (ids right after SPECIAL_TOKENS): the Talker reads a turn's
+# role as the one token after <|im_start|>, as with Qwen's vocabulary. They are special
+# tokens to `tokenizers` (decode(skip_special_tokens=True) drops them).
+ROLE_TOKENS = ("system", "user", "assistant")
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -79,8 +87,8 @@ def load_tokenizer(path: str | os.PathLike[str]) -> TextTokenizer:
 
 
 def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096) -> TextTokenizer:
-  """Trains a byte-level BPE tokenizer with ``SPECIAL_TOKENS`` at ids 0..9."""
-  min_size = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
+  """Trains a byte-level BPE tokenizer with ``SPECIAL_TOKENS`` and ``ROLE_TOKENS`` first."""
+  min_size = len(SPECIAL_TOKENS) + len(ROLE_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
   if vocab_size < min_size:
     raise ValueError(f"vocab_size must be >= {min_size}, got {vocab_size}")
   tokenizer = tokenizers.Tokenizer(models.BPE())
@@ -88,7 +96,10 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096) -> Text
   tokenizer.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
     vocab_size=vocab_size,
-    special_tokens=list(SPECIAL_TOKENS),
+    special_tokens=[
+      *SPECIAL_TOKENS,
+      *(tokenizers.AddedToken(r, single_word=True, normalized=False) for r in ROLE_TOKENS),
+    ],
     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     show_progress=False,
   )
@@ -114,7 +125,12 @@ def local_tokenizer(corpus_dir: str | os.PathLike[str], *, vocab_size: int = 409
   """
   path = pathlib.Path(corpus_dir) / f"bpe-{vocab_size}" / "tokenizer.json"
   if path.is_file():
-    return load_tokenizer(path)
+    cached = load_tokenizer(path)
+    try:  # a tokenizer cached before these tokens existed is retrained
+      if all(cached.token_id(t) == i for i, t in enumerate(SPECIAL_TOKENS + ROLE_TOKENS)):
+        return cached
+    except KeyError:
+      pass
   tokenizer = train_bpe_tokenizer(_corpus_texts(corpus_dir), vocab_size=vocab_size)
   tokenizer.save(path)
   return tokenizer

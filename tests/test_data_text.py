@@ -318,8 +318,11 @@ def test_skip_counts_survive_restore(tmp_path, tok):
 
 
 def test_tokenizer_special_tokens_and_round_trip(tok, tmp_path):
-  for i, name in enumerate(tokenizer.SPECIAL_TOKENS):
+  for i, name in enumerate(tokenizer.SPECIAL_TOKENS + tokenizer.ROLE_TOKENS):
     assert tok.token_id(name) == i
+  # roles are whole words: one token after <|im_start|>, untouched inside other words
+  assert tok.encode("<|im_start|>user\n")[:2].tolist() == [1, tok.token_id("user")]
+  assert tok.token_id("user") not in tok.encode("username").tolist()
   assert tok.eos_id == tok.token_id("<|endoftext|>") == 0
   assert tok.vocab_size == 400
   text = "Grüße, 世界! tabs\tand\nnewlines  <|im_start|> x"

@@ -168,8 +168,17 @@ def test_exported_files(hf_dir, cfg):
   assert tc["processor_class"] == "Qwen3OmniMoeProcessor"
   assert tc["eos_token"] == tc["pad_token"] == "<|endoftext|>"
   assert tc["model_max_length"] == cfg.text.max_position_embeddings
-  assert tc["extra_special_tokens"] == ["<|im_start|>", "<|im_end|>"]
-  assert [t["content"] for t in tc["added_tokens_decoder"].values()] == list(tok_lib.SPECIAL_TOKENS)
+  assert tc["extra_special_tokens"] == [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|tts_pad|>",
+    "<|tts_bos|>",
+    "<|tts_eos|>",
+    *tok_lib.ROLE_TOKENS,
+  ]
+  assert [t["content"] for t in tc["added_tokens_decoder"].values()] == list(
+    tok_lib.SPECIAL_TOKENS + tok_lib.ROLE_TOKENS
+  )
   processor = json.loads((hf_dir / "processor_config.json").read_text())
   fe, ip, vp = (processor[k] for k in ("feature_extractor", "image_processor", "video_processor"))
   assert (fe["feature_size"], fe["sampling_rate"], fe["hop_length"], fe["n_fft"]) == (
@@ -206,7 +215,8 @@ def test_auto_tokenizer_matches(hf_dir, cfg, tokenizer):
     assert hf_tok.decode(ids, skip_special_tokens=True) == tokenizer.decode(
       ids, skip_special_tokens=True
     )
-  assert tokenizer.decode(tokenizer.encode(TEXTS[-2]), skip_special_tokens=True) == "user\nhi\n"
+  # the role is a special token of the local tokenizer (tokenizer.ROLE_TOKENS)
+  assert tokenizer.decode(tokenizer.encode(TEXTS[-2]), skip_special_tokens=True) == "\nhi\n"
   for attr, (token, field) in tokenizer_files.MULTIMODAL_TOKENS.items():
     assert getattr(hf_tok, attr) == token
     assert getattr(hf_tok, attr + "_id") == getattr(cfg, field) == tokenizer.token_id(token)

@@ -50,6 +50,20 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
   c.data.num_epochs = config_dict.placeholder(int)  # None: repeat forever
   c.data.worker_count = 0
   c.data.ops = ("decode_text", "tokenize", "lm_shift")
+  # With a Talker (talker.model): Talker positions and MTP frames per row. Spoken sources
+  # (task tts | spoken_asr) name their `codec` (a speech tokenizer run) and `speaker`.
+  c.data.talker_seq_len = 0
+  c.data.talker_mtp_rows = 0
+
+  # The Talker (omnijax.models.talker), trained with the Thinker when `model` is set (e.g.
+  # presets.get_talker("tiny")): loss = thinker_loss_weight x the Thinker's text loss +
+  # codebook-0 CE + mtp_loss_weight x the MTP heads' mean CE (+ both aux losses). With
+  # freeze_thinker the Thinker gets no gradient (also freeze it: optim.frozen=("thinker/.*",)).
+  c.talker = ml_collections.ConfigDict()
+  c.talker.model = ml_collections.ConfigDict()
+  c.talker.freeze_thinker = False
+  c.talker.thinker_loss_weight = 1.0
+  c.talker.mtp_loss_weight = 0.3
 
   # Evaluators (omnijax.evaluators): {name: {kind, ...kind's options}}, run every `every`
   # steps (0: only at the end) and at the end, on held-out splits.

@@ -35,8 +35,13 @@ class Interval:
   step) and turns them into what they say: losses weighted by tokens, per-step means,
   and per-source / per-modality entries only for those present in the interval."""
 
-  def __init__(self, task_names: list[str], aux_loss_coef: float):
+  def __init__(
+    self, task_names: list[str], aux_loss_coef: float, talker_loss=None, talker_aux_coef=0.0
+  ):
+    """`talker_loss` (train.step.TalkerLoss) and `talker_aux_coef` for a Thinker + Talker run:
+    `loss` is then the weighted sum the step minimises."""
     self.task_names, self.aux_loss_coef = task_names, aux_loss_coef
+    self.talker_loss, self.talker_aux_coef = talker_loss, talker_aux_coef
     self.sums, self.latest, self.steps, self.nonfinite_total = None, None, 0, 0
 
   def add(self, metrics: dict) -> None:
@@ -61,6 +66,18 @@ class Interval:
       consecutive_nonfinite=float(latest["consecutive_nonfinite"]),
       learning_rate=float(latest["learning_rate"]),
     )
+    if self.talker_loss is not None:
+      w = self.talker_loss
+      talker = float(m["talker_ce_sum"]) / max(float(m["talker_tokens"]), 1.0)
+      mtp = float(m["mtp_ce_sum"]) / max(float(m["mtp_tokens"]), 1.0)
+      talker_aux = float(m["talker_aux_loss"]) / n
+      out.update(
+        loss=w.thinker * out["loss"] + talker + w.mtp * mtp + self.talker_aux_coef * talker_aux,
+        talker_loss=talker,
+        mtp_loss=mtp,
+        talker_aux_loss=talker_aux,
+        talker_tokens=float(m["talker_tokens"]) / n,
+      )
     for k in ("grad_norm", "param_norm", "moe_dropped", "expert_load_max_over_mean"):
       out[k] = float(m[k]) / n
     out.update(

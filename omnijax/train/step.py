@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
@@ -16,7 +17,18 @@ from omnijax.processing import batch as batch_lib
 from omnijax.processing import media as media_lib
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.decoder import load_balancing_loss
+from omnijax.models.omni import TALKER_KEYS, Omni
 from omnijax.models.thinker import MODALITIES, Thinker
+
+
+@dataclasses.dataclass(frozen=True)
+class TalkerLoss:
+  """Weights of a Thinker + Talker step's loss: thinker x the Thinker's text cross-entropy +
+  the Talker's codebook-0 cross-entropy + mtp x the mean cross-entropy of the MTP heads (+ each
+  decoder's router_aux_loss_coef x its load-balancing loss)."""
+
+  thinker: float = 1.0
+  mtp: float = 0.3
 
 
 @flax.struct.dataclass
@@ -26,18 +38,42 @@ class TrainState:
   opt_state: Any
 
 
-def forward(model: Thinker, params, batch):
+def forward(model: Thinker | Omni, params, batch):
+  """The Thinker's (logits, stats); an Omni model's adds the Talker's outputs (`Omni`)."""
+  talker = {"talker_batch": {k: batch[k] for k in TALKER_KEYS}} if isinstance(model, Omni) else {}
   return model.apply(
     {"params": params},
     batch["inputs"],
     positions=jnp.swapaxes(batch["positions"], 0, 1),
     segment_ids=batch["segment_ids"],
     media=batch_lib.media_of(batch),
+    **talker,
   )
 
 
+def _ce(logits, targets, mask):
+  """Summed cross-entropy of the masked positions (targets -1 where masked out)."""
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+  return jnp.sum((logz - target) * mask)
+
+
+def talker_counts(batch) -> tuple[jax.Array, jax.Array]:
+  """(codebook-0 targets, MTP targets) of a batch: the denominators of the Talker losses."""
+  frames = jnp.sum(batch["talker_mtp_codes"][..., 0] >= 0)
+  return jnp.sum(batch["talker_labels"] >= 0), frames * (batch["talker_mtp_codes"].shape[-1] - 1)
+
+
 def loss_terms(
-  model: Thinker, params, batch, num_loss_tokens, num_micro: int, z_loss: float, num_tasks: int = 0
+  model: Thinker | Omni,
+  params,
+  batch,
+  num_loss_tokens,
+  num_micro: int,
+  z_loss: float,
+  num_tasks: int = 0,
+  talker_loss: TalkerLoss | None = None,
+  talker_totals=None,
 ):
   """Loss of one microbatch, scaled so that summing over microbatches gives the batch loss.
 
@@ -45,9 +81,12 @@ def loss_terms(
   load-balancing loss is pooled per microbatch and averaged over microbatches. With
   `num_tasks` (and `task_ids` in the batch) the metrics split the cross-entropy and token
   counts by task (mixture source); token counts by modality come from the placeholders.
+  An Omni model adds the Talker's terms weighted by `talker_loss`, each a mean over the whole
+  batch's targets (`talker_totals`: `talker_counts` of the batch).
   """
   cfg: ThinkerConfig = model.cfg
-  logits, stats = forward(model, params, batch)
+  outputs = forward(model, params, batch)
+  logits, stats = outputs[:2]
   logz = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
   mask = batch["loss_mask"]
@@ -58,6 +97,25 @@ def loss_terms(
   loss = (
     ce_sum + z_loss * z_sum
   ) / num_loss_tokens + cfg.text.router_aux_loss_coef * aux / num_micro
+  talker_metrics = {}
+  if isinstance(model, Omni):
+    t_cfg = model.talker_cfg.text
+    talker_logits, mtp_logits, talker_stats = outputs[2:]
+    labels, mtp_codes = batch["talker_labels"], batch["talker_mtp_codes"]
+    talker_ce = _ce(talker_logits, labels, labels >= 0)
+    mtp_mask = jnp.broadcast_to(mtp_codes[..., :1] >= 0, mtp_codes[..., 1:].shape)
+    mtp_ce = _ce(mtp_logits, mtp_codes[..., 1:], mtp_mask)
+    talker_aux = load_balancing_loss(talker_stats, t_cfg.num_experts)
+    n_talker, n_mtp = (jnp.maximum(n, 1.0) for n in talker_totals)
+    loss = (
+      talker_loss.thinker * loss
+      + talker_ce / n_talker
+      + talker_loss.mtp * mtp_ce / n_mtp
+      + t_cfg.router_aux_loss_coef * talker_aux / num_micro
+    )
+    talker_metrics = dict(
+      talker_ce_sum=talker_ce, mtp_ce_sum=mtp_ce, talker_aux_loss=talker_aux / num_micro
+    )
   valid = (batch["segment_ids"] != 0).astype(jnp.float32)
   modality = jax.nn.one_hot(model.modality(batch["inputs"]), len(MODALITIES))
   metrics = dict(
@@ -66,6 +124,7 @@ def loss_terms(
     expert_counts=stats.get("counts", jnp.zeros((0, 0))),
     moe_dropped=jnp.sum(stats.get("dropped", jnp.zeros((0,)))),
     modality_tokens=jnp.einsum("bs,bsm->m", valid, modality),
+    **talker_metrics,
   )
   if num_tasks:
     task = jax.nn.one_hot(batch["task_ids"], num_tasks)  # -1 (padding) -> zeros
@@ -85,6 +144,7 @@ def make_train_step(
   z_loss: float,
   num_tasks: int = 0,
   trained=None,
+  talker_loss: TalkerLoss | None = None,
 ):
   """state, batch -> state, metrics. The batch is split into `grad_accum_steps` microbatches.
 
@@ -95,9 +155,18 @@ def make_train_step(
 
   def train_step(state: TrainState, batch):
     num_loss_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    talker_totals = talker_counts(batch) if isinstance(model, Omni) else None
     grad_fn = jax.grad(loss_terms, argnums=1, has_aux=True)
     micro_grads = lambda mb: grad_fn(
-      model, state.params, mb, num_loss_tokens, grad_accum_steps, z_loss, num_tasks
+      model,
+      state.params,
+      mb,
+      num_loss_tokens,
+      grad_accum_steps,
+      z_loss,
+      num_tasks,
+      talker_loss,
+      talker_totals,
     )
     if grad_accum_steps == 1:
       grads, totals = micro_grads(batch)
@@ -137,6 +206,14 @@ def make_train_step(
         else jnp.zeros(())
       ),
     )
+    if talker_totals is not None:
+      metrics.update(
+        talker_ce_sum=totals["talker_ce_sum"],
+        talker_tokens=talker_totals[0],
+        mtp_ce_sum=totals["mtp_ce_sum"],
+        mtp_tokens=talker_totals[1],
+        talker_aux_loss=totals["talker_aux_loss"],
+      )
     if num_tasks:
       metrics.update(
         task_ce_sum=totals["task_ce_sum"],
@@ -144,7 +221,18 @@ def make_train_step(
         task_tokens=totals["task_tokens"],
       )
     # A skipped step's sums would make the interval's averages NaN: its tokens count as unseen.
-    for k in ("ce_sum", "loss_tokens", "aux_loss", "task_ce_sum", "task_loss_tokens"):
+    for k in (
+      "ce_sum",
+      "loss_tokens",
+      "aux_loss",
+      "task_ce_sum",
+      "task_loss_tokens",
+      "talker_ce_sum",
+      "talker_tokens",
+      "mtp_ce_sum",
+      "mtp_tokens",
+      "talker_aux_loss",
+    ):
       if k in metrics:
         metrics[k] = jnp.where(opt_state.last_finite, metrics[k], 0)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -152,9 +240,28 @@ def make_train_step(
   return train_step
 
 
-def init_params(model: Thinker, rng, rows: int, seq_len: int):
+def empty_talker_batch(talker_cfg, rows: int, length: int) -> dict:
+  """A Talker batch of padding (the shapes `Omni` is initialised and traced with)."""
+  groups = talker_cfg.num_code_groups
+  return dict(
+    talker_text_ids=jnp.zeros((rows, length), jnp.int32),
+    talker_thinker_index=-jnp.ones((rows, length), jnp.int32),
+    talker_codec_ids=-jnp.ones((rows, length, groups), jnp.int32),
+    talker_positions=jnp.zeros((rows, 3, length), jnp.float32),
+    talker_segment_ids=jnp.zeros((rows, length), jnp.int32),
+    talker_labels=-jnp.ones((rows, length), jnp.int32),
+    talker_mtp_index=jnp.zeros((rows, 1), jnp.int32),
+    talker_mtp_codes=-jnp.ones((rows, 1, groups), jnp.int32),
+  )
+
+
+def init_params(model: Thinker | Omni, rng, rows: int, seq_len: int):
   ids = jnp.zeros((rows, seq_len), jnp.int32)
-  return model.init(rng, ids, media=media_lib.empty_media(model.cfg, rows))["params"]
+  media = media_lib.empty_media(model.cfg, rows)
+  if isinstance(model, Omni):
+    talker = empty_talker_batch(model.talker_cfg, rows, seq_len)
+    return model.init(rng, ids, media=media, talker_batch=talker)["params"]
+  return model.init(rng, ids, media=media)["params"]
 
 
 def abstract_params(model: Thinker, seq_len: int = 8):
@@ -198,9 +305,12 @@ def compile_train_step(
   z_loss: float,
   num_tasks: int = 0,
   trained=None,
+  talker_loss: TalkerLoss | None = None,
 ):
   """The jitted step; the batch keeps the shardings it was placed with (`batch_shardings`)."""
-  step = make_train_step(model, tx, schedule, grad_accum_steps, z_loss, num_tasks, trained)
+  step = make_train_step(
+    model, tx, schedule, grad_accum_steps, z_loss, num_tasks, trained, talker_loss
+  )
   return jax.jit(
     step,
     in_shardings=(state_sharding, None),

@@ -22,7 +22,8 @@ from data_pipelines import inputs as inputs_lib
 from omnijax import evaluators as eval_lib
 from omnijax import sharding as shd
 from omnijax.errors import ConfigError
-from omnijax.models.config import ThinkerConfig
+from omnijax.models.config import TalkerConfig, ThinkerConfig
+from omnijax.models.omni import Omni
 from omnijax.models.thinker import Thinker
 from omnijax.train import checkpoint as ckpt_lib
 from omnijax.train import flops as flops_lib
@@ -85,6 +86,30 @@ def check_config(config, model_cfg: ThinkerConfig, mesh) -> None:
     )
 
 
+def talker_config(config, model_cfg: ThinkerConfig) -> TalkerConfig | None:
+  """The run's TalkerConfig (config.talker.model), None without a Talker; checked against the
+  Thinker and the data config before anything compiles."""
+  if not config.talker.model.keys():
+    return None
+  cfg = TalkerConfig.from_dict(config.talker.model, "talker.model")
+  cfg.validate(model_cfg, "talker.model")
+  d = config.data
+  if d.kind != "omni":
+    raise ConfigError(
+      "a Talker trains on data.kind=omni with spoken sources (task tts | spoken_asr)."
+    )
+  if d.talker_seq_len < 1 or d.talker_mtp_rows < 1:
+    raise ConfigError(
+      "a Talker needs data.talker_seq_len and data.talker_mtp_rows > 0 (its positions and MTP "
+      "frames per row)."
+    )
+  if config.eval.evaluators.keys():
+    raise ConfigError(
+      "the evaluators read the Thinker alone; drop config.eval.evaluators for a Talker run."
+    )
+  return cfg
+
+
 def parse_init_from(spec: str, model_cfg: ThinkerConfig) -> tuple[Path, int | None]:
   """'WORKDIR[:STEP]' -> (workdir, step); the run there must have this model's architecture."""
   path, _, step = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
@@ -131,7 +156,17 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   mesh = shd.make_mesh(config.mesh)
   check_config(config, model_cfg, mesh)
   tr = config.train
-  model = Thinker(model_cfg)
+  talker_cfg = talker_config(config, model_cfg)
+  model = (
+    Thinker(model_cfg)
+    if talker_cfg is None
+    else Omni(model_cfg, talker_cfg, config.talker.freeze_thinker)
+  )
+  talker_loss = (
+    None
+    if talker_cfg is None
+    else step_lib.TalkerLoss(config.talker.thinker_loss_weight, config.talker.mtp_loss_weight)
+  )
   param_counts = optim_lib.check_partition(config.optim, step_lib.abstract_params(model))
   resuming = ckpt_lib.checkpoint_steps(workdir)
   init_from = parse_init_from(tr.init_from, model_cfg) if tr.init_from and not resuming else None
@@ -140,9 +175,11 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     ckpt_lib.write_model_config(workdir, model_cfg)
+    if talker_cfg is not None:
+      ckpt_lib.write_talker_config(workdir, talker_cfg)
 
   # ------------------------------------------------------------------ data
-  data = inputs_lib.make_train_iterator(config, model_cfg)
+  data = inputs_lib.make_train_iterator(config, model_cfg, talker_cfg)
   if data.tokenizer is not None and jax.process_index() == 0:
     ckpt_lib.save_tokenizer(workdir, data.tokenizer)
   total_steps = tr.total_steps
@@ -179,6 +216,7 @@ def train(config, workdir: str | Path) -> dict[str, float]:
       z_loss=tr.z_loss,
       num_tasks=len(data.task_names),
       trained=trained,
+      talker_loss=talker_loss,
     )
 
   # ------------------------------------------------------------------ evaluators
@@ -208,7 +246,14 @@ def train(config, workdir: str | Path) -> dict[str, float]:
         if (workdir / ckpt_lib.INIT_PARAMS).exists()
         else None
       )
-      if source:
+      if source and talker_cfg is not None and ckpt_lib.read_talker_config(source[0]) is None:
+        # a Thinker-only run initialises the Thinker; the Talker starts fresh
+        thinker, step = ckpt_lib.latest_params(
+          source[0], source[1], abstract_state.params["thinker"], state_sharding.params["thinker"]
+        )
+        state = state.replace(params=state.params | {"thinker": thinker})
+        log.info("initialised the Thinker from %s (step %s)", source[0], step)
+      elif source:
         params, step = ckpt_lib.latest_params(
           source[0], source[1], abstract_state.params, state_sharding.params
         )
@@ -222,6 +267,15 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   seq_len = config.data.seq_len
   peak, peak_source = flops_lib.peak_flops_per_device(tr.peak_flops_per_device)
   step_flops = flops_lib.training_flops(model_cfg.text, tr.global_batch_size, seq_len)
+  if talker_cfg is not None:  # the Talker's rows and the MTP's (G-token) frame sequences
+    d = config.data
+    step_flops += flops_lib.training_flops(
+      talker_cfg.text, tr.global_batch_size, d.talker_seq_len
+    ) + flops_lib.training_flops(
+      talker_cfg.code_predictor,
+      tr.global_batch_size * d.talker_mtp_rows,
+      talker_cfg.num_code_groups,
+    )
   writer.text(
     "setup",
     (
@@ -234,7 +288,12 @@ def train(config, workdir: str | Path) -> dict[str, float]:
       f"({peak_source}) start_step={start}"
     ),
   )
-  interval = Interval(data.task_names, model_cfg.text.router_aux_loss_coef)
+  interval = Interval(
+    data.task_names,
+    model_cfg.text.router_aux_loss_coef,
+    talker_loss,
+    0.0 if talker_cfg is None else talker_cfg.text.router_aux_loss_coef,
+  )
   profile = tuple(tr.profile_steps)
   last: dict[str, float] = {}
   timer_start = None
