@@ -6,11 +6,15 @@ model.save_hf("/tmp/export")                  # same writer as `python -m omnija
 ids = model.tokenizer.encode("a red cube")    # its tokenizer.json (tokenizer None: none)
 out = model.generate([ids], max_new_tokens=32)  # prompt + new token ids (KV-cache decoding)
 wave = model.code2wav(codes)   # (B, 16, T) codec codes -> float32 (B, 1920 T - 555) at 24 kHz
+ids, wave = model.generate([ids], return_audio=True, speaker="Ethan")  # text, then its speech
+for chunk in model.generate_stream([ids]): ...  # the same speech in chunks as it is made
 
 `code2wav` needs a Code2Wav vocoder: the transformers directory's ``code2wav.*`` tensors (a
 released Qwen3-Omni checkpoint, or `export to-hf --code2wav=CODEC_RUN`) or the workdir's
-code2wav/ (`export from-hf` of such a directory). A speech codec run (experiments/codec.py)
-loads as its speech tokenizer:
+code2wav/ (`export from-hf` of such a directory). Speech generation (`omnijax.speech`) also
+needs the Talker: the directory's ``talker.*`` tensors, or the workdir's talker.json with
+{"thinker", "talker"} params. A speech codec run (experiments/codec.py) loads as its speech
+tokenizer:
 
 tok = omnijax.load("workdirs/codec_tokenizer")  # omnijax.codec.tokenizer.SpeechTokenizer
 codes = tok.encode(waves)                       # (B, N) 24 kHz -> (B, 16, ceil(N / 1920))
@@ -28,12 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from omnijax import decode
+from omnijax import decode, speech
 from omnijax.hf import convert, safetensors_io
 from omnijax.processing import media as media_lib
 from omnijax.processing import positions as positions_lib
 from omnijax.models import code2wav as code2wav_lib
-from omnijax.models.config import Code2WavConfig, ThinkerConfig
+from omnijax.models.config import Code2WavConfig, TalkerConfig, ThinkerConfig
 from omnijax.models.decoder import load_balancing_loss
 from omnijax.models.thinker import MODALITIES, Thinker
 from omnijax.train import checkpoint as ckpt_lib
@@ -84,7 +88,7 @@ def _routing(config: ThinkerConfig):
 
 class Model:
   """A Thinker's config and params with a forward pass jitted once per input shape, and
-  optionally a Code2Wav vocoder (`code2wav`)."""
+  optionally a Talker (speech generation) and a Code2Wav vocoder (`code2wav`)."""
 
   def __init__(
     self,
@@ -93,6 +97,7 @@ class Model:
     step: int | None = None,
     tokenizer=None,
     code2wav: tuple[Code2WavConfig, Any] | None = None,
+    talker: tuple[TalkerConfig, Any] | None = None,
   ):
     self.config = config
     self.params = jax.device_put(params)
@@ -103,6 +108,11 @@ class Model:
     if code2wav is not None:
       self.code2wav_config, params = code2wav
       self.code2wav_params = jax.device_put(params)
+    self.talker_config: TalkerConfig | None = None  # None: no Talker
+    self.talker_params = None
+    if talker is not None:
+      self.talker_config, params = talker
+      self.talker_params = jax.device_put(params)
 
   def _run(self, input_ids, positions, multimodal: dict[str, Any]):
     ids, pos, seg, media = self._prepare(input_ids, positions, multimodal)
@@ -216,12 +226,39 @@ class Model:
     _, stats = self._run(input_ids, positions, multimodal)
     return float(load_balancing_loss(stats, self.config.text.num_experts))
 
-  def generate(self, input_ids, max_new_tokens: int = 32, **kwargs) -> np.ndarray:
-    """Token ids (B, S + new) as int64 numpy: the prompt and up to max_new_tokens new tokens,
-    decoded with a KV cache (`omnijax.decode.generate`: greedy unless temperature / top_k /
-    top_p; seed; eos_token_id, pad_token_id; left-padded batches via attention_mask). Takes the
-    multimodal arguments of `logits`."""
-    return decode.generate(self, input_ids, max_new_tokens, **kwargs)
+  def generate(
+    self, input_ids, max_new_tokens: int | None = None, *, return_audio: bool = False, **kwargs
+  ):
+    """Token ids (B, S + new) as int64 numpy: the prompt and up to max_new_tokens (default 32)
+    new tokens, decoded with a KV cache (`omnijax.decode.generate`: greedy unless temperature /
+    top_k / top_p; seed; eos_token_id, pad_token_id; left-padded batches via attention_mask).
+    Takes the multimodal arguments of `logits`.
+
+    With return_audio=True the model also speaks its answer (`omnijax.speech`; needs a Talker
+    and a Code2Wav) and returns (token ids, float32 waveform (B, samples) at 24 kHz), with
+    return_codes=True also the codec frames (B, 16, T). The prompt ends with the assistant
+    header (<|im_start|>assistant\\n). Arguments take transformers' names and defaults:
+    speaker="Ethan"; thinker_max_new_tokens=1024 (or max_new_tokens), thinker_do_sample=False,
+    thinker_temperature / thinker_top_k / thinker_top_p, thinker_eos_token_id (default
+    <|im_end|>); talker_max_new_tokens=4096, talker_do_sample=True, talker_top_k=50,
+    talker_top_p=1.0, talker_temperature=0.9, talker_repetition_penalty=1.05; seed."""
+    if not return_audio:
+      return decode.generate(
+        self, input_ids, 32 if max_new_tokens is None else max_new_tokens, **kwargs
+      )
+    if max_new_tokens is not None:
+      if "thinker_max_new_tokens" in kwargs:
+        raise ValueError("pass max_new_tokens or thinker_max_new_tokens, not both.")
+      kwargs["thinker_max_new_tokens"] = max_new_tokens
+    return speech.generate(self, input_ids, **kwargs)
+
+  def generate_stream(self, input_ids, *, chunk_frames: int = 1, **kwargs) -> speech.SpeechStream:
+    """`generate(input_ids, return_audio=True, **kwargs)` as a stream: iterating yields float32
+    waveform chunks (B, m) as soon as chunk_frames more codec frames (80 ms each) exist, with
+    the Thinker and the Talker interleaved, so audio starts before the text is finished; the
+    chunks concatenate to generate's waveform. Afterwards the stream's `sequences` and `codes`
+    hold the token ids and codec frames (`omnijax.speech.SpeechStream`)."""
+    return speech.SpeechStream(self, input_ids, chunk_frames=chunk_frames, **kwargs)
 
   def expert_load(self, input_ids, positions=None, **multimodal) -> np.ndarray:
     """Tokens routed to each expert, (MoE layers, modalities (text, image, audio, video),
@@ -270,11 +307,13 @@ class Model:
     max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE,
   ) -> list[str]:
     """Writes a transformers checkpoint directory (as `omnijax.export to-hf`), with the
-    tokenizer and processor files when the model has a tokenizer, and the Code2Wav when it
-    has one."""
-    code2wav = None
+    tokenizer and processor files when the model has a tokenizer, and the Talker and the
+    Code2Wav when it has them."""
+    code2wav = talker = None
     if self.code2wav_config is not None:
       code2wav = (self.code2wav_config, jax.device_get(self.code2wav_params))
+    if self.talker_config is not None:
+      talker = (self.talker_config, jax.device_get(self.talker_params))
     return convert.save_hf(
       self.config,
       jax.device_get(self.params),
@@ -282,6 +321,7 @@ class Model:
       dtype=dtype,
       max_shard_size=max_shard_size,
       tokenizer=self.tokenizer,
+      talker=talker,
       code2wav=code2wav,
     )
 
@@ -289,10 +329,12 @@ class Model:
 def load(path: str | Path, *, step: int | None = None, dtype: str | None = None):
   """A Model from an omnijax workdir (model.json + checkpoints/ or init_params/; newest step
   unless `step`) or a transformers directory (config.json + safetensors), with the directory's
-  tokenizer.json as `tokenizer` (None without one) and its Code2Wav (workdir/code2wav/, or the
-  directory's code2wav.* tensors) for `Model.code2wav`. `dtype` overrides the compute dtype
-  (e.g. "float32" to evaluate a run trained in bfloat16). A speech codec run
-  (experiments/codec.py) gives its `omnijax.codec.tokenizer.SpeechTokenizer` instead."""
+  tokenizer.json as `tokenizer` (None without one), its Talker (workdir talker.json and the
+  params' "talker" tree, or the directory's talker.* tensors) and its Code2Wav
+  (workdir/code2wav/, or the directory's code2wav.* tensors) for `Model.code2wav` and speech
+  generation. `dtype` overrides the compute dtype (e.g. "float32" to evaluate a run trained in
+  bfloat16). A speech codec run (experiments/codec.py) gives its
+  `omnijax.codec.tokenizer.SpeechTokenizer` instead."""
   from omnijax.codec import tokenizer as codec_tokenizer  # pylint: disable=import-outside-toplevel
 
   path = Path(path)
@@ -303,11 +345,15 @@ def load(path: str | Path, *, step: int | None = None, dtype: str | None = None)
   if (path / ckpt_lib.MODEL_JSON).exists():
     cfg = ckpt_lib.read_model_config(path)
     params, step = ckpt_lib.latest_params(path, step)
+    params, talker_params = ckpt_lib.split_params(path, params)
+    talker_cfg = ckpt_lib.read_talker_config(path)
+    talker = None if talker_cfg is None else (talker_cfg, talker_params)
     code2wav = ckpt_lib.load_code2wav(path)
   elif convert.is_hf_dir(path):
     if step is not None:
       raise ValueError(f"{path} is a transformers directory, which has no steps; drop step=.")
     cfg, params = convert.load_hf(path)
+    talker = convert.load_talker_hf(path, cfg)
     code2wav = convert.load_code2wav_hf(path)
   else:
     raise FileNotFoundError(
@@ -318,7 +364,7 @@ def load(path: str | Path, *, step: int | None = None, dtype: str | None = None)
   if dtype is not None:
     cfg = dataclasses.replace(cfg, impl=dataclasses.replace(cfg.impl, dtype=dtype))
     cfg.validate()
-  return Model(cfg, params, step, ckpt_lib.load_tokenizer(path), code2wav)
+  return Model(cfg, params, step, ckpt_lib.load_tokenizer(path), code2wav, talker)
 
 
 def _as_numpy(x) -> np.ndarray:

@@ -67,7 +67,7 @@ def default_eos_ids(config: ThinkerConfig, tokenizer: Any = None) -> list[int]:
   return []
 
 
-def _sampling(temperature, top_k, top_p) -> tuple[bool, tuple[float, int, float]]:
+def sampling_settings(temperature, top_k, top_p) -> tuple[bool, tuple[float, int, float]]:
   """Checked sampling settings -> (greedy, (temperature, top_k (0: off), top_p))."""
   if temperature is not None and not (
     isinstance(temperature, (int, float, np.number)) and temperature >= 0
@@ -85,13 +85,23 @@ def _sampling(temperature, top_k, top_p) -> tuple[bool, tuple[float, int, float]
   )
 
 
-def _token_ids(value, name: str, vocab: int) -> list[int]:
+def token_ids(value, name: str, vocab: int) -> list[int]:
+  """One token id or a list of them (argument `name`), checked against the vocabulary."""
   ids = [value] if isinstance(value, (int, np.integer)) else list(value)
   if not all(isinstance(i, (int, np.integer)) and 0 <= i < vocab for i in ids):
     raise ValueError(
       f"{name} must be a token id or a list of token ids in [0, {vocab}), got {value!r}."
     )
   return [int(i) for i in ids]
+
+
+def check_left_padded(seg: np.ndarray) -> None:
+  """Raises ValueError unless every row of the attention mask `seg` is 0s then 1s."""
+  if not (np.isin(seg, (0, 1)).all() and (np.diff(seg, axis=1) >= 0).all() and seg[:, -1].all()):
+    raise ValueError(
+      "generate needs a left-padded batch: each row of attention_mask must be 0s "
+      "(padding) followed by at least one 1."
+    )
 
 
 def warp(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
@@ -128,20 +138,22 @@ def _next(logits, t, done, key, sampling, is_eos, pad, greedy: bool):
   return token, done | is_eos[token]
 
 
-_first = jax.jit(_next, static_argnames="greedy")
+first_fn = jax.jit(_next, static_argnames="greedy")
 
 
 @functools.lru_cache(maxsize=None)
-def prefill_fn(config: ThinkerConfig):
-  """jit (params, ids, positions, segment_ids, media, cache_len) -> (last logits (B, V), cache)."""
+def prefill_fn(config: ThinkerConfig, capture: int | None = None):
+  """jit (params, ids, positions, segment_ids, media, cache_len) -> (last logits (B, V), cache),
+  and with `capture` = k also the prompt's hidden states (B, S, D) after k layers (the Talker
+  reads them; `omnijax.speech`)."""
   model = Thinker(config)
 
   def prefill(params, ids, positions, segment_ids, media, cache_len):
     cache = init_cache(config.text, config.impl, ids.shape[0], cache_len)
-    logits, _, cache = model.apply(
-      {"params": params}, ids, positions, segment_ids, media, cache=cache
+    out = model.apply(
+      {"params": params}, ids, positions, segment_ids, media, cache=cache, capture=capture
     )
-    return logits[:, 0], cache
+    return (out[0][:, 0], out[2]) + tuple(out[3:])
 
   return jax.jit(prefill, static_argnums=5)
 
@@ -184,18 +196,18 @@ def generate(
   vocab = cfg.text.vocab_size
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
-  greedy, sampling = _sampling(temperature, top_k, top_p)
+  greedy, sampling = sampling_settings(temperature, top_k, top_p)
   if not isinstance(seed, (int, np.integer)):
     raise ValueError(f"seed must be an integer, got {seed!r}.")
   if eos_token_id is None:
     eos = default_eos_ids(cfg, model.tokenizer)
   else:
-    eos = _token_ids(eos_token_id, "eos_token_id", vocab)
+    eos = token_ids(eos_token_id, "eos_token_id", vocab)
   pad = None
   if pad_token_id is not None:
     if not isinstance(pad_token_id, (int, np.integer)):
       raise ValueError(f"pad_token_id must be one token id, got {pad_token_id!r}.")
-    (pad,) = _token_ids(pad_token_id, "pad_token_id", vocab)
+    (pad,) = token_ids(pad_token_id, "pad_token_id", vocab)
 
   ids, positions, seg, media = model._prepare(input_ids, None, multimodal)
   return decode(
@@ -240,11 +252,7 @@ def decode(
   b, s = ids.shape
   if seg is None:
     seg = np.ones((b, s), np.int32)
-  elif not (np.isin(seg, (0, 1)).all() and (np.diff(seg, axis=1) >= 0).all() and seg[:, -1].all()):
-    raise ValueError(
-      "generate needs a left-padded batch: each row of attention_mask must be 0s "
-      "(padding) followed by at least one 1."
-    )
+  check_left_padded(seg)
   # Each row continues from its last prompt position (a real token under left padding).
   delta = jnp.asarray(positions[:, :, -1] + 1 - s, jnp.float32)
   logits, cache = prefill_fn(cfg)(
@@ -259,7 +267,9 @@ def decode(
   sampling = tuple(jnp.asarray(x) for x in sampling)
   is_eos = jnp.zeros((vocab,), bool).at[jnp.asarray(eos, jnp.int32)].set(True)
   pad = jnp.asarray(pad, jnp.int32)
-  token, done = _first(logits, 0, jnp.zeros((b,), bool), key, sampling, is_eos, pad, greedy=greedy)
+  token, done = first_fn(
+    logits, 0, jnp.zeros((b,), bool), key, sampling, is_eos, pad, greedy=greedy
+  )
   tokens = [token]
   all_logits = [logits] if return_logits else None
   step = step_fn(cfg)

@@ -4,15 +4,18 @@ python -m omnijax.export to-hf --workdir=W --out=DIR [--step=N] [--dtype=bfloat1
                                 [--code2wav=CODEC_RUN]
     W's model.json and newest (or step N) checkpoint -> DIR/config.json + safetensors in
     the released layout (sharded above --max_shard_size), loadable with
-    `Qwen3OmniMoeForConditionalGeneration.from_pretrained(DIR, enable_audio_output=False)`;
-    with W's tokenizer.json, also the tokenizer and processor files (`AutoTokenizer`,
-    `AutoProcessor`; see omnijax/hf/tokenizer_files.py). With --code2wav (a codec run of
-    experiments/codec.py, or a directory holding code2wav.json), or when W has a code2wav/,
-    also the Code2Wav vocoder: `code2wav.*` tensors + code2wav_config (transformers'
+    `Qwen3OmniMoeForConditionalGeneration.from_pretrained(DIR)`; when W has a Talker
+    (talker.json, {"thinker", "talker"} params) also its `talker.*` tensors and talker_config
+    (enable_audio_output on); with W's tokenizer.json, also the tokenizer and processor files
+    (`AutoTokenizer`, `AutoProcessor`; see omnijax/hf/tokenizer_files.py). With --code2wav (a
+    codec run of experiments/codec.py, or a directory holding code2wav.json), or when W has a
+    code2wav/, also the Code2Wav vocoder: `code2wav.*` tensors + code2wav_config (transformers'
     Qwen3OmniMoeCode2Wav; `omnijax.load(DIR).code2wav(codes)` decodes with it).
 python -m omnijax.export from-hf --hf=DIR --workdir=W
     a transformers checkpoint -> W/model.json + W/init_params (+ W/tokenizer.json when DIR
     has one, + W/code2wav/ when DIR holds code2wav.* tensors), from which training starts.
+    When DIR holds talker.* tensors (a released Qwen3-Omni checkpoint) also W/talker.json,
+    and init_params is {"thinker": ..., "talker": ...}, from which Talker training starts.
 """
 
 from __future__ import annotations
@@ -54,9 +57,9 @@ def to_hf(
   max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE,
   code2wav: str | Path | None = None,
 ) -> int | None:
-  """Exports a workdir's checkpoint (and its tokenizer, when it has one) to a transformers
-  directory, with the Code2Wav of `code2wav` (see `load_code2wav_source`), else of the
-  workdir's code2wav/ when it has one; returns the step exported (None: init_params)."""
+  """Exports a workdir's checkpoint (its Talker and tokenizer too, when it has them) to a
+  transformers directory, with the Code2Wav of `code2wav` (see `load_code2wav_source`), else of
+  the workdir's code2wav/ when it has one; returns the step exported (None: init_params)."""
   workdir = Path(workdir)
   if not workdir.is_dir():
     raise FileNotFoundError(f"workdir {workdir} does not exist.")
@@ -64,7 +67,9 @@ def to_hf(
   vocoder = (
     load_code2wav_source(code2wav) if code2wav is not None else ckpt_lib.load_code2wav(workdir)
   )
+  talker_cfg = ckpt_lib.read_talker_config(workdir)
   params, step = ckpt_lib.latest_params(workdir, step)
+  params, talker_params = ckpt_lib.split_params(workdir, params)
   convert.save_hf(
     cfg,
     params,
@@ -72,6 +77,7 @@ def to_hf(
     dtype=dtype,
     max_shard_size=max_shard_size,
     tokenizer=ckpt_lib.load_tokenizer(workdir),
+    talker=None if talker_cfg is None else (talker_cfg, talker_params),
     code2wav=vocoder,
   )
   return step
@@ -79,7 +85,9 @@ def to_hf(
 
 def from_hf(hf_dir: str | Path, workdir: str | Path) -> None:
   """Writes workdir/model.json and workdir/init_params (and workdir/tokenizer.json when hf_dir
-  has one, workdir/code2wav/ when it holds code2wav.* tensors) from a transformers checkpoint."""
+  has one, workdir/code2wav/ when it holds code2wav.* tensors, workdir/talker.json and
+  {"thinker", "talker"} init_params when it holds talker.* tensors) from a transformers
+  checkpoint."""
   hf_dir, workdir = Path(hf_dir), Path(workdir)
   if not hf_dir.is_dir():
     raise FileNotFoundError(f"--hf directory {hf_dir} does not exist.")
@@ -90,11 +98,15 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> None:
       f"resume from instead of {ckpt_lib.INIT_PARAMS}; use a new workdir."
     )
   cfg, params = convert.load_hf(hf_dir)
+  talker = convert.load_talker_hf(hf_dir, cfg)
   vocoder = convert.load_code2wav_hf(hf_dir)
   tokenizer = ckpt_lib.load_tokenizer(hf_dir)
   if tokenizer is not None:
     tokenizer_files.check(tokenizer, cfg)
   ckpt_lib.write_model_config(workdir, cfg)
+  if talker is not None:
+    ckpt_lib.write_talker_config(workdir, talker[0])
+    params = {"thinker": params, "talker": talker[1]}
   ckpt_lib.save_params(workdir / ckpt_lib.INIT_PARAMS, params)
   if tokenizer is not None:
     ckpt_lib.save_tokenizer(workdir, tokenizer)
@@ -143,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
       )
       source = "init_params" if step is None else f"step {step}"
       print(f"exported {args.workdir} ({source}) to {args.out}")
+      if convert.has_talker(args.out):
+        print("with the Talker")
       if convert.has_code2wav(args.out):
         print(f"with Code2Wav ({args.code2wav or Path(args.workdir) / ckpt_lib.CODE2WAV})")
       if not (Path(args.workdir) / ckpt_lib.TOKENIZER_JSON).exists():
@@ -156,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         f"wrote {Path(args.workdir) / ckpt_lib.MODEL_JSON} and "
         f"{Path(args.workdir) / ckpt_lib.INIT_PARAMS} from {args.hf}"
       )
+      if (Path(args.workdir) / ckpt_lib.TALKER_JSON).exists():
+        print(f"wrote {Path(args.workdir) / ckpt_lib.TALKER_JSON} (Talker) from {args.hf}")
       if (Path(args.workdir) / ckpt_lib.CODE2WAV).exists():
         print(f"wrote {Path(args.workdir) / ckpt_lib.CODE2WAV} (Code2Wav) from {args.hf}")
   except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
