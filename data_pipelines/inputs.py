@@ -236,10 +236,26 @@ def check_eval_source(config, source: str | None, split: str) -> None:
 
 
 def make_eval_iterator(
-  config, model_cfg, tokenizer, *, source: str | None, split: str, batch_size: int
+  config,
+  model_cfg,
+  tokenizer,
+  *,
+  source: str | None,
+  split: str,
+  batch_size: int,
+  talker_cfg=None,
 ):
-  """Batches of one source's held-out split, once through (the last batch may be partial)."""
+  """Batches of one source's held-out split, once through (the last batch may be partial),
+  with the Talker's rows when `talker_cfg` is given."""
   d = eval_data_config(config, source, split)
   return iter(
-    _dataset(d, model_cfg, tokenizer, batch_size=batch_size, seed=config.seed, split=split)
+    _dataset(
+      d,
+      model_cfg,
+      tokenizer,
+      batch_size=batch_size,
+      seed=config.seed,
+      split=split,
+      talker_cfg=talker_cfg,
+    )
   )

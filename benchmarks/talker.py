@@ -1,0 +1,129 @@
+"""A Talker run's losses side by side with the baselines a model must beat, in one run.
+
+    python benchmarks/talker.py --run=workdirs/talker_local_pretrain [--step=N] [--out=DIR]
+
+For codebook 0 (with the codec EOS ending each utterance) and for the 15 MTP codebooks,
+cross-entropy in nats per target:
+  start        the run's first logged interval (training batches)
+  train        its last logged interval
+  held-out     teacher-forced on the validation split of each spoken source (the run's codec)
+  unigram      each codebook's code frequencies on the training split (add-one smoothed),
+               scored on the validation split's targets
+  uniform      log(vocabulary): log 3072 (codebook 0's logits span the Talker vocabulary),
+               log 2048 (MTP)
+With --out it writes results.json there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data_pipelines import inputs as inputs_lib
+from data_pipelines import records
+from data_pipelines import speech_codes as codes_lib
+from omnijax.models.omni import Omni
+from omnijax.train import checkpoint as ckpt_lib
+from omnijax.train import step as step_lib
+
+
+def _speech_codes(path: str, split: str, codec: str) -> list[np.ndarray]:
+  source = records.open_shards(path, split)
+  provider = codes_lib.get_code_provider(codec)
+  out = []
+  for i in range(len(source)):
+    ex = records.decode_example(source[i])
+    samples, rate = codes_lib.load_waveform(ex["audio"], ex.get("sample_rate"))
+    out.append(codes_lib.encode_speech(provider, samples, rate))
+  return out
+
+
+def unigram_ce(train: list[np.ndarray], heldout: list[np.ndarray], eos: int) -> tuple[float, float]:
+  """(codebook-0 CE incl. one EOS per utterance, mean CE of codebooks 1..15)."""
+
+  def ce(train_targets, heldout_targets, vocab):
+    counts = np.bincount(np.concatenate(train_targets), minlength=vocab) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-np.mean(logp[np.concatenate(heldout_targets)]))
+
+  with_eos = lambda cs: [np.append(c[0], eos) for c in cs]
+  c0 = ce(with_eos(train), with_eos(heldout), eos + 1)
+  rest = [ce([c[k] for c in train], [c[k] for c in heldout], 2048) for k in range(1, 16)]
+  return c0, float(np.mean(rest))
+
+
+def heldout_ce(run: Path, config, step) -> tuple[float, float, int]:
+  """Teacher-forced (codebook-0 CE, MTP CE, utterances) on the validation splits."""
+  thinker_cfg = ckpt_lib.read_model_config(run)
+  talker_cfg = ckpt_lib.read_talker_config(run)
+  params, _ = ckpt_lib.latest_params(run, step)
+  model = Omni(thinker_cfg, talker_cfg)
+  tokenizer = ckpt_lib.load_tokenizer(run)
+
+  @jax.jit
+  def sums(params, batch):
+    _, _, logits, mtp_logits, _ = step_lib.forward(model, params, batch)
+    labels, codes = batch["talker_labels"], batch["talker_mtp_codes"]
+    c0 = step_lib._ce(logits, labels, labels >= 0)
+    mask = jnp.broadcast_to(codes[..., :1] >= 0, codes[..., 1:].shape)
+    return c0, step_lib._ce(mtp_logits, codes[..., 1:], mask), step_lib.talker_counts(batch)
+
+  totals = np.zeros(4)
+  docs = 0
+  for source in config.data.mixture:
+    it = inputs_lib.make_eval_iterator(
+      config,
+      thinker_cfg,
+      tokenizer,
+      source=source,
+      split="validation",
+      batch_size=config.train.global_batch_size,
+      talker_cfg=talker_cfg,
+    )
+    for batch in it:
+      batch = {k: v for k, v in batch.items() if k != "skipped"}
+      c0, mtp, (n0, nm) = jax.device_get(sums(params, batch))
+      totals += [c0, mtp, n0, nm]
+      docs += int(sum(len(np.unique(s[s > 0])) for s in batch["talker_segment_ids"]))
+  return totals[0] / totals[2], totals[1] / totals[3], docs
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--run", required=True)
+  parser.add_argument("--step", type=int, default=None)
+  parser.add_argument("--out", default="")
+  args = parser.parse_args(argv)
+  run = Path(args.run)
+  config = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
+  rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+  rows = [r for r in rows if "talker_loss" in r]
+  spec = next(iter(config.data.mixture.values()))
+  talker_cfg = ckpt_lib.read_talker_config(run)
+  train_codes = _speech_codes(spec.path, "train", spec.codec)
+  heldout_codes = _speech_codes(spec.path, "validation", spec.codec)
+  uni0, uni_mtp = unigram_ce(train_codes, heldout_codes, talker_cfg.codec_eos_token_id)
+  held0, held_mtp, docs = heldout_ce(run, config, args.step)
+  results = {
+    "start (train)": (rows[0]["talker_loss"], rows[0]["mtp_loss"]),
+    f"train (step {rows[-1]['step']})": (rows[-1]["talker_loss"], rows[-1]["mtp_loss"]),
+    f"held-out ({docs} utterances)": (held0, held_mtp),
+    "unigram (held-out)": (uni0, uni_mtp),
+    "uniform": (float(np.log(talker_cfg.text.vocab_size)), float(np.log(2048))),
+  }
+  print(f"{'':28s} {'codebook 0':>12s} {'MTP (1..15)':>12s}   nats per target")
+  for name, (a, b) in results.items():
+    print(f"{name:28s} {a:12.3f} {b:12.3f}")
+  if args.out:
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+  main()
