@@ -10,7 +10,9 @@ published loss weighting; Qwen3-Omni's is unpublished).
 
 Sources: `tts` ("read this aloud", text in) and `spoken_asr` (speech in, its transcript spoken
 back: the Talker reads the Thinker's hidden states at the audio placeholders). Both take the
-speech's codes from `codec` (an experiments/codec.py run, or a Mimi directory).
+speech's codes from `codec` (an experiments/codec.py run, or a Mimi directory); the Code2Wav of
+`code2wav` (a codec or vocoder run; locally the vocoder run) is kept in the workdir so that
+omnijax.load(workdir).generate(..., return_audio=True) speaks.
 
 Released scale (the 3B-A0.3B Talker after the 30B-A3B Thinker):
 
@@ -31,15 +33,17 @@ from experiments import recipe
 from omnijax.models import presets
 
 LOCAL_CODEC = os.path.join("workdirs", "codec_tokenizer")
+LOCAL_VOCODER = os.path.join("workdirs", "codec_vocoder")
 
 
 def get_config(arg=None):
-  arg = recipe.parse_arg(arg, local=False, stage="pretrain", codec="", speaker="ethan")
+  arg = recipe.parse_arg(arg, local=False, stage="pretrain", codec="", code2wav="", speaker="ethan")
   if arg.stage not in ("pretrain", "joint"):
     raise ValueError(f"stage={arg.stage!r} is not one of ['pretrain', 'joint'].")
   if arg.local:
     c = recipe.local_config({}, "tiny")
     codec = arg.codec or LOCAL_CODEC
+    c.talker.code2wav = arg.code2wav or LOCAL_VOCODER
     speech = f"{recipe.LOCAL_MEDIA}/asr"
     c.talker.model = presets.get_talker("tiny")
     c.data.seq_len, c.data.talker_seq_len, c.data.talker_mtp_rows = 256, 256, 192
@@ -48,6 +52,7 @@ def get_config(arg=None):
   else:
     c = recipe.full_config("talker", {})
     codec = arg.codec or "data/talker/codec"
+    c.talker.code2wav = arg.code2wav
     speech = "data/talker/speech"
     c.talker.model = presets.get_talker("qwen3-omni-30b-a3b")
     c.data.talker_seq_len, c.data.talker_mtp_rows = 8192, 4096

@@ -64,6 +64,9 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
   c.talker.freeze_thinker = False
   c.talker.thinker_loss_weight = 1.0
   c.talker.mtp_loss_weight = 0.3
+  # The vocoder of the run's codes, kept in workdir/code2wav/ so that omnijax.load(workdir)
+  # speaks: a codec run (experiments/codec.py) or a directory with code2wav.json.
+  c.talker.code2wav = ""
 
   # Evaluators (omnijax.evaluators): {name: {kind, ...kind's options}}, run every `every`
   # steps (0: only at the end) and at the end, on held-out splits.

@@ -177,6 +177,10 @@ def train(config, workdir: str | Path) -> dict[str, float]:
     ckpt_lib.write_model_config(workdir, model_cfg)
     if talker_cfg is not None:
       ckpt_lib.write_talker_config(workdir, talker_cfg)
+      if config.talker.code2wav and ckpt_lib.load_code2wav(workdir) is None:
+        from omnijax import export  # pylint: disable=import-outside-toplevel
+
+        ckpt_lib.save_code2wav(workdir, *export.load_code2wav_source(config.talker.code2wav))
 
   # ------------------------------------------------------------------ data
   data = inputs_lib.make_train_iterator(config, model_cfg, talker_cfg)
