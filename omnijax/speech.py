@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Iterator
 
 import flax.linen as nn
@@ -318,9 +319,11 @@ def _pick(logits, seen, done, key, sampling, penalty, suppress, eos, greedy):
 @functools.lru_cache(maxsize=None)
 def _talker_fns(cfg: TalkerConfig, impl: ImplConfig):
   """jit prefill(params, embed, prefix arrays, key, sampling, penalty; cache_len, greedy) ->
-  (last hidden (B, D), codebook-0 ids (B,), seen, done, cache) and jit step(params, embed,
+  (last hidden (B, D), codebook-0 ids (B,), seen, done, cache), jit step(params, embed,
   cache, hidden, ids, text_ids, delta, seen, done, frame, key, mtp_key, sampling, penalty;
-  greedy) -> (frame codes (B, G), hidden, next ids, seen, done, cache), the cache donated."""
+  greedy) -> (frame codes (B, G), hidden, next ids, seen, done, cache), the cache donated, and
+  jit mtp(params, hidden, ids, key; greedy) -> frame codes (B, G), the MTP part of step alone
+  (for benchmarks/speech_generation.py)."""
   model = Talker(cfg, impl)
   dtype = dtype_of(impl.dtype)
   vocab, groups = cfg.text.vocab_size, cfg.num_code_groups
@@ -429,16 +432,26 @@ def _talker_fns(cfg: TalkerConfig, impl: ImplConfig):
   return (
     jax.jit(prefill, static_argnames=("cache_len", "greedy")),
     jax.jit(step, static_argnames="greedy", donate_argnames="cache"),
+    jax.jit(frame_codes, static_argnames="greedy"),
   )
 
 
 # ---- the host loop ----------------------------------------------------------------------------
 
 
+def _mark(progress: dict, event: str, *arrays) -> None:
+  """Timing hook: with progress["timings"] a dict (`SpeechStream(timings=...)`), records the
+  time.perf_counter() at which `event` first happened, once `arrays` are computed."""
+  timings = progress.get("timings")
+  if timings is not None and event not in timings:
+    jax.block_until_ready(arrays)
+    timings[event] = time.perf_counter()
+
+
 class _Thinker:
   """The Thinker's decoding, one token per `advance`."""
 
-  def __init__(self, model, req: _Request):
+  def __init__(self, model, req: _Request, progress: dict):
     cfg = model.config
     self.model, self.req = model, req
     b, s = req.ids.shape
@@ -452,6 +465,7 @@ class _Thinker:
       req.media,
       decode.cache_length(s, req.thinker_max_new_tokens),
     )
+    _mark(progress, "thinker_prefill", logits)
     self.delta = jnp.asarray(req.positions[:, :, -1] + 1 - s, jnp.float32)
     self.key = jax.random.key(req.seed)
     self.sampling = tuple(jnp.asarray(x) for x in req.thinker_sampling)
@@ -472,6 +486,7 @@ class _Thinker:
     self.first_eos = np.full(b, -1)  # generated index of each row's EOS token
     self.finished = False
     self._record()
+    _mark(progress, "first_text_token")
 
   def _record(self):
     t = len(self.tokens)
@@ -502,15 +517,18 @@ class _Thinker:
 def _frames(model, req: _Request, progress: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Generates the Talker's frames: yields (codes (B, G), valid (B,)) per frame, valid False
   for rows that had already ended. Sets progress["thinker_tokens"] as the Thinker advances and
-  at the end progress["sequences"] (B, S + new) int64."""
+  at the end progress["sequences"] (B, S + new) int64. With progress["timings"] a dict, the
+  first Thinker prefill, text token, Talker prefill, Thinker step and Talker step record when
+  they ended (`_mark`)."""
   tcfg, impl = model.talker_config, model.config.impl
-  thinker = _Thinker(model, req)
+  _mark(progress, "start")
+  thinker = _Thinker(model, req, progress)
   progress["thinker_tokens"] = 1
   prefix = req.prefix
   b = req.ids.shape[0]
   tok = layout_lib.TalkerTokenIds.from_configs(model.config, tcfg)
   offset = np.array([len(p) for p in prefix.prompts]) - prefix.first_spoken  # spoken prompt tokens
-  prefill, step = _talker_fns(tcfg, impl)
+  prefill, step, _ = _talker_fns(tcfg, impl)
   embed = jnp.asarray(nn.meta.unbox(model.params["embed_tokens"]))
   _, talker_key, mtp_key = jax.random.split(jax.random.key(req.seed), 3)
   sampling = tuple(jnp.asarray(x) for x in req.talker_sampling)
@@ -564,6 +582,7 @@ def _frames(model, req: _Request, progress: dict) -> Iterator[tuple[np.ndarray, 
         )
         thinker.captured = None
         done = np.asarray(talker[3])
+        _mark(progress, "talker_prefill")
         talker_done = bool(done.all()) or req.talker_max_new_tokens == 1
     elif not talker_done and (
       thinker.finished or (frame + 2 - offset <= len(thinker.tokens)).all()
@@ -588,12 +607,15 @@ def _frames(model, req: _Request, progress: dict) -> Iterator[tuple[np.ndarray, 
         greedy=req.talker_greedy,
       )
       frame += 1
-      yield np.asarray(codes), ~done
+      codes = np.asarray(codes)
+      _mark(progress, "talker_step")
+      yield codes, ~done
       done = np.asarray(talker[3])
       talker_done = bool(done.all()) or frame == req.talker_max_new_tokens - 1
     if not thinker.finished:
       thinker.advance()
       progress["thinker_tokens"] = len(thinker.tokens)
+      _mark(progress, "thinker_step", thinker.token)
     elif talker_done:
       break
   progress["sequences"] = np.concatenate(
@@ -670,13 +692,23 @@ class SpeechStream:
   """`Model.generate_stream`: iterating yields waveform chunks (B, m) float32 at 24 kHz as
   frames are made (their concatenation is `generate`'s waveform). `thinker_tokens` counts the
   text tokens generated so far; after the last chunk `sequences` (B, S + new) int64 and
-  `codes` (B, 16, T) int64 (-1 after a row's end) hold the rest of `generate`'s outputs."""
+  `codes` (B, 16, T) int64 (-1 after a row's end) hold the rest of `generate`'s outputs.
 
-  def __init__(self, model, input_ids, *, chunk_frames: int = 1, **kwargs):
+  `timings`, a dict, receives the time.perf_counter() at which the stream started ("start")
+  and the first of each of these ended: "thinker_prefill", "first_text_token",
+  "talker_prefill" (codebook 0 of frame 0), "thinker_step", "talker_step" (the MTP's
+  codebooks 1..15 of frame 0 and codebook 0 of frame 1), "first_chunk" (its waveform). It
+  waits for the device at each, so use it to measure, not in production."""
+
+  def __init__(
+    self, model, input_ids, *, chunk_frames: int = 1, timings: dict | None = None, **kwargs
+  ):
     self._model = model
     self._req = _request(model, input_ids, **kwargs)
     self._chunk = _positive_int(chunk_frames, "chunk_frames")
     self._progress: dict = {"thinker_tokens": 0}
+    if timings is not None:
+      self._progress["timings"] = timings
     self.sequences: np.ndarray | None = None
     self.codes: np.ndarray | None = None
     self._iter = self._chunks()
@@ -693,9 +725,11 @@ class SpeechStream:
     for codes, valid in _frames(self._model, self._req, self._progress):
       wave = vocoder.add(codes, valid)
       if wave is not None and wave.shape[1]:
+        _mark(self._progress, "first_chunk")
         yield wave
     wave = vocoder.flush()
     self.sequences = self._progress["sequences"]
     self.codes = vocoder.all_codes()
     if wave is not None and wave.shape[1]:
+      _mark(self._progress, "first_chunk")
       yield wave

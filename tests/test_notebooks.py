@@ -1,5 +1,6 @@
-"""Both notebooks execute (nbclient) on tiny inputs: a tiny Thinker workdir with a tokenizer,
-and a small sweep of two arms over two seeds."""
+"""The notebooks execute (nbclient) on tiny inputs: a tiny Thinker workdir with a tokenizer, a
+small sweep of two arms over two seeds, and (speech) tiny random weights with a Talker and a
+Code2Wav that the notebook draws itself."""
 
 import json
 import os
@@ -98,3 +99,13 @@ def test_ablation_notebook(tmp_path):
   out = _outputs(_execute("ablation", OMNIJAX_SWEEP=tmp_path))
   assert "4 runs" in out and "heldout/loss/image" in out
   assert "No text degradation" in out
+
+
+def test_speech_notebook():
+  """Its default: tiny random weights with a Talker and a 1920-samples-a-frame Code2Wav."""
+  nb = _execute("speech", OMNIJAX_SPEECH_CHECKPOINT="")
+  out = _outputs(nb)
+  assert "speakers" in out and "speech:" in out and "same waveform as generate: True" in out
+  data = [o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])]
+  assert sum("<audio" in d.get("text/html", "") for d in data) == 1
+  assert sum("image/png" in d for d in data) == 2  # spectrogram and chunk arrival
