@@ -1,6 +1,7 @@
 """A Talker run's losses side by side with the baselines a model must beat, in one run.
 
-    python benchmarks/talker.py --run=workdirs/talker_local_pretrain [--step=N] [--out=DIR]
+    python benchmarks/talker.py --run=workdirs/talker_local_pretrain [--step=N] [--out=DIR] \
+        [--speak=N]
 
 For codebook 0 (with the codec EOS ending each utterance) and for the 15 MTP codebooks,
 cross-entropy in nats per target:
@@ -11,7 +12,13 @@ cross-entropy in nats per target:
                scored on the validation split's targets
   uniform      log(vocabulary): log 3072 (codebook 0's logits span the Talker vocabulary),
                log 2048 (MTP)
-With --out it writes results.json there.
+With --out it writes results.json there, and with --speak=N the speech the run generates
+(`omnijax.load(run).generate(..., return_audio=True)`, its workdir's Code2Wav) for the first N
+held-out sentences of the validation split: each prompt asks to read the sentence aloud and
+carries it as the assistant's answer (the Talker speaks a given text; the Thinker adds one token,
+which is never spoken), sampled with transformers' Talker defaults; WAVs of the generated and
+of the codec's own reconstruction of the recorded sentence, and their mel spectrograms
+(speech.png).
 """
 
 from __future__ import annotations
@@ -94,11 +101,68 @@ def heldout_ce(run: Path, config, step) -> tuple[float, float, int]:
   return totals[0] / totals[2], totals[1] / totals[3], docs
 
 
+def speak(run: Path, config, out: Path, n: int) -> list[dict]:
+  """Generated speech for the first n held-out sentences (see the module doc)."""
+  import librosa  # pylint: disable=import-outside-toplevel
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import soundfile  # pylint: disable=import-outside-toplevel
+
+  import omnijax  # pylint: disable=import-outside-toplevel
+
+  model = omnijax.load(run)
+  tok = model.tokenizer
+  spec = next(iter(config.data.mixture.values()))
+  source = records.open_shards(spec.path, "validation")
+  provider = codes_lib.get_code_provider(spec.codec)
+  rows, figure = [], plt.figure(figsize=(10, 2.2 * n))
+  for i in range(n):
+    ex = records.decode_example(source[i])
+    sentence = ex["text"].strip()
+    prompt = np.concatenate(
+      [
+        [tok.token_id("<|im_start|>")],
+        tok.encode(f"user\nRead this aloud:\n{sentence}"),
+        [tok.token_id("<|im_end|>")],
+        tok.encode("\n"),
+        [tok.token_id("<|im_start|>")],
+        tok.encode(f"assistant\n{sentence}"),
+      ]
+    )
+    _, wave = model.generate(
+      prompt[None], return_audio=True, thinker_max_new_tokens=1, talker_max_new_tokens=400, seed=i
+    )
+    samples, rate = codes_lib.load_waveform(ex["audio"], ex.get("sample_rate"))
+    codes = codes_lib.encode_speech(provider, samples, rate)
+    reference = model.code2wav(codes[None])[0]
+    for name, w in (("generated", wave[0]), ("codec_reference", reference)):
+      soundfile.write(out / f"{i}_{name}.wav", w, 24000)
+    rows.append(
+      dict(
+        sentence=sentence,
+        generated_seconds=len(wave[0]) / 24000,
+        reference_seconds=len(reference) / 24000,
+      )
+    )
+    for j, (name, w) in enumerate((("generated", wave[0]), ("codec reference", reference))):
+      ax = figure.add_subplot(n, 2, 2 * i + j + 1)
+      mel = librosa.power_to_db(librosa.feature.melspectrogram(y=w, sr=24000, n_mels=80))
+      ax.imshow(mel, origin="lower", aspect="auto", cmap="magma")
+      ax.set_title(f"{name}: {sentence[:50]}", fontsize=8)
+      ax.set_xticks([]), ax.set_yticks([])
+  figure.tight_layout()
+  figure.savefig(out / "speech.png", dpi=80)
+  return rows
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--run", required=True)
   parser.add_argument("--step", type=int, default=None)
   parser.add_argument("--out", default="")
+  parser.add_argument("--speak", type=int, default=0)
   args = parser.parse_args(argv)
   run = Path(args.run)
   config = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
@@ -121,8 +185,16 @@ def main(argv=None):
   for name, (a, b) in results.items():
     print(f"{name:28s} {a:12.3f} {b:12.3f}")
   if args.out:
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.speak:
+      results["speech"] = speak(run, config, out, args.speak)
+      for r in results["speech"]:
+        print(
+          f"spoke {r['generated_seconds']:.2f} s (recorded {r['reference_seconds']:.2f} s): "
+          f"{r['sentence']}"
+        )
+    (out / "results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def _run(model, batch, optim_cfg, mesh_shape, steps=1, weights=WEIGHTS):
     totals = step_lib.talker_counts(placed)
     n_text = jnp.sum(placed["loss_mask"])
     grads = jax.jit(
-      jax.grad(lambda p, b: step_lib.loss_terms(model, p, b, n_text, 1, 0.0, 0, WEIGHTS, totals)[0])
+      jax.grad(lambda p, b: step_lib.loss_terms(model, p, b, n_text, 1, 0.0, 0, weights, totals)[0])
     )(state.params, placed)
     metrics, first = [], None
     for _ in range(steps):
