@@ -16,6 +16,7 @@ from omnijax.models.config import (
   AudioEncoderConfig,
   Code2WavConfig,
   ImplConfig,
+  TALKER_THINKER_TOKEN_FIELDS,
   TalkerConfig,
   TextConfig,
   ThinkerConfig,
@@ -123,21 +124,10 @@ def to_hf_config(
   if talker is not None:
     talker.validate(cfg)
     out["talker_config"] = talker_config_to_hf(talker, cfg)
-    out.update({k: getattr(talker, k) for k in TALKER_TOP_LEVEL_IDS})
+    out.update({k: getattr(talker, k) for k in TALKER_THINKER_TOKEN_FIELDS})
   return out
 
 
-# Thinker-vocabulary ids that transformers keeps at the top of Qwen3OmniMoeConfig.
-TALKER_TOP_LEVEL_IDS = (
-  "tts_pad_token_id",
-  "tts_bos_token_id",
-  "tts_eos_token_id",
-  "im_start_token_id",
-  "im_end_token_id",
-  "system_token_id",
-  "user_token_id",
-  "assistant_token_id",
-)
 _TALKER_FIELDS = (
   "num_code_groups",
   "thinker_hidden_size",
@@ -214,7 +204,7 @@ def talker_config_from_hf(d: dict[str, Any], thinker: ThinkerConfig | None = Non
     num_experts_per_tok=0,
     moe_intermediate_size=0,
   )
-  top = {k: d[k] for k in TALKER_TOP_LEVEL_IDS if k in d}
+  top = {k: d[k] for k in TALKER_THINKER_TOKEN_FIELDS if k in d}
   fields = {k: talker[k] for k in _TALKER_FIELDS if k in talker}
   speakers = talker.get("speaker_id") or {}
   cfg = TalkerConfig(

@@ -391,6 +391,19 @@ class Code2WavConfig:
     return dataclasses.asdict(self)
 
 
+# TalkerConfig's Thinker-vocabulary ids (transformers keeps them at the top of its config).
+TALKER_THINKER_TOKEN_FIELDS = (
+  "tts_pad_token_id",
+  "tts_bos_token_id",
+  "tts_eos_token_id",
+  "im_start_token_id",
+  "im_end_token_id",
+  "system_token_id",
+  "user_token_id",
+  "assistant_token_id",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class TalkerConfig:
   """The Talker (transformers `Qwen3OmniMoeTalkerConfig` field names; released values as
@@ -489,16 +502,7 @@ class TalkerConfig:
         f"accept_hidden_layer ({self.accept_hidden_layer}) indexes the Thinker's hidden states "
         f"0..{thinker.text.num_hidden_layers} (0: embeddings, k: after k layers).",
       )
-      for k in (
-        "tts_pad_token_id",
-        "tts_bos_token_id",
-        "tts_eos_token_id",
-        "im_start_token_id",
-        "im_end_token_id",
-        "system_token_id",
-        "user_token_id",
-        "assistant_token_id",
-      ):
+      for k in TALKER_THINKER_TOKEN_FIELDS:
         v = getattr(self, k)
         need(
           0 <= v < thinker.text.vocab_size,
