@@ -51,7 +51,7 @@ from omnijax import decode
 from omnijax.models import code2wav as code2wav_lib
 from omnijax.models.config import ImplConfig, TalkerConfig
 from omnijax.models.decoder import init_cache
-from omnijax.models.layers import dtype_of
+from omnijax.models.layers import dtype_of, lookup
 from omnijax.models.talker import Talker
 from omnijax.processing import talker as layout_lib
 
@@ -342,7 +342,7 @@ def _talker_fns(cfg: TalkerConfig, impl: ImplConfig):
       return decode.select(logits, jax.random.fold_in(key, g), *sampling, greedy=greedy)
 
     def prefill(m, h, c0):
-      x = jnp.stack([h, jnp.take(m.codec_embedding, c0, axis=0).astype(h.dtype)], axis=1)
+      x = jnp.stack([h, lookup(m.codec_embedding, c0, h.dtype)], axis=1)
       return m.code_predictor.step(x, init_cache(cfg.code_predictor, impl, b, groups))
 
     logits, cache = call(params, prefill, h, c0)
@@ -353,7 +353,7 @@ def _talker_fns(cfg: TalkerConfig, impl: ImplConfig):
 
       def step(m, c, cache):
         table = jax.lax.dynamic_index_in_dim(m.code_predictor.codec_embedding, g - 1, 0, False)
-        return m.code_predictor.step(jnp.take(table, c, axis=0).astype(dtype)[:, None], cache)
+        return m.code_predictor.step(lookup(table, c, dtype)[:, None], cache)
 
       logits, cache = call(params, step, codes[:, g], cache)
       return codes.at[:, g + 1].set(pick(logits, g + 1)), cache
@@ -376,7 +376,7 @@ def _talker_fns(cfg: TalkerConfig, impl: ImplConfig):
     greedy,
   ):
     b = text_ids.shape[0]
-    text = jnp.take(embed, text_ids, axis=0).astype(dtype)
+    text = lookup(embed, text_ids, dtype)
     x = call(params, Talker.inputs, text, mm_hidden, mm_mask, codec_ids)
     cache = init_cache(cfg.text, impl, b, cache_len)
     h, logits, _, cache = call(params, Talker.decode, x, positions, seg, cache)
@@ -411,7 +411,7 @@ def _talker_fns(cfg: TalkerConfig, impl: ImplConfig):
     greedy,
   ):
     codes = frame_codes(params, h, token, jax.random.fold_in(mtp_key, frame), greedy)
-    text = jnp.take(embed, text_ids, axis=0).astype(dtype)[:, None]
+    text = lookup(embed, text_ids, dtype)[:, None]
     x = call(params, Talker.inputs, text, None, None, codes[:, None])
     positions = jnp.broadcast_to(cache["index"] + delta, (3, h.shape[0]))[..., None]
     seg = jnp.ones((h.shape[0], 1), jnp.int32)

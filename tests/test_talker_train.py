@@ -26,7 +26,11 @@ from omnijax.models.omni import Omni
 from omnijax.processing import talker as talker_layout
 from omnijax.train import optimizer as optim_lib
 from omnijax.train import step as step_lib
+from omnijax.launch import load_experiment
+from omnijax.train import trainer
 from omnijax.train.config import base_config
+from tests import helpers
+from tests.helpers import read_metrics, write_text_corpus
 
 ROWS, SEQ, TALKER_LEN, MTP_ROWS = 16, 32, 40, 12
 WEIGHTS = step_lib.TalkerLoss(thinker=0.5, mtp=0.3)
@@ -237,3 +241,64 @@ def test_talker_losses_fall_on_one_batch(joint):
   # measured: codebook 0 8.06 -> 3.93, MTP 7.64 -> 7.02 (15 heads of 2048 codes learn slower)
   for num, den in (("talker_ce_sum", "talker_tokens"), ("mtp_ce_sum", "mtp_tokens")):
     assert rate(last, num, den) < rate(first, num, den) - 0.4, num
+
+
+# float32; the sharded step reorders reductions: gradients agree to 1e-5 of each leaf's
+# largest gradient (measured 2.4e-6 absolute on O(1) Talker gradients); AdamW's first update
+# with eps 1e-3 moves a parameter by at most lr / eps = 10x its gradient's difference
+GRAD_RTOL, PARAM_ATOL, METRIC_RTOL = 1e-5, 1e-5, 1e-5
+
+
+@pytest.mark.slow
+def test_sharded_joint_step_matches_one_device(setup, joint):
+  """data 2 x fsdp 2 x expert 2 (8 forced host devices) == one device, 2 microbatches."""
+  thinker, talker, batch = setup
+  _, p1, g1, m1 = joint
+  _, p8, g8, m8 = _run(Omni(thinker, talker), batch, _optim(), dict(data=2, fsdp=2, expert=2))
+  g1, g8, p1, p8 = (_flat(t) for t in (g1, g8, p1, p8))
+  grad_err = {
+    k: float(np.abs(g1[k] - g8[k]).max() / np.abs(g1[k]).max()) for k in g1 if g1[k].any()
+  }
+  worst = max(grad_err, key=grad_err.get)
+  param_diff = max(float(np.abs(p1[k] - p8[k]).max()) for k in p1)
+  print(
+    f"\n[8 devices] worst gradient {worst}: max |diff| / max |grad| {grad_err[worst]:.1e}; "
+    f"max |param diff| after one AdamW step {param_diff:.1e}"
+  )
+  assert grad_err[worst] <= GRAD_RTOL and param_diff <= PARAM_ATOL
+  # compared: every gradient of the Talker and the Thinker's decoder (the towers see no media)
+  assert all(k in grad_err for k in g1 if k.startswith(("talker/", "thinker/model/")))
+  for k in ("talker_ce_sum", "mtp_ce_sum", "ce_sum", "talker_tokens", "mtp_tokens", "grad_norm"):
+    np.testing.assert_allclose(float(m8[0][k]), float(m1[0][k]), rtol=METRIC_RTOL, err_msg=k)
+
+
+def _talker_run(root, steps: int, stop_at: int | None = None):
+  """talker:local,stage=joint on the spoken test records (3 sources), sized for 8 devices."""
+  c = load_experiment("talker:local,stage=joint")
+  for spec in c.data.mixture.values():
+    spec.update(dict(path=str(root / "speech"), codec=str(root / "speech")))
+  c.talker.code2wav = ""
+  c.data.update(
+    dict(local_text="", local_media="", tokenizer_corpus=str(root / "text"), seq_len=160)
+  )
+  c.data.update(dict(tokenizer_vocab_size=512, talker_seq_len=160, talker_mtp_rows=96))
+  c.train.update(dict(total_steps=steps, global_batch_size=8, log_every=1, async_checkpoint=False))
+  c.train.stop_at_step = stop_at
+  return c
+
+
+@pytest.mark.slow
+def test_talker_run_resumes_exactly(tmp_path):
+  """A joint run stopped at step 2 and resumed equals the run straight to step 4 (every loss,
+  the Thinker's, codebook 0's and the MTP's, bit for bit)."""
+  write_text_corpus(tmp_path / "text", num_docs=200)
+  helpers.write_spoken_records(tmp_path / "speech")
+  trainer.train(_talker_run(tmp_path, 4), tmp_path / "straight")
+  trainer.train(_talker_run(tmp_path, 4, stop_at=2), tmp_path / "resumed")
+  assert (tmp_path / "resumed" / "checkpoints" / "2").exists()
+  trainer.train(_talker_run(tmp_path, 4), tmp_path / "resumed")
+  a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+  keys = ("loss", "ce_loss", "talker_loss", "mtp_loss", "talker_aux_loss", "grad_norm")
+  for step in range(1, 5):
+    assert {k: a[step][k] for k in keys} == {k: b[step][k] for k in keys}, step
+  assert a[4]["talker_loss"] < a[1]["talker_loss"]

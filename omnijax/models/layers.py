@@ -1,4 +1,5 @@
-"""Building blocks shared by the decoders: parameters with logical axes, RMSNorm, SwiGLU MLP."""
+"""Building blocks shared by the decoders: parameters with logical axes, embedding lookup,
+RMSNorm, SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -32,6 +33,20 @@ def logical_param(
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(axes))
+
+
+def rows(x: jax.Array) -> jax.Array:
+  """Activations (batch, ..., embed), laid out batch-sharded."""
+  return constrain(x, ("batch",) + (None,) * (x.ndim - 2) + ("act_embed",))
+
+
+def lookup(table: jax.Array, ids: jax.Array, dtype, codebook: jax.Array | None = None):
+  """Embedding rows `table[ids]` (or `table[codebook, ids]` of a stacked (G, V, D) table) in
+  `dtype`, batch-sharded. The table is gathered whole first, as FSDP gathers any weight: a
+  lookup in the (vocab, embed)-sharded table would keep its layout, and the gradient's
+  scatter-add would then all-gather the activations."""
+  table = constrain(table.astype(dtype), (None,) * table.ndim)
+  return rows(table[ids] if codebook is None else table[codebook, ids])
 
 
 class RMSNorm(nn.Module):

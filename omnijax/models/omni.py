@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from omnijax.models.config import TalkerConfig, ThinkerConfig
+from omnijax.models.layers import lookup, rows
 from omnijax.models.talker import Talker
 from omnijax.models.thinker import Thinker
 
@@ -70,9 +71,9 @@ class Omni(nn.Module):
       input_ids, positions, segment_ids, media, capture=self.talker_cfg.accept_hidden_layer
     )
     table = nn.meta.unbox(self.thinker.variables["params"]["embed_tokens"])
-    text_embeds = jnp.take(table, t["talker_text_ids"], axis=0).astype(hidden.dtype)
+    text_embeds = lookup(table, t["talker_text_ids"], hidden.dtype)
     index = t["talker_thinker_index"]
-    mm_hidden = jnp.take_along_axis(hidden, jnp.maximum(index, 0)[..., None], axis=1)
+    mm_hidden = rows(jnp.take_along_axis(hidden, jnp.maximum(index, 0)[..., None], axis=1))
     if self.freeze_thinker:
       text_embeds, mm_hidden = jax.lax.stop_gradient((text_embeds, mm_hidden))
     talker_logits, mtp_logits, talker_stats = self.talker(

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from omnijax.models.config import ImplConfig, TalkerConfig
 from omnijax.models.decoder import Decoder
-from omnijax.models.layers import Dense, constrain, dtype_of, logical_param
+from omnijax.models.layers import Dense, constrain, dtype_of, logical_param, lookup, rows
 
 
 def sequence_positions(length: int, batch: int, offset=0) -> jax.Array:
@@ -75,8 +75,8 @@ class CodePredictor(nn.Module):
   def embed(self, codes: jax.Array, first: int = 1) -> jax.Array:
     """E_k(codes[..., j]) with k = first + j: codes (..., n) -> (..., n, D)."""
     n = codes.shape[-1]
-    table = self.codec_embedding[first - 1 : first - 1 + n].astype(dtype_of(self.impl.dtype))
-    return table[jnp.arange(n), codes]
+    table = self.codec_embedding[first - 1 : first - 1 + n]
+    return lookup(table, codes, dtype_of(self.impl.dtype), codebook=jnp.arange(n))
 
   def __call__(self, h: jax.Array, c0_embed: jax.Array, codes: jax.Array) -> jax.Array:
     """Teacher-forced logits of codebooks 1..G: h, c0_embed (N, D); codes (N, G) the frame's
@@ -125,8 +125,7 @@ class Talker(nn.Module):
     dtype = dtype_of(self.impl.dtype)
     valid = codec_ids >= 0
     ids = jnp.where(valid, codec_ids, 0)
-    out = jnp.take(self.codec_embedding.astype(dtype), ids[..., 0], axis=0)
-    out = jnp.where(valid[..., :1], out, 0)
+    out = jnp.where(valid[..., :1], lookup(self.codec_embedding, ids[..., 0], dtype), 0)
     if codec_ids.shape[-1] > 1:
       rest = self.code_predictor.embed(ids[..., 1:])
       out = out + jnp.sum(jnp.where(valid[..., 1:, None], rest, 0), axis=-2)
@@ -173,6 +172,7 @@ class Talker(nn.Module):
     b, m = mtp_index.shape
     h_mtp = jnp.take_along_axis(h, mtp_index[..., None], axis=1).reshape(b * m, -1)
     codes = jnp.maximum(mtp_codes, 0).reshape(b * m, -1)
-    c0 = jnp.take(self.codec_embedding.astype(h.dtype), codes[:, 0], axis=0)
+    c0 = lookup(self.codec_embedding, codes[:, 0], h.dtype)
+    h_mtp = rows(h_mtp)
     mtp_logits = self.code_predictor(h_mtp, c0, codes[:, 1:])
     return logits, mtp_logits.reshape(b, m, *mtp_logits.shape[1:]), stats

@@ -31,7 +31,7 @@ from omnijax.models import tm_rope
 from omnijax.models.audio import AudioEncoder
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.decoder import Decoder
-from omnijax.models.layers import constrain, dtype_of, logical_param
+from omnijax.models.layers import constrain, dtype_of, logical_param, lookup
 from omnijax.processing.vision import PACKED_KEYS
 from omnijax.models.vision import VisionEncoder
 
@@ -88,8 +88,7 @@ class Thinker(nn.Module):
     embed = logical_param(
       self, "embed_tokens", (text.vocab_size, text.hidden_size), ("vocab", "embed"), pdt
     )
-    h = jnp.take(embed, input_ids, axis=0).astype(dtype)
-    h = constrain(h, ("batch", "seq", "act_embed"))
+    h = lookup(embed, input_ids, dtype)
 
     if "audio_features" in media:
       feats = media["audio_features"]
