@@ -49,6 +49,46 @@ def write_records(path: Path, split: str, examples) -> Path:
   return path
 
 
+SENTENCES = ("two red cubes", "a blue cone near the river", "one green sphere spins", "hello")
+
+
+def write_spoken_records(path: Path, n: int = 24) -> dict[str, np.ndarray]:
+  """n records with text, an image, its speech (noise of the codes' length) and stored codes
+  (as `data_pipelines.prepare --speech_codes` writes them), usable as tts, spoken_asr and
+  spoken_caption sources; returns id -> its (16, T) codes."""
+  import io  # pylint: disable=import-outside-toplevel
+
+  import soundfile  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  from data_pipelines import speech_codes  # pylint: disable=import-outside-toplevel
+
+  def encoded(write) -> bytes:
+    buf = io.BytesIO()
+    write(buf)
+    return buf.getvalue()
+
+  rng = np.random.default_rng(0)
+  examples, codes = [], {}
+  for i in range(n):
+    frames = int(rng.integers(3, 12))
+    c = codes[str(i)] = rng.integers(0, 2048, (16, frames))
+    noise = (0.1 * rng.standard_normal(int(16000 * frames * 0.08))).astype(np.float32)
+    pixels = rng.integers(0, 256, (64, 96, 3), np.uint8)
+    examples.append(
+      dict(
+        id=str(i),
+        text=SENTENCES[i % len(SENTENCES)],
+        audio=encoded(lambda b: soundfile.write(b, noise, 16000, format="WAV", subtype="FLOAT")),
+        image=encoded(lambda b: Image.fromarray(pixels).save(b, format="PNG")),
+        **speech_codes.codes_to_record(c),
+      )
+    )
+  records.write_shards(examples, path, "train", num_shards=1)
+  records.write_manifest(path, {"train": n})
+  return codes
+
+
 def local_speech(root: Path) -> Path:
   """The asr records (train and validation) of a 24-fact local media corpus."""
   from data_pipelines import local_media_corpus  # pylint: disable=import-outside-toplevel

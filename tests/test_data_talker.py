@@ -1,56 +1,29 @@
 """Spoken sources in the mixed-modality pipeline: the Talker's rows are packed with the
 Thinker's, per document, and point back into their own Thinker row.
 
-Records carry stored codes (as `data_pipelines.prepare --speech_codes` writes them), so the
-`speech_codes` op only checks them and no codec runs here.
+Records (`helpers.write_spoken_records`) carry an image (spoken captions), their speech and its
+stored codes, so the `speech_codes` op only checks them and no codec runs here.
 """
-
-import io
 
 import ml_collections
 import numpy as np
 import pytest
-import soundfile
 
-from data_pipelines import omni, records, speech_codes, tokenizer as tok_lib
+from data_pipelines import omni, tokenizer as tok_lib
 from omnijax.models import presets
 from omnijax.models.config import TalkerConfig, ThinkerConfig
+from tests import helpers
 from tests.helpers import write_text_corpus
 
 SEQ, TALKER_SEQ, MTP_ROWS = 160, 160, 96
 BUCKETS = dict(audio_frames=(800,), audios_per_row=4, image_patches=(512,), video_patches=(768,))
-SENTENCES = ("two red cubes", "a blue cone near the river", "one green sphere spins", "hello")
-
-
-def _wav(seconds: float, seed: int) -> bytes:
-  samples = 0.1 * np.random.default_rng(seed).standard_normal(int(16000 * seconds))
-  buf = io.BytesIO()
-  soundfile.write(buf, samples.astype(np.float32), 16000, format="WAV", subtype="FLOAT")
-  return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   root = tmp_path_factory.mktemp("talker_data")
   tok = tok_lib.local_tokenizer(write_text_corpus(root / "text", num_docs=200), vocab_size=1024)
-  rng = np.random.default_rng(0)
-  examples, codes = [], {}
-  for i in range(24):
-    text = SENTENCES[i % len(SENTENCES)]
-    frames = int(rng.integers(3, 12))
-    c = rng.integers(0, 2048, (16, frames))
-    codes[str(i)] = c
-    examples.append(
-      dict(
-        id=str(i),
-        text=text,
-        audio=_wav(frames * 0.08, i),
-        speech_codes=c.astype(speech_codes.CODES_DTYPE).tobytes(),
-        speech_codes_frames=frames,
-      )
-    )
-  records.write_shards(examples, root / "speech", "train", num_shards=1)
-  records.write_manifest(root / "speech", {"train": len(examples)})
+  codes = helpers.write_spoken_records(root / "speech")
   return root, tok, codes
 
 
@@ -67,6 +40,7 @@ def _dataset(root, tok, **over):
       mixture=dict(
         tts=dict(path=str(root / "speech"), task="tts", weight=1.0, codec=codec),
         spoken=dict(path=str(root / "speech"), task="spoken_asr", weight=1.0, codec=codec),
+        caption=dict(path=str(root / "speech"), task="spoken_caption", weight=1.0, codec=codec),
       ),
       shuffle=True,
       num_epochs=None,
@@ -101,17 +75,23 @@ def test_talker_rows_follow_their_thinker_rows(corpus):
   assert batch["talker_codec_ids"].shape == (4, TALKER_SEQ, 16)
   assert batch["talker_positions"].shape == (4, 3, TALKER_SEQ)
   assert batch["talker_mtp_codes"].shape == (4, MTP_ROWS, 16)
-  spoken_docs = 0
+  spoken_docs, media_kinds = 0, set()
   for b in range(4):
     seg, tseg = batch["segment_ids"][b], batch["talker_segment_ids"][b]
     for s in np.unique(tseg[tseg > 0]):
       spoken_docs += 1
       where = tseg == s
-      # the Talker document's hidden-state positions are its own Thinker document's audio
+      # the Talker document's hidden-state positions are its own Thinker document's audio or
+      # image placeholders; at an image the Talker's M-RoPE ids are 3-D (t, h, w differ)
       index = batch["talker_thinker_index"][b][where]
       mm = index[index >= 0]
       assert (seg[mm] == s).all()
-      assert (batch["inputs"][b][mm] == thinker.audio_token_id).all()
+      placeholder = set(batch["inputs"][b][mm])
+      assert placeholder <= {thinker.audio_token_id, thinker.image_token_id}
+      media_kinds |= placeholder
+      pos = batch["talker_positions"][b][:, where]
+      three_d = (pos[1] != pos[2]).any()
+      assert three_d == (thinker.image_token_id in placeholder)
       text_ids = batch["talker_text_ids"][b][where]
       assert (text_ids == talker.tts_bos_token_id).sum() == 1
       assert (text_ids == talker.tts_eos_token_id).sum() <= 1
@@ -128,8 +108,8 @@ def test_talker_rows_follow_their_thinker_rows(corpus):
       np.testing.assert_array_equal(
         batch["talker_labels"][b][at], batch["talker_mtp_codes"][b][rows][:, 0]
       )
-  assert spoken_docs >= 4
-  assert {int(t) for t in np.unique(batch["task_ids"]) if t >= 0} == {0, 1}
+  assert spoken_docs >= 4 and media_kinds == {thinker.audio_token_id, thinker.image_token_id}
+  assert {int(t) for t in np.unique(batch["task_ids"]) if t >= 0} == {0, 1, 2}
 
 
 def test_stored_codes_reach_the_talker_and_restore_is_exact(corpus):
@@ -172,13 +152,13 @@ def test_a_talker_document_longer_than_its_row_is_skipped(corpus):
     _dataset(
       root,
       tok,
-      talker_seq_len=40,
+      talker_seq_len=45,
       mixture=dict(
         tts=dict(path=str(root / "speech"), task="tts", weight=1.0, codec=str(root)),
         text=dict(path=str(root / "text"), task="text", weight=1.0),
       ),
     )
   )
-  batch = next(it)
-  assert 0 < (batch["talker_segment_ids"] > 0).sum() <= 4 * 40
+  batches = [next(it) for _ in range(4)]
+  assert 0 < sum((b["talker_segment_ids"] > 0).sum() for b in batches)
   assert it.skipped_records.get("too_long", 0) > 0

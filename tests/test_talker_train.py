@@ -284,6 +284,7 @@ def _talker_run(root, steps: int, stop_at: int | None = None):
   c.data.update(dict(tokenizer_vocab_size=512, talker_seq_len=160, talker_mtp_rows=96))
   c.train.update(dict(total_steps=steps, global_batch_size=8, log_every=1, async_checkpoint=False))
   c.train.stop_at_step = stop_at
+  c.optim.warmup_steps = 1
   return c
 
 
