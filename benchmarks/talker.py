@@ -19,6 +19,11 @@ carries it as the assistant's answer (the Talker speaks a given text; the Thinke
 which is never spoken), sampled with transformers' Talker defaults; WAVs of the generated and
 of the codec's own reconstruction of the recorded sentence, and their mel spectrograms
 (speech.png).
+With --ask=N, for the first N held-out images of the run's spoken_caption source the model
+answers the training question about the image itself: the Thinker describes it (greedy, up to
+40 tokens) and the Talker speaks that answer as it is decoded; each answer is scored against
+the scene (objects: every (count, colour, shape) group right; the scene_description
+evaluator's reading) and written with its WAV and mel spectrogram (ask.png).
 """
 
 from __future__ import annotations
@@ -157,12 +162,79 @@ def speak(run: Path, config, out: Path, n: int) -> list[dict]:
   return rows
 
 
+def _mel_panel(figure, n, k, wave, title):
+  import librosa  # pylint: disable=import-outside-toplevel
+
+  ax = figure.add_subplot(n, 1, k)
+  mel = librosa.power_to_db(librosa.feature.melspectrogram(y=wave, sr=24000, n_mels=80))
+  ax.imshow(mel, origin="lower", aspect="auto", cmap="magma")
+  ax.set_title(title, fontsize=8)
+  ax.set_xticks([]), ax.set_yticks([])
+
+
+def ask(run: Path, config, out: Path, n: int) -> list[dict]:
+  """The model's spoken answers about the first n held-out images (see the module doc)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import grain  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import soundfile  # pylint: disable=import-outside-toplevel
+
+  import omnijax  # pylint: disable=import-outside-toplevel
+  from data_pipelines import local_media_corpus  # pylint: disable=import-outside-toplevel
+  from data_pipelines.example_dataset import SKIPPED_KEY, ApplyOps  # pylint: disable=C0415
+  from data_pipelines.omni import TASK_OPS, ToSequence, open_source  # pylint: disable=C0415
+  from data_pipelines.ops import OpContext, build_ops  # pylint: disable=import-outside-toplevel
+
+  model = omnijax.load(run)
+  name = next(k for k, v in config.data.mixture.items() if v.task == "spoken_caption")
+  spec = inputs_lib.eval_data_config(config, name, "validation").mixture[name]
+  ops = build_ops(list(TASK_OPS["caption"]), OpContext(tokenizer=model.tokenizer))
+  to_seq = ToSequence("caption", 0, model.tokenizer, model.config, config.data.seq_len, 0)
+  ds = grain.MapDataset.source(open_source(spec)).map(ApplyOps(ops))
+  examples = [ds[i] for i in range(len(ds))]
+  examples = [e for e in examples if SKIPPED_KEY not in e][:n]
+  rows, figure = [], plt.figure(figsize=(8, 1.8 * len(examples)))
+  end = model.tokenizer.token_id("<|im_end|>")
+  for i, example in enumerate(examples):
+    tokens, media = to_seq.prompt(example)
+    ((pixels, grid),) = media["image"]
+    ids, wave = model.generate(
+      tokens[None],
+      return_audio=True,
+      pixel_values=pixels,
+      image_grid_thw=grid,
+      thinker_max_new_tokens=40,
+      talker_max_new_tokens=400,
+      seed=i,
+    )
+    answer = [t for t in ids[0, len(tokens) :].tolist()]
+    answer = model.tokenizer.decode(answer[: answer.index(end)] if end in answer else answer)
+    got = local_media_corpus.parse_scene(answer)["groups"]
+    want = local_media_corpus.parse_scene(example["text"])["groups"]
+    soundfile.write(out / f"ask_{i}.wav", wave[0], 24000)
+    rows.append(
+      dict(
+        scene=example["text"].strip(),
+        answer=answer.strip(),
+        objects_right=got == want,
+        spoken_seconds=len(wave[0]) / 24000,
+      )
+    )
+    _mel_panel(figure, len(examples), i + 1, wave[0], f"answer: {answer.strip()[:70]}")
+  figure.tight_layout()
+  figure.savefig(out / "ask.png", dpi=80)
+  return rows
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--run", required=True)
   parser.add_argument("--step", type=int, default=None)
   parser.add_argument("--out", default="")
   parser.add_argument("--speak", type=int, default=0)
+  parser.add_argument("--ask", type=int, default=0)
   args = parser.parse_args(argv)
   run = Path(args.run)
   config = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
@@ -193,6 +265,13 @@ def main(argv=None):
         print(
           f"spoke {r['generated_seconds']:.2f} s (recorded {r['reference_seconds']:.2f} s): "
           f"{r['sentence']}"
+        )
+    if args.ask:
+      results["answers"] = ask(run, config, out, args.ask)
+      for r in results["answers"]:
+        print(
+          f"asked about '{r['scene']}': answered '{r['answer']}' (objects right: "
+          f"{r['objects_right']}), spoke {r['spoken_seconds']:.2f} s"
         )
     (out / "results.json").write_text(json.dumps(results, indent=2))
 

@@ -12,7 +12,8 @@ about its image, speech or video):
 
   text     task "text": the sentence in a short template ("There are ...").
   image    task "caption": a 128x128 PNG drawn with Pillow (static facts),
-           caption = the sentence.
+           caption = the sentence, with the fact's speech as the caption
+           spoken (``audio``: a spoken answer about the image).
   speech   task "asr": the sentence spoken by eSpeak NG (``data_pipelines.
            espeak``; several voices and speeds, at 22050 Hz, alternately FLAC
            and MP3), transcript = the sentence.
@@ -62,7 +63,7 @@ from data_pipelines import records
 from data_pipelines import video as video_lib
 
 KIND = "local_media_corpus"
-VERSION = 1
+VERSION = 2  # 2: captions carry their speech
 NUM_FACTS = 600
 MOTION_FRACTION = 1 / 3
 VALIDATION_PER_MILLE = 50
@@ -270,6 +271,7 @@ def write_raw_corpus(raw_dir: pathlib.Path, facts: list[dict], seed: int = SEED)
           "id": f"{fact['id']}-caption",
           "task": "caption",
           "image": f"img/{fact['id']}.png",
+          "audio": f"speech/{fact['id']}.{ext}",
           "text": sentence,
           **common,
         }

@@ -61,23 +61,28 @@ PROMPTS = {
 }
 PROMPTS["tts"] = ("Read this aloud:", "Say the following:", "Speak this text:")
 PROMPTS["spoken_asr"] = PROMPTS["asr"]
+PROMPTS["spoken_caption"] = PROMPTS["caption"]
 TASK_OPS = {
   "text": ("decode_text",),
   "tts": ("decode_text",),
   "spoken_asr": ("decode_text", "decode_audio(truncate=False, max_seconds=30)", "log_mel"),
   "caption": ("decode_text", "decode_image", "resize_image", "patchify_image"),
+  "spoken_caption": ("decode_text", "decode_image", "resize_image", "patchify_image"),
   "asr": ("decode_text", "decode_audio(truncate=False, max_seconds=30)", "log_mel"),
   "audio": ("decode_text", "decode_audio(max_seconds=30)", "log_mel"),
   "video": ("decode_text", "decode_video(fps=2.0, max_seconds=20)"),
 }
 # Tasks whose answer is also spoken: the Talker's targets are the codes of the example's
 # speech (a `speech_codes` op with the source's `codec`, before any audio op).
-TALKER_TASKS = ("tts", "spoken_asr")
+# tts: text in; spoken_asr: speech in, its transcript spoken; spoken_caption: an image in (a
+# caption record whose `audio` is the caption spoken), the answer about it spoken.
+TALKER_TASKS = ("tts", "spoken_asr", "spoken_caption")
 TASK_MODALITY = {
   "text": "text",
   "tts": "text",
   "spoken_asr": "audio",
   "caption": "image",
+  "spoken_caption": "image",
   "asr": "audio",
   "audio": "audio",
   "video": "video",
@@ -124,7 +129,7 @@ class ToSequence:
         raise ValueError(f"speaker {speaker!r} is not one of {sorted(speakers)}.")
       self._talker_ids = talker.TalkerTokenIds.from_configs(model_cfg, talker_cfg)
       self._speaker_id = speakers[speaker.lower()]
-      self._talker_example = talker.talker_example
+      self._talker_example, self._talker_cfg = talker.talker_example, talker_cfg
     self.task, self.task_id, self.tok, self.cfg = task, task_id, tokenizer, model_cfg
     self.seq_len, self.seed, self.talker_seq_len = seq_len, seed, talker_seq_len
     self._positions = positions
@@ -143,7 +148,7 @@ class ToSequence:
     merge = c.vision.spatial_merge_size
     if self.task == "tts":
       return [], {}
-    if self.task == "caption":
+    if self.task in ("caption", "spoken_caption"):
       grid = np.asarray(example["image_grid_thw"]).reshape(3)
       n = int(pos.image_token_count(grid, merge))
       span = [c.vision_start_token_id] + [c.image_token_id] * n + [c.vision_end_token_id]
@@ -234,8 +239,18 @@ class ToSequence:
     for k in ("audio", "image", "video"):
       out[k] = media.get(k, [])
     if self.task in TALKER_TASKS:
+      grid = lambda k: np.reshape(media[k], (-1, 3)) if media.get(k) else None
       layout = self._talker_example(
-        tokens[:-1], example["speech_codes"], self._speaker_id, self._talker_ids
+        tokens[:-1],
+        example["speech_codes"],
+        self._speaker_id,
+        self._talker_ids,
+        image_grid_thw=grid("image_grid"),
+        video_grid_thw=grid("video_grid"),
+        video_second_per_grid=media.get("video_spg"),
+        spatial_merge_size=self._talker_cfg.spatial_merge_size,
+        position_id_per_seconds=self.cfg.position_id_per_seconds,
+        codebook_size=self._talker_cfg.codebook_size,
       )
       if len(layout["labels"]) > self.talker_seq_len:
         return _skip("too_long")
@@ -676,3 +691,4 @@ def make_omni_dataset(
 def task_names(cfg) -> list[str]:
   """Mixture source names in task-id order (task_ids index this list)."""
   return sorted(cfg.mixture)
+

@@ -26,7 +26,9 @@ Fields:
            aliases; ``text_file`` names a UTF-8 file holding it instead.
   image / audio / video   media file paths (any format Pillow, libsndfile or
            FFmpeg decodes). Required: image for caption, audio for asr and
-           audio, video for video.
+           audio, video for video. A caption may also carry ``audio``: the
+           caption spoken (a spoken answer about the image, the Talker's
+           target; validated and coded as speech).
   id       optional, default ``"<manifest file stem>-<line number>"``.
   split    optional, default "train" (letters, digits, "_" and "-").
   source   optional, default ``--source`` (itself defaulting to the
@@ -56,7 +58,7 @@ msgpack record (``data_pipelines.records``) in
 With ``--speech_codes=CODEC_DIR`` (a transformers Mimi directory or an omnijax
 speech-tokenizer workdir, see ``omnijax.codec.providers``), every example of a
 speech task (``SPEECH_TASKS``: asr, whose audio is speech with its transcript;
-"audio" is any sound and videos need not speak) also stores its Qwen3-Omni
+"audio" is any sound and videos need not speak), and every spoken caption, also stores its Qwen3-Omni
 codec codes, the Talker's targets, so that training does not re-encode:
 ``speech_codes`` = int16 little-endian bytes of the ``(16, T)`` codes (C
 order), ``speech_codes_frames`` = T (12.5 frames per second of the 24 kHz
@@ -113,6 +115,9 @@ VERSION = 1
 TASKS = ("text", "caption", "asr", "audio", "video")
 SPEECH_TASKS = ("asr",)  # Tasks whose audio is speech: coded with --speech_codes.
 _MEDIA = {"caption": "image", "asr": "audio", "audio": "audio", "video": "video"}
+# Optional speech of a task's text, kept with its primary media: a caption spoken (the
+# Talker's spoken answer about the image). Coded with --speech_codes like SPEECH_TASKS.
+_SPOKEN = {"caption": "audio"}
 _TEXT_REQUIRED = ("text", "caption", "asr")
 _TEXT_ALIASES = ("text", "caption", "transcript")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -186,14 +191,14 @@ def _image_fields(data: bytes) -> dict[str, Any]:
 
 
 def _audio_fields(
-  data: bytes, task: str, max_audio_seconds: float | None, speech_codes: str | None = None
+  data: bytes, speech: bool, max_audio_seconds: float | None, speech_codes: str | None = None
 ) -> dict[str, Any]:
   samples, rate = audio_lib.decode_audio_bytes(data)
-  audio_lib.clean_waveform(samples, rate, max_seconds=max_audio_seconds, truncate=task != "asr")
+  audio_lib.clean_waveform(samples, rate, max_seconds=max_audio_seconds, truncate=not speech)
   if audio_lib.is_silent(samples):
     raise BadRecord("silent_audio", "peak < %g" % audio_lib.SILENCE_PEAK)
   fields = {"audio_seconds": len(samples) / rate, "audio_sample_rate": rate}
-  if speech_codes and task in SPEECH_TASKS:
+  if speech_codes and speech:
     provider = speech_codes_lib.get_code_provider(speech_codes)
     codes = speech_codes_lib.encode_speech(provider, samples, rate, max_seconds=max_audio_seconds)
     fields.update(speech_codes_lib.codes_to_record(codes))
@@ -265,13 +270,17 @@ def prepare_line(
       record.update(_image_fields(data))
       modality = "image"
     elif media == "audio":
-      record.update(_audio_fields(data, task, max_audio_seconds, speech_codes))
+      record.update(_audio_fields(data, task in SPEECH_TASKS, max_audio_seconds, speech_codes))
       modality = "audio"
     else:
       fields, has_audio = _video_fields(data)
       record.update(fields)
       modality = "audio_video" if has_audio else "video"
     record[media] = data
+  if task in _SPOKEN and _SPOKEN[task] in line:
+    data = read_media_bytes(line[_SPOKEN[task]], root)
+    record.update(_audio_fields(data, True, max_audio_seconds, speech_codes))
+    record[_SPOKEN[task]] = data
   record["modality"] = modality
   return record
 

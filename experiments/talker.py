@@ -8,9 +8,11 @@ text loss + the Talker's (codebook-0 CE + mtp_loss_weight x the MTP heads' mean 
 The MTP weight is 0.3, as in Qwen3-TTS's fine-tuning recipe (the sibling Talker's only
 published loss weighting; Qwen3-Omni's is unpublished).
 
-Sources: `tts` ("read this aloud", text in) and `spoken_asr` (speech in, its transcript spoken
-back: the Talker reads the Thinker's hidden states at the audio placeholders). Both take the
-speech's codes from `codec` (an experiments/codec.py run, or a Mimi directory); the Code2Wav of
+Sources: `tts` ("read this aloud", text in), `spoken_asr` (speech in, its transcript spoken
+back: the Talker reads the Thinker's hidden states at the audio placeholders) and
+`spoken_caption` (an image and a question in, the spoken answer about the image out: captions
+whose records carry the caption spoken, as the local corpus's do). All take the speech's codes
+from `codec` (an experiments/codec.py run, or a Mimi directory); the Code2Wav of
 `code2wav` (a codec or vocoder run; locally the vocoder run) is kept in the workdir so that
 omnijax.load(workdir).generate(..., return_audio=True) speaks.
 
@@ -44,7 +46,7 @@ def get_config(arg=None):
     c = recipe.local_config({}, "tiny")
     codec = arg.codec or LOCAL_CODEC
     c.talker.code2wav = arg.code2wav or LOCAL_VOCODER
-    speech = f"{recipe.LOCAL_MEDIA}/asr"
+    speech, captions = f"{recipe.LOCAL_MEDIA}/asr", f"{recipe.LOCAL_MEDIA}/caption"
     c.talker.model = presets.get_talker("tiny")
     c.data.seq_len, c.data.talker_seq_len, c.data.talker_mtp_rows = 256, 256, 192
     c.train.total_steps, c.train.global_batch_size = 400, 4
@@ -53,13 +55,16 @@ def get_config(arg=None):
     c = recipe.full_config("talker", {})
     codec = arg.codec or "data/talker/codec"
     c.talker.code2wav = arg.code2wav
-    speech = "data/talker/speech"
+    speech, captions = "data/talker/speech", "data/talker/spoken_captions"
     c.talker.model = presets.get_talker("qwen3-omni-30b-a3b")
     c.data.talker_seq_len, c.data.talker_mtp_rows = 8192, 4096
     c.train.total_steps = 50_000
   c.data.mixture = dict(
     tts=dict(path=speech, task="tts", weight=1.0, codec=codec, speaker=arg.speaker),
     spoken_asr=dict(path=speech, task="spoken_asr", weight=1.0, codec=codec, speaker=arg.speaker),
+    spoken_caption=dict(
+      path=captions, task="spoken_caption", weight=1.0, codec=codec, speaker=arg.speaker
+    ),
   )
   c.eval.evaluators = {}
   if arg.stage == "pretrain":
