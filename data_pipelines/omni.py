@@ -692,3 +692,35 @@ def task_names(cfg) -> list[str]:
   """Mixture source names in task-id order (task_ids index this list)."""
   return sorted(cfg.mixture)
 
+
+def batch_spec(cfg, model_cfg, rows: int, seq_len: int, talker_cfg=None) -> dict[str, tuple]:
+  """{key: (shape, dtype)} of the largest batch of `rows` rows `make_omni_dataset` makes: every
+  media buffer of the mixture's modalities at its largest bucket. Nothing is read or stored
+  (what an ahead-of-time compile traces)."""
+  from omnijax.processing import media  # pylint: disable=import-outside-toplevel
+
+  modalities = frozenset(TASK_MODALITY[s.task] for s in cfg.mixture.values())
+  b = cfg.buckets
+  row = dict(
+    inputs=np.zeros(seq_len, np.int32),
+    targets=np.zeros(seq_len, np.int32),
+    loss_mask=np.zeros(seq_len, np.float32),
+    segment_ids=np.zeros(seq_len, np.int32),
+    positions=np.zeros((3, seq_len), np.float32),
+    task_ids=np.zeros(seq_len, np.int32),
+  )
+  if talker_cfg is not None:
+    capacity = RowCapacity(
+      seq_len, b, cfg.talker_seq_len, cfg.talker_mtp_rows, talker_cfg.num_code_groups
+    )
+    _pack_talker(row, [], capacity)
+  one = {k: v[None] for k, v in row.items()}
+  if "audio" in modalities or "video" in modalities:
+    one |= media.audio_buffers(
+      model_cfg, [[]], frames=max(b.audio_frames), audios=int(b.audios_per_row)
+    )
+  empty = (np.zeros((0, media.patch_dim(model_cfg)), np.float32), np.zeros((0, 3), np.int64))
+  for kind in ("image", "video"):
+    if kind in modalities:
+      one |= media.vision_buffers(model_cfg, kind, [empty], bucket=max(b[f"{kind}_patches"]))
+  return {k: ((rows,) + v.shape[1:], v.dtype) for k, v in one.items()}

@@ -9,6 +9,7 @@ EXP = "--exp=pretrain_general:local"
 # The local run's batch of 4 cannot split over the 8 test devices: give every case a batch
 # that does, so each fails on the mistake it is about.
 LOCAL = (EXP, "--config.train.global_batch_size=8")
+TALKER = ("--exp=talker:local", "--config.train.global_batch_size=8")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,12 @@ def _local(corpus, *args):
     ((*LOCAL, "--config.data.seq_len=8192"), "exceeds model.text.max_position_embeddings"),
     ((*LOCAL, "--config.sharding.rules.embed=model"), "not a mesh axis"),
     ((*LOCAL, "--config.model.image_token_id=5000"), "outside the vocabulary"),
+    (
+      (*TALKER, "--config.talker.model.thinker_hidden_size=32"),
+      "thinker_hidden_size (32) must equal model.text.hidden_size (64)",
+    ),
+    ((*TALKER, "--config.talker.model.accept_hidden_layer=5"), "accept_hidden_layer (5) indexes"),
+    (("--exp=talker:local,speaker=nobody", *TALKER[1:]), "speaker 'nobody' is not one of"),
   ],
 )
 def test_config_error_messages(capsys, args, expected):

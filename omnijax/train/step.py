@@ -267,7 +267,8 @@ def init_params(model: Thinker | Omni, rng, rows: int, seq_len: int):
 def abstract_params(model: Thinker, seq_len: int = 8):
   """The unboxed params' shapes and dtypes (nothing is materialised)."""
   return jax.eval_shape(
-    lambda rng: nn.meta.unbox(init_params(model, rng, 1, seq_len)), jax.random.PRNGKey(0)
+    lambda rng: nn.meta.unbox(init_params(model, rng, 1, seq_len)),
+    jax.ShapeDtypeStruct((2,), jnp.uint32),
   )
 
 
@@ -279,9 +280,10 @@ def state_shardings(model: Thinker, tx, mesh: Mesh, rules, seq_len: int):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   unboxed_init = lambda rng: nn.meta.unbox(init(rng))
-  specs = nn.get_partition_spec(jax.eval_shape(init, jax.random.PRNGKey(0)))
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)  # abstract: a device-less mesh (omnijax.aot) too
+  specs = nn.get_partition_spec(jax.eval_shape(init, key))
   shardings = shd.logical_to_sharding(specs, mesh, rules)
-  abstract = jax.eval_shape(unboxed_init, jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(unboxed_init, key)
   return unboxed_init, abstract, shardings
 
 

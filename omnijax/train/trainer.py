@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from data_pipelines import inputs as inputs_lib
+from data_pipelines.omni import TALKER_TASKS
 from omnijax import evaluators as eval_lib
 from omnijax import sharding as shd
 from omnijax.errors import ConfigError
@@ -96,7 +97,7 @@ def talker_config(config, model_cfg: ThinkerConfig) -> TalkerConfig | None:
   d = config.data
   if d.kind != "omni":
     raise ConfigError(
-      "a Talker trains on data.kind=omni with spoken sources (task tts | spoken_asr)."
+      f"a Talker trains on data.kind=omni with spoken sources (task {' | '.join(TALKER_TASKS)})."
     )
   if d.talker_seq_len < 1 or d.talker_mtp_rows < 1:
     raise ConfigError(
@@ -107,7 +108,72 @@ def talker_config(config, model_cfg: ThinkerConfig) -> TalkerConfig | None:
     raise ConfigError(
       "the evaluators read the Thinker alone; drop config.eval.evaluators for a Talker run."
     )
+  for name, spec in d.mixture.items():
+    speaker = spec.get("speaker", "ethan").lower()
+    if spec.get("task") in TALKER_TASKS and speaker not in cfg.speakers():
+      raise ConfigError(
+        f"data.mixture.{name}.speaker: speaker {speaker!r} is not one of "
+        f"{sorted(cfg.speakers())} (talker.model.speaker_id)."
+      )
   return cfg
+
+
+def make_model(config, model_cfg: ThinkerConfig, talker_cfg: TalkerConfig | None):
+  """The Thinker, or the Thinker + Talker (`Omni`) of a run with a Talker."""
+  if talker_cfg is None:
+    return Thinker(model_cfg)
+  return Omni(model_cfg, talker_cfg, config.talker.freeze_thinker)
+
+
+def training_flops(config, model_cfg: ThinkerConfig, talker_cfg: TalkerConfig | None) -> float:
+  """Analytic FLOPs of one train step (MaxText's convention, `omnijax.train.flops`): the
+  Thinker's rows, and with a Talker its rows and the MTP's (G-token) frame sequences."""
+  rows, d = config.train.global_batch_size, config.data
+  out = flops_lib.training_flops(model_cfg.text, rows, d.seq_len)
+  if talker_cfg is not None:
+    out += flops_lib.training_flops(talker_cfg.text, rows, d.talker_seq_len)
+    out += flops_lib.training_flops(
+      talker_cfg.code_predictor, rows * d.talker_mtp_rows, talker_cfg.num_code_groups
+    )
+  return out
+
+
+def talker_loss(config, model) -> step_lib.TalkerLoss | None:
+  if not isinstance(model, Omni):
+    return None
+  return step_lib.TalkerLoss(config.talker.thinker_loss_weight, config.talker.mtp_loss_weight)
+
+
+def train_program(config, model, mesh, rules, total_steps: int, num_tasks: int):
+  """(tx, schedule, init_fn, abstract state, state shardings, jitted train step): what a run
+  compiles, nothing materialised (omnijax.aot compiles the same step for a TPU topology)."""
+  tr = config.train
+  tx, schedule = optim_lib.make_optimizer(config.optim, total_steps)
+  with step_lib.mesh_context(mesh, rules):
+    init_fn, abstract_state, state_sharding = step_lib.state_shardings(
+      model, tx, mesh, rules, config.data.seq_len
+    )
+  trained = None
+  if config.optim.trainable or config.optim.frozen:
+    trained = jax.tree.map(
+      lambda label: label == optim_lib.TRAIN,
+      optim_lib.partition(config.optim, abstract_state.params),
+    )
+  with step_lib.mesh_context(mesh, rules):
+    train_step = step_lib.compile_train_step(
+      model,
+      tx,
+      schedule,
+      mesh,
+      rules,
+      state_sharding,
+      grad_accum_steps=tr.grad_accum_steps,
+      z_loss=tr.z_loss,
+      num_tasks=num_tasks,
+      trained=trained,
+      talker_loss=talker_loss(config, model),
+    )
+  return tx, schedule, init_fn, abstract_state, state_sharding, train_step
 
 
 def parse_init_from(spec: str, model_cfg: ThinkerConfig) -> tuple[Path, int | None]:
@@ -157,16 +223,7 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   check_config(config, model_cfg, mesh)
   tr = config.train
   talker_cfg = talker_config(config, model_cfg)
-  model = (
-    Thinker(model_cfg)
-    if talker_cfg is None
-    else Omni(model_cfg, talker_cfg, config.talker.freeze_thinker)
-  )
-  talker_loss = (
-    None
-    if talker_cfg is None
-    else step_lib.TalkerLoss(config.talker.thinker_loss_weight, config.talker.mtp_loss_weight)
-  )
+  model = make_model(config, model_cfg, talker_cfg)
   param_counts = optim_lib.check_partition(config.optim, step_lib.abstract_params(model))
   resuming = ckpt_lib.checkpoint_steps(workdir)
   init_from = parse_init_from(tr.init_from, model_cfg) if tr.init_from and not resuming else None
@@ -197,31 +254,9 @@ def train(config, workdir: str | Path) -> dict[str, float]:
     log.info("train.epochs=%g: %d steps of %d tokens", tr.epochs, total_steps, tokens_per_step)
 
   # ------------------------------------------------------------------ model & optimizer
-  tx, schedule = optim_lib.make_optimizer(config.optim, total_steps)
-  with step_lib.mesh_context(mesh, rules):
-    init_fn, abstract_state, state_sharding = step_lib.state_shardings(
-      model, tx, mesh, rules, config.data.seq_len
-    )
-  trained = None
-  if config.optim.trainable or config.optim.frozen:
-    trained = jax.tree.map(
-      lambda label: label == optim_lib.TRAIN,
-      optim_lib.partition(config.optim, abstract_state.params),
-    )
-  with step_lib.mesh_context(mesh, rules):
-    train_step = step_lib.compile_train_step(
-      model,
-      tx,
-      schedule,
-      mesh,
-      rules,
-      state_sharding,
-      grad_accum_steps=tr.grad_accum_steps,
-      z_loss=tr.z_loss,
-      num_tasks=len(data.task_names),
-      trained=trained,
-      talker_loss=talker_loss,
-    )
+  tx, schedule, init_fn, abstract_state, state_sharding, train_step = train_program(
+    config, model, mesh, rules, total_steps, len(data.task_names)
+  )
 
   # ------------------------------------------------------------------ evaluators
   for ev in evaluators:
@@ -270,16 +305,7 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   n_devices = jax.device_count()
   seq_len = config.data.seq_len
   peak, peak_source = flops_lib.peak_flops_per_device(tr.peak_flops_per_device)
-  step_flops = flops_lib.training_flops(model_cfg.text, tr.global_batch_size, seq_len)
-  if talker_cfg is not None:  # the Talker's rows and the MTP's (G-token) frame sequences
-    d = config.data
-    step_flops += flops_lib.training_flops(
-      talker_cfg.text, tr.global_batch_size, d.talker_seq_len
-    ) + flops_lib.training_flops(
-      talker_cfg.code_predictor,
-      tr.global_batch_size * d.talker_mtp_rows,
-      talker_cfg.num_code_groups,
-    )
+  step_flops = training_flops(config, model_cfg, talker_cfg)
   writer.text(
     "setup",
     (
@@ -295,7 +321,7 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   interval = Interval(
     data.task_names,
     model_cfg.text.router_aux_loss_coef,
-    talker_loss,
+    talker_loss(config, model),
     0.0 if talker_cfg is None else talker_cfg.text.router_aux_loss_coef,
   )
   profile = tuple(tr.profile_steps)

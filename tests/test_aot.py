@@ -1,0 +1,69 @@
+"""omnijax.aot: the tiny experiment's train step compiled for a TPU topology on this CPU host
+(libtpu, no TPU), its memory and FLOPs read back, and the command's errors."""
+
+import dataclasses
+
+import pytest
+
+from omnijax import aot, launch
+from omnijax.errors import ConfigError
+
+pytest.importorskip("libtpu")
+
+EXP = "pretrain_general:local"
+TINY = ("--config.train.global_batch_size=4", "--config.data.seq_len=256")
+
+
+def _main(capsys, *args):
+  code = aot.main(["omnijax.aot", f"--exp={EXP}", *TINY, *args])
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def report():
+  config = launch.load_experiment(EXP)
+  config.train.global_batch_size, config.data.seq_len = 4, 256
+  devices, chip = aot.topology_devices("v5p-8")
+  return config, aot.compile_step(config, devices, chip, "v5p-8")
+
+
+def test_tiny_experiment_compiles_for_a_tpu_slice(report):
+  config, r = report
+  assert r.devices == 4 and r.mesh["fsdp"] == 4  # the local mesh (fsdp=-1) over 4 v5p chips
+  # the tiny Thinker with both towers: its params and Adam moments, a few MB per device
+  assert 1 << 20 < r.argument_bytes < 1 << 28 and r.temp_bytes > 0 and r.fits
+  assert r.xla_flops > 0 and r.xla_bytes > 0
+  rows = config.train.global_batch_size
+  assert r.analytic_flops > 6 * rows * config.data.seq_len * 1e5 / 4  # > 0.1M active params
+  compute, memory, mfu = r.roofline()
+  assert compute > 0 and memory > 0 and 0 < mfu <= 1
+  text = "\n".join(r.lines())
+  assert "of 95.00 GiB HBM (fits)" in text and "roofline" in text
+
+
+def test_topology_names():
+  assert aot.topology_name("v5p-256")[0] == "v5p:4x4x8"
+  assert aot.topology_name("v6e-256")[0] == "v6e:16x16"
+  assert aot.topology_name("v5e-16")[0] == "v5e:4x4"
+  assert aot.topology_name("v5p:2x2x1")[0] == "v5p:2x2x1"
+  with pytest.raises(ConfigError, match="v5p slices come in sizes"):
+    aot.topology_name("v5p-12")
+  with pytest.raises(ConfigError, match="expected GEN-N"):
+    aot.topology_name("h100-8")
+
+
+def test_command_errors(capsys):
+  code, _, err = _main(capsys, "--topology=v9-8")
+  assert code == 2 and "expected GEN-N" in err
+  code, _, err = _main(capsys, "--topology=v5p-8", "--config.train.global_batch_size=2")
+  assert code == 2 and "split over 4 devices" in err
+
+
+def test_a_step_that_does_not_fit_says_what_to_change(report, capsys, monkeypatch):
+  _, r = report
+  small = aot.Chip(r.peak_bytes / 2, r.chip.peak_flops, r.chip.hbm_bandwidth, 2)
+  monkeypatch.setattr(aot, "compile_step", lambda *a: dataclasses.replace(r, chip=small))
+  code, out, err = _main(capsys, "--topology=v5p-8")
+  assert code == 3 and "(DOES NOT FIT)" in out
+  assert "does not fit: 2.00x the chip's HBM" in err and "more fsdp" in err
