@@ -22,6 +22,7 @@ change.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 GIB = 1 << 30
@@ -261,6 +262,10 @@ def advice(mesh: dict, config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+  # Compiling needs no accelerator: the host's CPU backend, and libtpu loaded by this process
+  # even while another (a training run on this host) holds libtpu's lockfile.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from absl import flags
 
   from omnijax import launch

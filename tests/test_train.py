@@ -1,5 +1,7 @@
 """Training: sharded step == single-device step; exact resume; restore onto another mesh."""
 
+import signal
+
 import jax
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from omnijax import sharding as shd
 from omnijax.models import presets
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.thinker import Thinker
+from omnijax.train import checkpoint as ckpt_lib
 from omnijax.train import optimizer, trainer
 from omnijax.train import step as st
 from omnijax.train.config import base_config
@@ -105,10 +108,19 @@ def _losses(workdir, steps):
   return np.array([m[s]["loss"] for s in steps])
 
 
-def test_resume_is_exact_and_restores_onto_another_mesh(corpus, tmp_path):
-  n = 4
-  straight = tmp_path / "straight"
-  trainer.train(tiny_config(corpus, steps=2 * n), straight)
+N = 4  # the runs below stop after N of 2N steps
+
+
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory):
+  """A run straight through 2N steps."""
+  workdir = tmp_path_factory.mktemp("straight")
+  trainer.train(tiny_config(corpus, steps=2 * N), workdir)
+  return workdir
+
+
+def test_resume_is_exact_and_restores_onto_another_mesh(corpus, straight, tmp_path):
+  n = N
 
   resumed = tmp_path / "resumed"
   first = tiny_config(corpus, steps=2 * n)
@@ -130,3 +142,34 @@ def test_resume_is_exact_and_restores_onto_another_mesh(corpus, tmp_path):
   c = _losses(other_mesh, range(n + 1, 2 * n + 1))
   np.testing.assert_allclose(c, a[n:], rtol=1e-5, atol=1e-5)
   assert a[-1] < a[0]
+
+
+def test_sigterm_saves_the_step_and_the_next_launch_resumes_exactly(
+  corpus, straight, tmp_path, monkeypatch
+):
+  """SIGTERM (what a pod scheduler sends) during step N: the loop checkpoints step N and
+  returns; the next launch resumes there and its losses equal the uninterrupted run's."""
+
+  def outside_training(signum, frame):
+    raise AssertionError("SIGTERM arrived outside the training loop")
+
+  write = trainer.MetricWriter.write
+
+  def write_then_sigterm(self, step, scalars):
+    write(self, step, scalars)
+    if step == N:
+      signal.raise_signal(signal.SIGTERM)
+
+  previous = signal.signal(signal.SIGTERM, outside_training)
+  try:
+    run = tmp_path / "preempted"
+    monkeypatch.setattr(trainer.MetricWriter, "write", write_then_sigterm)
+    trainer.train(tiny_config(corpus, steps=2 * N), run)
+    monkeypatch.undo()
+    assert ckpt_lib.checkpoint_steps(run)[-1] == N and max(read_metrics(run)) == N
+    assert signal.getsignal(signal.SIGTERM) is outside_training  # the loop's handler is gone
+    trainer.train(tiny_config(corpus, steps=2 * N), run)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  steps = range(1, 2 * N + 1)
+  np.testing.assert_array_equal(_losses(run, steps), _losses(straight, steps))

@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from data_pipelines import inputs as inputs_lib
 from data_pipelines.omni import TALKER_TASKS
@@ -33,6 +36,29 @@ from omnijax.train import step as step_lib
 from omnijax.train.metrics import Interval, MetricWriter
 
 log = logging.getLogger("omnijax")
+
+
+class Preemption:
+  """SIGTERM (a pod scheduler's notice) asks the loop to checkpoint the step it has finished
+  and return; every process stops at the same step (they agree each step)."""
+
+  def __init__(self):
+    self._requested, self._previous = False, None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._requested = True
+
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self._requested
+    return bool(multihost_utils.process_allgather(np.int32(self._requested)).any())
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def check_config(config, model_cfg: ThinkerConfig, mesh) -> None:
@@ -328,6 +354,7 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   last: dict[str, float] = {}
   timer_start = None
   end = min(total_steps, tr.stop_at_step or total_steps)
+  preemption = Preemption()
   for step in range(start, end):
     if profile and step == profile[0]:
       jax.profiler.start_trace(str(workdir / "profile"))
@@ -384,9 +411,17 @@ def train(config, workdir: str | Path) -> dict[str, float]:
       timer_start, timed_steps = time.perf_counter(), 0
 
     # ---------------------------------------------------------------- checkpoint
-    ckpt.save(done, state, data.iterator if data.checkpointable else None, force=done == end)
+    stop = preemption.requested()
+    ckpt.save(
+      done, state, data.iterator if data.checkpointable else None, force=done == end or stop
+    )
+    if stop:
+      writer.text("preempted", f"SIGTERM: saved step {done}; launch again to resume")
+      log.warning("preempted (SIGTERM) after step %d: checkpoint saved, exiting", done)
+      break
 
   # ------------------------------------------------------------------ finish
+  preemption.close()
   ckpt.wait()
   ckpt.close()
   writer.close()
