@@ -22,8 +22,8 @@ about its image, speech or video):
            AAC track (audio in video); text = the sentence.
 
 With the default 600 facts (400 static, 200 motion) that is 600 text, 400
-image, 600 speech and 200 video examples, about 37 MB (mostly the speech),
-built in about 40 seconds on 2 cores. Facts are split into train/validation by a hash of their
+image (each with its sentence spoken), 600 speech and 200 video examples, about 52 MB
+(mostly the speech), built in about 40 seconds on 2 cores. Facts are split into train/validation by a hash of their
 sentence (``VALIDATION_PER_MILLE``), so a fact's renderings share a split.
 
 The corpus is built the way real data is: raw files and a JSONL manifest are

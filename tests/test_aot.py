@@ -66,4 +66,4 @@ def test_a_step_that_does_not_fit_says_what_to_change(report, capsys, monkeypatc
   monkeypatch.setattr(aot, "compile_step", lambda *a: dataclasses.replace(r, chip=small))
   code, out, err = _main(capsys, "--topology=v5p-8")
   assert code == 3 and "(DOES NOT FIT)" in out
-  assert "does not fit: 2.00x the chip's HBM" in err and "more fsdp" in err
+  assert "does not fit: 2.00x the chip's HBM" in err and "remat_policy=full" in err
