@@ -1,6 +1,10 @@
 """Training: sharded step == single-device step; exact resume; restore onto another mesh."""
 
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,6 +19,8 @@ from omnijax.train import optimizer, trainer
 from omnijax.train import step as st
 from omnijax.train.config import base_config
 from tests.helpers import read_metrics, tiny_config, write_text_corpus
+
+REPO = Path(__file__).resolve().parent.parent
 
 # float32 tolerances; the sharded step reorders reductions. AdamW's first update is
 # lr * g / (|g| + eps): with eps = 1e-3 its slope in g is at most lr / eps = 10, so params
@@ -171,5 +177,37 @@ def test_sigterm_saves_the_step_and_the_next_launch_resumes_exactly(
     trainer.train(tiny_config(corpus, steps=2 * N), run)
   finally:
     signal.signal(signal.SIGTERM, previous)
+  steps = range(1, 2 * N + 1)
+  np.testing.assert_array_equal(_losses(run, steps), _losses(straight, steps))
+
+
+@pytest.mark.slow
+def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint(corpus, straight, tmp_path):
+  """A launch (checkpoint every step, async) killed with SIGKILL while a checkpoint is being
+  written: the finished checkpoints stay usable, and the next launch resumes from the newest
+  and reproduces the uninterrupted run's losses."""
+  exp = tmp_path / "exp.py"
+  exp.write_text(
+    "from pathlib import Path\n"
+    "from tests.helpers import tiny_config\n\n\n"
+    "def get_config(arg=None):\n"
+    f"  c = tiny_config(Path({str(corpus)!r}), steps={2 * N})\n"
+    "  c.train.checkpoint_every, c.train.async_checkpoint = 1, True\n"
+    "  return c\n"
+  )
+  run = tmp_path / "killed"
+  cmd = [sys.executable, "-m", "omnijax.launch", f"--exp={exp}", f"--workdir={run}"]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  writing = []
+  while proc.poll() is None and not writing:  # after the first checkpoint, during another
+    if ckpt_lib.checkpoint_steps(run):
+      writing = [p.name for p in (run / "checkpoints").iterdir() if "tmp" in p.name]
+    time.sleep(0.001)
+  proc.kill()
+  proc.wait()
+  assert writing, "the run ended before a checkpoint write was caught"
+  kept = ckpt_lib.checkpoint_steps(run)
+  assert kept and max(kept) < 2 * N  # the step being written is not among the usable ones
+  trainer.train(tiny_config(corpus, steps=2 * N), run)
   steps = range(1, 2 * N + 1)
   np.testing.assert_array_equal(_losses(run, steps), _losses(straight, steps))
