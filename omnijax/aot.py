@@ -69,6 +69,10 @@ SHAPES_2D = {
 }
 
 
+# What the lowered step holds when a kernel path is taken (model.impl.attention / moe_impl).
+KERNELS = {"splash attention (Pallas Mosaic)": "tpu_custom_call", "ragged_dot MoE": "ragged_dot"}
+
+
 def topology_name(topology: str) -> tuple[str, Chip]:
   """'v5p-256' (or 'v5p:4x4x8') -> ('v5p:4x4x8', the chip)."""
   from omnijax.errors import ConfigError
@@ -100,6 +104,8 @@ def topology_devices(topology: str, slices: int = 1):
   from omnijax.errors import ConfigError
 
   name, chip = topology_name(topology)
+  # Loads libtpu in this process even while another on this host (a run) holds its lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=name, num_slices=slices)
   except Exception as e:  # noqa: BLE001  (no libtpu: a RuntimeError, or an unknown platform)
@@ -157,6 +163,7 @@ class Report:
   analytic_flops: float  # per device
   tokens: int
   compile_seconds: float
+  kernels: tuple[str, ...] = ()
 
   @property
   def peak_bytes(self) -> int:
@@ -181,7 +188,7 @@ class Report:
     step = max(compute, memory)
     return [
       f"topology {self.topology}: {self.devices} devices, mesh {self.mesh}, compiled in "
-      f"{self.compile_seconds:.0f} s",
+      f"{self.compile_seconds:.0f} s; kernels: {', '.join(self.kernels) or 'XLA only'}",
       f"per device: arguments {g(self.argument_bytes)} + outputs {g(self.output_bytes)} "
       f"- aliased {g(self.alias_bytes)} + temporaries {g(self.temp_bytes)} = "
       f"{g(self.peak_bytes)} of {g(self.chip.hbm_bytes)} HBM "
@@ -210,7 +217,7 @@ def compile_step(config, devices, chip: Chip, topology: str = "") -> Report:
   mesh = shd.make_mesh(config.mesh, devices)
   trainer.check_config(config, model_cfg, mesh)
   talker_cfg = trainer.talker_config(config, model_cfg)
-  model = trainer.make_model(config, model_cfg, talker_cfg)
+  model = trainer.make_model(config, model_cfg, talker_cfg, mesh)
   num_tasks = len(config.data.mixture) if config.data.kind == "omni" else 0
   _, _, _, abstract_state, state_sharding, train_step = trainer.train_program(
     config, model, mesh, rules, config.train.total_steps, num_tasks
@@ -222,6 +229,8 @@ def compile_step(config, devices, chip: Chip, topology: str = "") -> Report:
   start = time.perf_counter()
   with step_lib.mesh_context(mesh, rules):
     lowered = train_step.lower(state, batch)
+    hlo = lowered.as_text()
+    kernels = tuple(name for name, mark in KERNELS.items() if mark in hlo)
     try:
       compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001  (XlaRuntimeError: RESOURCE_EXHAUSTED)
@@ -247,6 +256,7 @@ def compile_step(config, devices, chip: Chip, topology: str = "") -> Report:
     analytic_flops=trainer.training_flops(config, model_cfg, talker_cfg) / n,
     tokens=config.train.global_batch_size * config.data.seq_len,
     compile_seconds=seconds,
+    kernels=kernels,
   )
 
 
@@ -262,10 +272,7 @@ def advice(mesh: dict, config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  # Compiling needs no accelerator: the host's CPU backend, and libtpu loaded by this process
-  # even while another (a training run on this host) holds libtpu's lockfile.
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling needs no accelerator
   from absl import flags
 
   from omnijax import launch

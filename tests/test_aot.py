@@ -1,5 +1,6 @@
 """omnijax.aot: the tiny experiment's train step compiled for a TPU topology on this CPU host
-(libtpu, no TPU), its memory and FLOPs read back, and the command's errors."""
+(libtpu, no TPU) with the TPU kernels (splash attention, ragged_dot MoE), its memory and FLOPs
+read back, and the command's errors."""
 
 import dataclasses
 
@@ -31,6 +32,8 @@ def report():
 def test_tiny_experiment_compiles_for_a_tpu_slice(report):
   config, r = report
   assert r.devices == 4 and r.mesh["fsdp"] == 4  # the local mesh (fsdp=-1) over 4 v5p chips
+  # impl "auto" compiles for the target's kernels, not the host's
+  assert r.kernels == ("splash attention (Pallas Mosaic)", "ragged_dot MoE")
   # the tiny Thinker with both towers: its params and Adam moments, a few MB per device
   assert 1 << 20 < r.argument_bytes < 1 << 28 and r.temp_bytes > 0 and r.fits
   assert r.xla_flops > 0 and r.xla_bytes > 0

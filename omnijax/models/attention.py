@@ -89,6 +89,60 @@ def dot_product_attention(q, k, v, segment_ids, query_blocks: int = 1, window: i
   return jnp.concatenate(outs, axis=1)
 
 
+SPLASH_BLOCK = 512  # splash attention's query / key tile (rows), at most the sequence
+
+
+def splash_attention(q, k, v, segment_ids, window: int = 0, interpret: bool = False):
+  """`dot_product_attention` as the Pallas TPU flash kernel (splash attention): the masked
+  score matrix is never materialised. Inside a mesh it runs per shard (`shard_map` over the
+  batch and head axes of the logical rules); `interpret` runs the kernel on any backend
+  (tests). Padding queries (segment 0) attend to padding keys: their rows are never used."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=C0415
+    splash_attention_kernel as splash,
+    splash_attention_mask as masks,
+  )
+
+  def local(q, k, v, segment_ids):
+    b, s, h, d = q.shape
+    block = min(SPLASH_BLOCK, s)
+    if s % block:
+      raise ValueError(f"splash attention needs the sequence ({s}) to be a multiple of {block}.")
+    one = masks.CausalMask((s, s)) if not window else masks.LocalMask((s, s), (window - 1, 0), 0)
+    sizes = dict(block_q=block, block_kv=block, block_kv_compute=block)
+    kernel = splash.make_splash_mha(
+      masks.MultiHeadMask([one] * h),
+      head_shards=1,
+      q_seq_shards=1,
+      block_sizes=splash.BlockSizes(
+        **sizes,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+      ),
+      interpret=interpret,
+    )
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+    out = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, splash.SegmentIds(seg, seg)))(
+      heads_first(q * d**-0.5), heads_first(k), heads_first(v), segment_ids
+    )
+    return heads_first(out)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v, segment_ids)
+  q_spec = nn.logical_to_mesh_axes(("batch", None, "act_heads", None))
+  kv_spec = nn.logical_to_mesh_axes(("batch", None, "act_kv_heads", None))
+  seg_spec = nn.logical_to_mesh_axes(("batch", None))
+  return jax.shard_map(
+    local,
+    in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+    out_specs=q_spec,
+    check_vma=False,
+  )(q, k, v, segment_ids)
+
+
 class Attention(nn.Module):
   cfg: TextConfig
   impl: ImplConfig
@@ -115,7 +169,9 @@ class Attention(nn.Module):
     q = constrain(q, ("batch", "seq", "act_heads", "act_kv"))
     k = constrain(k, ("batch", "seq", "act_kv_heads", "act_kv"))
     v = constrain(v, ("batch", "seq", "act_kv_heads", "act_kv"))
-    if kv is None:
+    if kv is None and self.impl.resolved(jax.default_backend()).attention == "splash":
+      out = splash_attention(q, k, v, segment_ids, cfg.sliding_window)
+    elif kv is None:
       out = dot_product_attention(
         q, k, v, segment_ids, self.impl.attention_query_blocks, cfg.sliding_window
       )

@@ -14,6 +14,7 @@ from omnijax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
+ATTENTION_IMPLS = ("auto", "xla", "splash")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -176,6 +177,20 @@ class ImplConfig:
   # device-to-device buffer at capacity_factor x the balanced share and counts drops.
   moe_capacity_factor: float | None = None
   attention_query_blocks: int = 8  # causal query blocks per sequence (1: one block)
+  # auto: splash (Pallas TPU flash attention, in shard_map) on TPU, else xla (query-blocked)
+  attention: str = "auto"
+
+  def resolved(self, platform: str) -> "ImplConfig":
+    """`auto` choices made for the devices a model runs (or is compiled) on."""
+    return dataclasses.replace(
+      self,
+      moe_impl=self.moe_impl
+      if self.moe_impl != "auto"
+      else ("blocked" if platform == "cpu" else "ragged_dot"),
+      attention=self.attention
+      if self.attention != "auto"
+      else ("splash" if platform == "tpu" else "xla"),
+    )
 
   def validate(self, where: str = "model.impl") -> None:
     for name, allowed in (
@@ -183,6 +198,7 @@ class ImplConfig:
       ("param_dtype", DTYPES),
       ("remat_policy", REMAT_POLICIES),
       ("moe_impl", MOE_IMPLS),
+      ("attention", ATTENTION_IMPLS),
     ):
       value = getattr(self, name)
       if value not in allowed:

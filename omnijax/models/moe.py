@@ -47,12 +47,6 @@ def route(logits: jax.Array, top_k: int, norm_topk_prob: bool, dtype):
   return top_p.astype(dtype), top_i.astype(jnp.int32), probs
 
 
-def resolve_impl(impl: str) -> str:
-  if impl != "auto":
-    return impl
-  return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
-
-
 def _sorted_layout(slot_expert: jax.Array, num_experts: int):
   """Stable sort of slots by expert id (id == num_experts marks an empty slot, sorted last)."""
   order = jnp.argsort(slot_expert, stable=True)
@@ -259,7 +253,7 @@ def _axes(spec_entry) -> tuple[str, ...]:
 
 def moe_experts(x, top_idx, top_w, wg, wu, wd, impl: ImplConfig):
   """Expert outputs for x (B, S, D) with routing (B, S, k); returns ((B, S, D), dropped)."""
-  path = resolve_impl(impl.moe_impl)
+  path = impl.resolved(jax.default_backend()).moe_impl
   mesh = jax.sharding.get_abstract_mesh()
   b, s, d = x.shape
   k = top_idx.shape[-1]

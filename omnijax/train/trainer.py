@@ -144,8 +144,11 @@ def talker_config(config, model_cfg: ThinkerConfig) -> TalkerConfig | None:
   return cfg
 
 
-def make_model(config, model_cfg: ThinkerConfig, talker_cfg: TalkerConfig | None):
-  """The Thinker, or the Thinker + Talker (`Omni`) of a run with a Talker."""
+def make_model(config, model_cfg: ThinkerConfig, talker_cfg: TalkerConfig | None, mesh):
+  """The Thinker, or the Thinker + Talker (`Omni`) of a run with a Talker, computed the way
+  the mesh's devices do best (`ImplConfig.resolved`: MoE and attention kernels)."""
+  platform = mesh.devices.flat[0].platform
+  model_cfg = dataclasses.replace(model_cfg, impl=model_cfg.impl.resolved(platform))
   if talker_cfg is None:
     return Thinker(model_cfg)
   return Omni(model_cfg, talker_cfg, config.talker.freeze_thinker)
@@ -249,7 +252,7 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   check_config(config, model_cfg, mesh)
   tr = config.train
   talker_cfg = talker_config(config, model_cfg)
-  model = make_model(config, model_cfg, talker_cfg)
+  model = make_model(config, model_cfg, talker_cfg, mesh)
   param_counts = optim_lib.check_partition(config.optim, step_lib.abstract_params(model))
   resuming = ckpt_lib.checkpoint_steps(workdir)
   init_from = parse_init_from(tr.init_from, model_cfg) if tr.init_from and not resuming else None
