@@ -33,7 +33,6 @@ faster than torch's default).
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 import time
 import warnings
@@ -46,6 +45,7 @@ import numpy as np
 import omnijax
 from omnijax import api, speech
 from omnijax.hf import hf_config
+from omnijax.hf.random_weights import randomize_, randomize_code2wav_
 from omnijax.models import presets
 from omnijax.models.config import Code2WavConfig, TalkerConfig, ThinkerConfig
 
@@ -136,49 +136,6 @@ SIZES = {
 }
 
 
-def _randomize_(module, seed: int) -> None:
-  """tests/test_speech_generation.py's draw: weights N(0, 1/fan_in), embeddings N(0, 1), norms
-  1 + N(0, 0.1^2), biases N(0, 0.1^2)."""
-  import torch  # pylint: disable=import-outside-toplevel
-
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if "norm" in name:
-        p.copy_(1 + 0.1 * noise)
-      elif "embed" in name:
-        p.copy_(noise)
-      elif p.ndim == 1:
-        p.copy_(0.1 * noise)
-      else:
-        p.copy_(noise / np.sqrt(p.shape[-1]))
-
-
-def _randomize_code2wav_(module, output_conv: str) -> None:
-  """tests/test_code2wav.py's draw: a waveform O(0.1), unclamped."""
-  import torch  # pylint: disable=import-outside-toplevel
-
-  with torch.no_grad():
-    for k, v in module.state_dict().items():
-      if k.endswith(("alpha", "beta")):
-        v.copy_(0.3 * torch.randn_like(v))
-      elif "layer_scale" in k or k.endswith("gamma"):
-        v.copy_(0.5 + 0.2 * torch.randn_like(v))
-      elif "norm" in k and k.endswith("weight"):
-        v.copy_(1 + 0.1 * torch.randn_like(v))
-      elif k.endswith("bias"):
-        v.copy_(0.1 * torch.randn_like(v))
-      elif v.ndim >= 2:
-        fan_in = v.shape[1] * (v.shape[2] if v.ndim == 3 else 1)
-        if ("upsample" in k and ".0.conv" in k) or ("decoder" in k and "block.1" in k):
-          fan_in = v.shape[0] * v.shape[2] / 2  # transposed conv weight (in, out, k)
-        if "embedding" in k:
-          fan_in = 1
-        gain = 0.3 if ("conv1" in k or "conv2" in k or k.startswith(output_conv)) else 1.0
-        v.copy_(gain * torch.randn_like(v) / math.sqrt(fan_in))
-
-
 def random_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
   """Saves a random transformers Qwen3-Omni with a Talker and a Code2Wav of `size` (SIZES) to
   `out`, which `omnijax.load` and `from_pretrained` both read. The token ids are the local
@@ -201,10 +158,10 @@ def random_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0) -> Pat
     model = transformers.Qwen3OmniMoeForConditionalGeneration(
       transformers.Qwen3OmniMoeConfig(**cfg)
     )
-    _randomize_(model.thinker.model, seed + 1)
-    _randomize_(model.thinker.lm_head, seed + 2)
-    _randomize_(model.talker, seed + 3)
-    _randomize_code2wav_(model.code2wav, f"decoder.{len(code2wav.upsample_rates) + 2}")
+    randomize_(model.thinker.model, seed + 1)
+    randomize_(model.thinker.lm_head, seed + 2)
+    randomize_(model.talker, seed + 3)
+    randomize_code2wav_(model.code2wav.state_dict(), f"decoder.{len(code2wav.upsample_rates) + 2}")
     model.save_pretrained(out)
   finally:
     transformers.logging.set_verbosity(verbosity)

@@ -2,12 +2,11 @@
 to and import from the released layout, `omnijax.load(dir).code2wav`, and streaming decode.
 
 A tiny config keeps the released upsampling (1920 samples a frame, 555 trimmed). Random weights
-are scaled (as `_scale_`) so activations stay O(1) through the conv stack and the waveform is
+are scaled (`omnijax.hf.random_weights.randomize_code2wav_`) so activations stay O(1) through the conv stack and the waveform is
 neither near zero nor clamped flat at +-1, which would hide mismatches.
 """
 
 import json
-import math
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ import omnijax
 from omnijax import export
 from omnijax.errors import ConfigError
 from omnijax.hf import convert, hf_config, keymap, safetensors_io
+from omnijax.hf.random_weights import randomize_code2wav_
 from omnijax.models import code2wav as c2w
 from omnijax.models import presets
 from omnijax.models.config import Code2WavConfig, ThinkerConfig
@@ -47,33 +47,12 @@ CFG = Code2WavConfig(**TINY)
 LONG = 30  # frames: > the window (8) and > decode_context_frames (see test_context_frames)
 
 
-def _scale_(sd: dict, output_conv: str = "decoder.6") -> None:
-  """Random weights, in place, that keep the waveform O(0.1) and unclamped."""
-  for k, v in sd.items():
-    if k.endswith(("alpha", "beta")):
-      v.copy_(0.3 * torch.randn_like(v))
-    elif "layer_scale" in k or k.endswith("gamma"):
-      v.copy_(0.5 + 0.2 * torch.randn_like(v))
-    elif "norm" in k and k.endswith("weight"):
-      v.copy_(1 + 0.1 * torch.randn_like(v))
-    elif k.endswith("bias"):
-      v.copy_(0.1 * torch.randn_like(v))
-    elif v.ndim >= 2:
-      fan_in = v.shape[1] * (v.shape[2] if v.ndim == 3 else 1)
-      if ("upsample" in k and ".0.conv" in k) or ("decoder" in k and "block.1" in k):
-        fan_in = v.shape[0] * v.shape[2] / 2  # transposed conv weight (in, out, k)
-      if "embedding" in k:
-        fan_in = 1
-      gain = 0.3 if ("conv1" in k or "conv2" in k or k.startswith(output_conv)) else 1.0
-      v.copy_(gain * torch.randn_like(v) / math.sqrt(fan_in))
-
-
 @pytest.fixture(scope="module")
 def hf_model():
   torch.manual_seed(0)
   model = Qwen3OmniMoeCode2Wav(Qwen3OmniMoeCode2WavConfig(**TINY)).eval()
   with torch.no_grad():
-    _scale_(model.state_dict())
+    randomize_code2wav_(model.state_dict())
   return model
 
 
@@ -234,7 +213,7 @@ def test_parity_and_streaming_on_another_layout():
   torch.manual_seed(1)
   model = Qwen3OmniMoeCode2Wav(Qwen3OmniMoeCode2WavConfig(**kw)).eval()
   with torch.no_grad():
-    _scale_(model.state_dict(), output_conv="decoder.5")
+    randomize_code2wav_(model.state_dict(), output_conv="decoder.5")
   sd = {f"code2wav.{k}": v.numpy() for k, v in model.state_dict().items()}
   params = keymap.from_hf(
     sd.__getitem__, convert.abstract_code2wav_params(cfg), keymap.code2wav_keymap(cfg)

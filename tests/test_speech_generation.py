@@ -32,7 +32,7 @@ from omnijax.models import presets  # noqa: E402
 from omnijax.models.config import Code2WavConfig, TalkerConfig, ThinkerConfig  # noqa: E402
 from omnijax.processing import positions as P  # noqa: E402
 from omnijax.train import checkpoint as ckpt_lib  # noqa: E402
-from tests.test_code2wav import _scale_  # noqa: E402
+from omnijax.hf.random_weights import randomize_, randomize_code2wav_  # noqa: E402
 
 THINKER = ThinkerConfig.from_dict(presets.get("tiny"))
 TALKER = TalkerConfig.from_dict(presets.get_talker("tiny"))
@@ -70,33 +70,17 @@ def _turn(role, *body):
 TEXT_PROMPT = _turn(SYSTEM, 40, 41) + _turn(USER, 42, 43, 44, 45) + [IM_START, ASSISTANT, NL]
 
 
-def _randomize(module, seed):
-  """Weights N(0, 1/fan_in), embeddings N(0, 1), norms 1 + N(0, 0.1^2), biases N(0, 0.1^2)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if "norm" in name:
-        p.copy_(1 + 0.1 * noise)
-      elif "embed" in name:
-        p.copy_(noise)
-      elif p.ndim == 1:
-        p.copy_(0.1 * noise)
-      else:
-        p.copy_(noise / np.sqrt(p.shape[-1]))
-
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
   cfg = hf_config.to_hf_config(THINKER, talker=TALKER)
   cfg["code2wav_config"] = hf_config.code2wav_config_to_hf(CODE2WAV)
   torch.manual_seed(0)
   model = transformers.Qwen3OmniMoeForConditionalGeneration(transformers.Qwen3OmniMoeConfig(**cfg))
-  _randomize(model.thinker.model, 1)
-  _randomize(model.thinker.lm_head, 2)
-  _randomize(model.talker, 3)
+  randomize_(model.thinker.model, 1)
+  randomize_(model.thinker.lm_head, 2)
+  randomize_(model.talker, 3)
   with torch.no_grad():
-    _scale_(model.code2wav.state_dict(), output_conv="decoder.4")  # 2 decoder blocks
+    randomize_code2wav_(model.code2wav.state_dict(), output_conv="decoder.4")  # 2 decoder blocks
   out = tmp_path_factory.mktemp("speech_hf")
   model.save_pretrained(out)
   return out

@@ -24,6 +24,7 @@ from omnijax.models import presets  # noqa: E402
 from omnijax.models.config import ImplConfig, TalkerConfig, ThinkerConfig  # noqa: E402
 from omnijax.models.decoder import init_cache, load_balancing_loss  # noqa: E402
 from omnijax.models.talker import Talker  # noqa: E402
+from omnijax.hf.random_weights import randomize_  # noqa: E402
 
 TOL = 1e-4
 B, S, N = 2, 20, 6
@@ -37,27 +38,13 @@ def _configs():
   return thinker, TalkerConfig.from_dict(d)
 
 
-def _randomize(module, seed=3):
-  """O(1) outputs: weights N(0, 1/fan_in) (embeddings N(0, 1)), norms 1 + N(0, 0.1^2)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if "norm" in name:
-        p.copy_(1 + 0.1 * noise)
-      elif "embedding" in name or p.ndim == 1:
-        p.copy_(noise if p.ndim == 2 else 0.1 * noise)
-      else:
-        p.copy_(noise / np.sqrt(p.shape[-1]))
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
   thinker, talker = _configs()
   cfg = hf_config.to_hf_config(thinker, talker=talker)
   torch.manual_seed(0)
   hf = transformers.Qwen3OmniMoeForConditionalGeneration(transformers.Qwen3OmniMoeConfig(**cfg))
-  _randomize(hf.talker)
+  randomize_(hf.talker, 3)
   hf.eval()
   hf_dir = tmp_path_factory.mktemp("hf")
   hf.save_pretrained(hf_dir)
