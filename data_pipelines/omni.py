@@ -701,19 +701,13 @@ def batch_spec(cfg, model_cfg, rows: int, seq_len: int, talker_cfg=None) -> dict
 
   modalities = frozenset(TASK_MODALITY[s.task] for s in cfg.mixture.values())
   b = cfg.buckets
-  row = dict(
-    inputs=np.zeros(seq_len, np.int32),
-    targets=np.zeros(seq_len, np.int32),
-    loss_mask=np.zeros(seq_len, np.float32),
-    segment_ids=np.zeros(seq_len, np.int32),
-    positions=np.zeros((3, seq_len), np.float32),
-    task_ids=np.zeros(seq_len, np.int32),
-  )
+  capacity = RowCapacity(seq_len, b)
   if talker_cfg is not None:
     capacity = RowCapacity(
       seq_len, b, cfg.talker_seq_len, cfg.talker_mtp_rows, talker_cfg.num_code_groups
     )
-    _pack_talker(row, [], capacity)
+  row = _pack_row([], capacity, np.zeros(len(SKIP_REASONS), np.int64))
+  row = {k: v for k, v in row.items() if isinstance(v, np.ndarray) and k != _SKIPS}
   one = {k: v[None] for k, v in row.items()}
   if "audio" in modalities or "video" in modalities:
     one |= media.audio_buffers(

@@ -162,3 +162,22 @@ def test_a_talker_document_longer_than_its_row_is_skipped(corpus):
   batches = [next(it) for _ in range(4)]
   assert 0 < sum((b["talker_segment_ids"] > 0).sum() for b in batches)
   assert it.skipped_records.get("too_long", 0) > 0
+
+
+def test_batch_spec_is_the_pipelines_batch(corpus):
+  """What omnijax.aot traces: the keys, shapes and dtypes of the pipeline's batch (one bucket
+  per media kind here, so the largest is the one used)."""
+  root, tok, _ = corpus
+  thinker, talker = _configs()
+  batch = next(iter(_dataset(root, tok)))
+  d = ml_collections.ConfigDict(
+    dict(
+      mixture=dict(a=dict(task="spoken_asr"), c=dict(task="spoken_caption"), t=dict(task="tts")),
+      buckets=BUCKETS,
+      talker_seq_len=TALKER_SEQ,
+      talker_mtp_rows=MTP_ROWS,
+    )
+  )
+  spec = omni.batch_spec(d, thinker, 4, SEQ, talker)
+  got = {k: (v.shape, v.dtype) for k, v in batch.items() if k != "skipped"}
+  assert spec == got
