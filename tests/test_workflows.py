@@ -259,7 +259,11 @@ def _fails(capsys, *args) -> str:
 
 
 def test_workflow_config_errors(capsys, tmp_path):
-  exp = ("--exp=pretrain_general:local", "--config.train.global_batch_size=8")
+  exp = (
+    "--exp=pretrain_general:local",
+    "--config.train.global_batch_size=8",
+    f"--workdir={tmp_path / 'run'}",  # not the default workdir, which may hold a run to resume
+  )
   err = _fails(capsys, *exp, "--config.eval.evaluators.heldout.kind=heldout_los")
   assert "is not an evaluator (did you mean 'heldout_loss'?)" in err
   err = _fails(capsys, *exp, "--config.eval.evaluators.heldout.sources=('nope',)")
