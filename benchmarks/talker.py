@@ -108,7 +108,6 @@ def heldout_ce(run: Path, config, step) -> tuple[float, float, int]:
 
 def speak(run: Path, config, out: Path, n: int) -> list[dict]:
   """Generated speech for the first n held-out sentences (see the module doc)."""
-  import librosa  # pylint: disable=import-outside-toplevel
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")
@@ -152,20 +151,17 @@ def speak(run: Path, config, out: Path, n: int) -> list[dict]:
       )
     )
     for j, (name, w) in enumerate((("generated", wave[0]), ("codec reference", reference))):
-      ax = figure.add_subplot(n, 2, 2 * i + j + 1)
-      mel = librosa.power_to_db(librosa.feature.melspectrogram(y=w, sr=24000, n_mels=80))
-      ax.imshow(mel, origin="lower", aspect="auto", cmap="magma")
-      ax.set_title(f"{name}: {sentence[:50]}", fontsize=8)
-      ax.set_xticks([]), ax.set_yticks([])
+      _mel_panel(figure, (n, 2, 2 * i + j + 1), w, f"{name}: {sentence[:50]}")
   figure.tight_layout()
   figure.savefig(out / "speech.png", dpi=80)
   return rows
 
 
-def _mel_panel(figure, n, k, wave, title):
+def _mel_panel(figure, where: tuple[int, int, int], wave, title):
+  """A mel spectrogram of 24 kHz `wave` in subplot `where` (rows, columns, index)."""
   import librosa  # pylint: disable=import-outside-toplevel
 
-  ax = figure.add_subplot(n, 1, k)
+  ax = figure.add_subplot(*where)
   mel = librosa.power_to_db(librosa.feature.melspectrogram(y=wave, sr=24000, n_mels=80))
   ax.imshow(mel, origin="lower", aspect="auto", cmap="magma")
   ax.set_title(title, fontsize=8)
@@ -209,7 +205,7 @@ def ask(run: Path, config, out: Path, n: int) -> list[dict]:
       talker_max_new_tokens=400,
       seed=i,
     )
-    answer = [t for t in ids[0, len(tokens) :].tolist()]
+    answer = ids[0, len(tokens) :].tolist()
     answer = model.tokenizer.decode(answer[: answer.index(end)] if end in answer else answer)
     got = local_media_corpus.parse_scene(answer)["groups"]
     want = local_media_corpus.parse_scene(example["text"])["groups"]
@@ -222,7 +218,7 @@ def ask(run: Path, config, out: Path, n: int) -> list[dict]:
         spoken_seconds=len(wave[0]) / 24000,
       )
     )
-    _mel_panel(figure, len(examples), i + 1, wave[0], f"answer: {answer.strip()[:70]}")
+    _mel_panel(figure, (len(examples), 1, i + 1), wave[0], f"answer: {answer.strip()[:70]}")
   figure.tight_layout()
   figure.savefig(out / "ask.png", dpi=80)
   return rows
