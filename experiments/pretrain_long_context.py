@@ -5,6 +5,9 @@ kept up to 5 minutes of audio and 2 minutes of video), starting from stage 2's p
   python -m omnijax.launch --exp=pretrain_long_context --workdir=gs://BUCKET/s3 \
       --config.train.init_from=gs://BUCKET/s2
 
+The released-scale step compiles for TPU pods on any host (`python -m omnijax.aot
+--exp=pretrain_long_context --topology=v5p-256`, or `v6e-256`).
+
 `local` trains the tiny Thinker at 1,024 tokens (stage 2's local length is 512) with larger
 media buffers, on the local corpora.
 """
@@ -58,6 +61,9 @@ def get_config(arg=None):
     )
     c.train.total_steps = 20_000
     c.train.global_batch_size = 64
+    # Context parallelism: each 32k row's sequence over 4 devices, so the 64 rows still spread
+    # over v5p-256's 128 and v6e-256's 256 chips.
+    c.mesh.context = 4
     c.optim.learning_rate = 1e-4
   c.eval.evaluators = recipe.evaluators(c)
   return c

@@ -67,7 +67,7 @@ def full_config(stage: str, ratios: dict[str, float]) -> ml_collections.ConfigDi
   c.model.impl.dtype = "bfloat16"
   c.model.impl.remat_policy = "dots_no_batch"
   c.model.impl.moe_capacity_factor = 2.0
-  c.mesh.update(dict(data=1, fsdp=-1, expert=8, tensor=1))
+  c.mesh.update(dict(data=1, fsdp=-1, expert=8, context=1, tensor=1))
   c.data.kind = "omni"
   c.data.mixture = {
     name: dict(path=f"data/{stage}/{name}", task=FULL_TASKS[name], weight=w)

@@ -265,6 +265,7 @@ def advice(mesh: dict, config) -> str:
   return (
     "Try, in this order: "
     f"more fsdp (mesh {mesh}: shard parameters and optimizer state wider), "
+    "more --config.mesh.context (split each row's sequence over more devices), "
     "--config.model.impl.remat_policy=full (keep only each layer's input for the backward pass), "
     f"--config.train.grad_accum_steps={2 * config.train.grad_accum_steps} (a smaller "
     "microbatch per device), or a bigger topology / more --slices."

@@ -3,7 +3,11 @@
 Models name the axes of every parameter and activation logically (``embed``, ``mlp``,
 ``heads``, ``exp``, ``batch`` ...); only this module (and a config override of its rules)
 says which mesh axes those are. Mesh axes, outermost first: ``data``, ``fsdp``, ``expert``,
-``tensor``.
+``context``, ``tensor``.
+
+``context`` is context (sequence) parallelism for long rows: activations shard their sequence
+over it, attention gathers keys and values over it (splash attention: each shard's queries
+against the whole row), and parameters shard over it as over ``fsdp``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from omnijax.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
 # (logical name, mesh axes). Activation names carry an `act_` prefix where the parameter
@@ -28,7 +32,7 @@ BATCH_AXES = ("data", "fsdp", "expert")
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   # activations
   ("batch", BATCH_AXES),
-  ("seq", None),
+  ("seq", "context"),
   ("act_embed", None),
   ("act_heads", "tensor"),
   ("act_kv_heads", "tensor"),
@@ -37,7 +41,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("act_vocab", "tensor"),
   ("act_exp", None),
   # parameters
-  ("embed", "fsdp"),
+  ("embed", ("fsdp", "context")),
   ("vocab", "tensor"),
   ("heads", "tensor"),
   ("kv_heads", "tensor"),

@@ -69,11 +69,15 @@ def _local(corpus, *args):
         "--config.mesh.expert=8",
         "--config.model.text.num_experts=12",
       ),
-      "num_experts (12) is not divisible by the mesh's expert axis (8)",
+      "num_experts (12) is not divisible by the mesh's expert (8)",
     ),
     (
       (*LOCAL, "--config.mesh.fsdp=1", "--config.mesh.tensor=8"),
-      "num_attention_heads (4) is not divisible by the mesh's tensor axis (8)",
+      "num_attention_heads (4) is not divisible by the mesh's tensor (8)",
+    ),
+    (
+      (*LOCAL, "--config.mesh.fsdp=2", "--config.mesh.context=4", "--config.data.seq_len=510"),
+      "data.seq_len (510) is not divisible by the mesh's context (4)",
     ),
     ((*LOCAL, "--config.data.seq_len=8192"), "exceeds model.text.max_position_embeddings"),
     ((*LOCAL, "--config.sharding.rules.embed=model"), "not a mesh axis"),

@@ -8,7 +8,7 @@ import pytest
 
 from omnijax import sharding as shd
 from omnijax.models import tm_rope
-from omnijax.models.attention import dot_product_attention, splash_attention
+from omnijax.models.attention import cudnn_attention, dot_product_attention, splash_attention
 
 
 @pytest.mark.parametrize("blocks", [2, 3, 8])
@@ -86,3 +86,38 @@ def test_splash_attention_runs_per_shard():
   one = splash_attention(q, k, v, seg, interpret=True)
   valid = np.asarray(seg != 0)
   np.testing.assert_allclose(np.asarray(sharded)[valid], np.asarray(one)[valid], atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [0, 37])
+def test_splash_attention_context_parallel(window):
+  """Context parallelism: the sequence split over 2 `context` shards (and batch over fsdp,
+  heads over tensor), each shard's queries against the gathered keys and values. Outputs and
+  gradients (the keys' and values' summed over the shards that read them) equal one
+  device's."""
+  q, k, v, seg = _qkv_segments()
+  valid = np.asarray(seg != 0)[..., None, None]
+  loss = lambda q, k, v: jnp.sum(
+    jnp.where(valid, splash_attention(q, k, v, seg, window, interpret=True), 0) ** 2
+  )
+  mesh = shd.make_mesh(dict(fsdp=2, context=2, tensor=2), jax.devices()[:8])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
+    sharded = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  one = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(sharded[0], one[0], rtol=1e-6)
+  for a, b in zip(sharded[1], one[1]):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("window", [0, 37])
+def test_cudnn_attention_call_equals_the_xla_path(window):
+  """The GPU path's call of jax.nn.dot_product_attention (mask, causal flag, window, GQA
+  layout, scale) with XLA's implementation; on a GPU, cuDNN's own kernel in half precision."""
+  q, k, v, seg = _qkv_segments()
+  valid = np.asarray(seg != 0)[..., None, None]
+  ref = dot_product_attention(q, k, v, seg, 4, window)
+  out = cudnn_attention(q, k, v, seg, window, implementation="xla")
+  np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, ref, 0), atol=2e-6)
+  if jax.default_backend() == "gpu":
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    fused = cudnn_attention(*half, seg, window).astype(jnp.float32)
+    np.testing.assert_allclose(np.where(valid, fused, 0), np.where(valid, ref, 0), atol=5e-2)

@@ -76,7 +76,9 @@ def _one_step(mesh_shape, devices, cfg, batch, grad_accum=2):
 
 
 @pytest.mark.parametrize(
-  "mesh_shape", [dict(data=2, fsdp=2, expert=2), dict(data=1, fsdp=2, expert=2, tensor=2)]
+  "mesh_shape",
+  # the second splits each row's sequence over `context` (context parallelism)
+  [dict(data=2, fsdp=2, expert=2), dict(data=1, fsdp=1, expert=2, context=2, tensor=2)],
 )
 def test_sharded_step_matches_single_device(mesh_shape):
   cd = presets.get("tiny")

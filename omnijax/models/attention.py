@@ -11,10 +11,13 @@ cache under ``cache_mask``.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from omnijax.models import tm_rope
 from omnijax.models.config import ImplConfig, TextConfig
@@ -89,58 +92,92 @@ def dot_product_attention(q, k, v, segment_ids, query_blocks: int = 1, window: i
   return jnp.concatenate(outs, axis=1)
 
 
+def cudnn_attention(q, k, v, segment_ids, window: int = 0, implementation: str = "cudnn"):
+  """`dot_product_attention` as `jax.nn.dot_product_attention`: cuDNN's fused flash attention
+  on NVIDIA GPUs (half precision), causal within `window`, packed documents through a
+  same-segment mask; `implementation="xla"` runs the same call anywhere (tests)."""
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return jax.nn.dot_product_attention(
+    q,
+    k,
+    v,
+    mask=(same & (segment_ids != 0)[:, :, None])[:, None],
+    is_causal=True,
+    local_window_size=(window - 1, 0) if window else None,
+    implementation=implementation,
+  )
+
+
 SPLASH_BLOCK = 512  # splash attention's query / key tile (rows), at most the sequence
 
 
 def splash_attention(q, k, v, segment_ids, window: int = 0, interpret: bool = False):
   """`dot_product_attention` as the Pallas TPU flash kernel (splash attention): the masked
   score matrix is never materialised. Inside a mesh it runs per shard (`shard_map` over the
-  batch and head axes of the logical rules); `interpret` runs the kernel on any backend
-  (tests). Padding queries (segment 0) attend to padding keys: their rows are never used."""
+  batch, sequence and head axes of the logical rules); with the sequence sharded (context
+  parallelism) each shard's queries attend to the whole row's keys and values, gathered, and
+  the kernel's block mask is split over the shards like the queries. `interpret` runs the
+  kernel on any backend (tests). Padding queries (segment 0) attend to padding keys: their
+  rows are never used."""
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=C0415
     splash_attention_kernel as splash,
     splash_attention_mask as masks,
   )
 
-  def local(q, k, v, segment_ids):
-    b, s, h, d = q.shape
-    block = min(SPLASH_BLOCK, s)
-    if s % block:
-      raise ValueError(f"splash attention needs the sequence ({s}) to be a multiple of {block}.")
-    one = masks.CausalMask((s, s)) if not window else masks.LocalMask((s, s), (window - 1, 0), 0)
-    sizes = dict(block_q=block, block_kv=block, block_kv_compute=block)
-    kernel = splash.make_splash_mha(
-      masks.MultiHeadMask([one] * h),
-      head_shards=1,
-      q_seq_shards=1,
-      block_sizes=splash.BlockSizes(
-        **sizes,
-        block_q_dkv=block,
-        block_kv_dkv=block,
-        block_kv_dkv_compute=block,
-        block_q_dq=block,
-        block_kv_dq=block,
-      ),
-      interpret=interpret,
+  b, s, h, d = q.shape
+  mesh = jax.sharding.get_abstract_mesh()
+  seq_axes = () if mesh.empty else nn.logical_to_mesh_axes(("seq",))[0] or ()
+  seq_axes = (seq_axes,) if isinstance(seq_axes, str) else tuple(seq_axes)
+  shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in seq_axes)
+  block = min(SPLASH_BLOCK, s // shards)
+  if s % (block * shards):
+    raise ValueError(
+      f"splash attention needs the sequence ({s}) to be a multiple of {block} x the "
+      f"{shards} sequence shards."
     )
+  one = masks.CausalMask((s, s)) if not window else masks.LocalMask((s, s), (window - 1, 0), 0)
+  kernel = splash.make_splash_mha(
+    masks.MultiHeadMask([one] * h),
+    head_shards=1,
+    q_seq_shards=shards,
+    block_sizes=splash.BlockSizes(
+      **{
+        name: block
+        for name in (
+          "block_q",
+          "block_kv",
+          "block_kv_compute",
+          "block_q_dkv",
+          "block_kv_dkv",
+          "block_kv_dkv_compute",
+          "block_q_dq",
+          "block_kv_dq",
+        )
+      }
+    ),
+    interpret=interpret,
+  )
+
+  def local(kernel, q, k, v, q_segments, kv_segments):
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)
-    out = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, splash.SegmentIds(seg, seg)))(
-      heads_first(q * d**-0.5), heads_first(k), heads_first(v), segment_ids
+    out = jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, splash.SegmentIds(qs, ks)))(
+      heads_first(q * d**-0.5), heads_first(k), heads_first(v), q_segments, kv_segments
     )
     return heads_first(out)
 
-  mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return local(q, k, v, segment_ids)
-  q_spec = nn.logical_to_mesh_axes(("batch", None, "act_heads", None))
+    return local(kernel, q, k, v, segment_ids, segment_ids)
+  q_spec = nn.logical_to_mesh_axes(("batch", "seq", "act_heads", None))
   kv_spec = nn.logical_to_mesh_axes(("batch", None, "act_kv_heads", None))
-  seg_spec = nn.logical_to_mesh_axes(("batch", None))
+  kernel_spec = kernel.manual_sharding_spec(
+    jax.sharding.NamedSharding(mesh, P(None, seq_axes or None))
+  )
   return jax.shard_map(
     local,
-    in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+    in_specs=(kernel_spec, q_spec, kv_spec, kv_spec, P(*q_spec[:2]), P(*kv_spec[:2])),
     out_specs=q_spec,
     check_vma=False,
-  )(q, k, v, segment_ids)
+  )(kernel, q, k, v, segment_ids, segment_ids)
 
 
 class Attention(nn.Module):
@@ -169,8 +206,11 @@ class Attention(nn.Module):
     q = constrain(q, ("batch", "seq", "act_heads", "act_kv"))
     k = constrain(k, ("batch", "seq", "act_kv_heads", "act_kv"))
     v = constrain(v, ("batch", "seq", "act_kv_heads", "act_kv"))
-    if kv is None and self.impl.resolved(jax.default_backend()).attention == "splash":
+    attention = self.impl.resolved(jax.default_backend()).attention
+    if kv is None and attention == "splash":
       out = splash_attention(q, k, v, segment_ids, cfg.sliding_window)
+    elif kv is None and attention == "cudnn":
+      out = cudnn_attention(q, k, v, segment_ids, cfg.sliding_window)
     elif kv is None:
       out = dot_product_attention(
         q, k, v, segment_ids, self.impl.attention_query_blocks, cfg.sliding_window

@@ -14,7 +14,7 @@ from omnijax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
-ATTENTION_IMPLS = ("auto", "xla", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -177,7 +177,8 @@ class ImplConfig:
   # device-to-device buffer at capacity_factor x the balanced share and counts drops.
   moe_capacity_factor: float | None = None
   attention_query_blocks: int = 8  # causal query blocks per sequence (1: one block)
-  # auto: splash (Pallas TPU flash attention, in shard_map) on TPU, else xla (query-blocked)
+  # auto: splash (Pallas TPU flash attention, in shard_map) on TPU, cudnn (fused flash
+  # attention) on GPU in half precision, else xla (query-blocked)
   attention: str = "auto"
 
   def resolved(self, platform: str) -> "ImplConfig":
@@ -187,10 +188,15 @@ class ImplConfig:
       moe_impl=self.moe_impl
       if self.moe_impl != "auto"
       else ("blocked" if platform == "cpu" else "ragged_dot"),
-      attention=self.attention
-      if self.attention != "auto"
-      else ("splash" if platform == "tpu" else "xla"),
+      attention=self.attention if self.attention != "auto" else self._auto_attention(platform),
     )
+
+  def _auto_attention(self, platform: str) -> str:
+    if platform == "tpu":
+      return "splash"
+    if platform == "gpu" and self.dtype in ("bfloat16", "float16"):
+      return "cudnn"  # cuDNN's fused attention takes half precision only
+    return "xla"
 
   def validate(self, where: str = "model.impl") -> None:
     for name, allowed in (

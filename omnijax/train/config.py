@@ -16,7 +16,7 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
 
   # Mesh axes (data, fsdp, expert, tensor); one may be -1 = all remaining devices.
   # `mesh.dcn` (same axes) spans slices over the data-center network.
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, context=1, tensor=1))
   # Logical axis -> comma-separated mesh axes ('' = replicated), e.g.
   # --config.sharding.rules.embed=fsdp,tensor
   c.sharding = ml_collections.ConfigDict(dict(rules=shd.rules_as_strings()))

@@ -89,14 +89,25 @@ def check_config(config, model_cfg: ThinkerConfig, mesh) -> None:
     ("tensor", t.num_key_value_heads, "model.text.num_key_value_heads"),
     ("tensor", t.moe_intermediate_size, "model.text.moe_intermediate_size"),
     ("tensor", t.vocab_size, "model.text.vocab_size"),
-    ("fsdp", t.hidden_size, "model.text.hidden_size"),
+    ("fsdp x context", t.hidden_size, "model.text.hidden_size"),
+    ("context", config.data.seq_len, "data.seq_len"),
   ]
-  for axis, value, name in divisible:
-    if value % mesh.shape[axis]:
+  if config.talker.model.keys():
+    divisible.append(("context", config.data.talker_seq_len, "data.talker_seq_len"))
+  for axes, value, name in divisible:
+    size = math.prod(mesh.shape[a] for a in axes.split(" x "))
+    if value % size:
       raise ConfigError(
-        f"{name} ({value}) is not divisible by the mesh's {axis} axis "
-        f"({mesh.shape[axis]}); change one of them."
+        f"{name} ({value}) is not divisible by the mesh's {axes} ({size}); change one of them."
       )
+  if (
+    mesh.shape["context"] > 1
+    and model_cfg.impl.resolved(mesh.devices.flat[0].platform).attention == "cudnn"
+  ):
+    raise ConfigError(
+      "model.impl.attention=cudnn does not split the sequence over mesh.context; set "
+      "--config.model.impl.attention=xla (or mesh.context=1)."
+    )
   if config.data.seq_len > t.max_position_embeddings:
     raise ConfigError(
       f"data.seq_len ({config.data.seq_len}) exceeds "
