@@ -69,8 +69,13 @@ SHAPES_2D = {
 }
 
 
-# What the lowered step holds when a kernel path is taken (model.impl.attention / moe_impl).
-KERNELS = {"splash attention (Pallas Mosaic)": "tpu_custom_call", "ragged_dot MoE": "ragged_dot"}
+# What the lowered step holds when a kernel path is taken (model.impl.attention / moe_impl /
+# moe_exchange).
+KERNELS = {
+  "splash attention (Pallas Mosaic)": "tpu_custom_call",
+  "ragged_dot MoE": "ragged_dot",
+  "ragged all-to-all expert exchange": "@ragged_all_to_all",
+}
 
 
 def topology_name(topology: str) -> tuple[str, Chip]:

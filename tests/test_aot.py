@@ -1,5 +1,6 @@
 """omnijax.aot: the tiny experiment's train step compiled for a TPU topology on this CPU host
-(libtpu, no TPU) with the TPU kernels (splash attention, ragged_dot MoE), its memory and FLOPs
+(libtpu, no TPU) with the TPU kernels (splash attention over context-parallel sequence shards,
+ragged_dot MoE, ragged all-to-all between expert shards), its memory and FLOPs
 read back, and the command's errors."""
 
 import dataclasses
@@ -25,15 +26,17 @@ def _main(capsys, *args):
 def report():
   config = launch.load_experiment(EXP)
   config.train.global_batch_size, config.data.seq_len = 4, 256
+  # context parallelism (splash attention over sequence shards) and expert parallelism
+  config.mesh.update(dict(expert=2, context=2))
   devices, chip = aot.topology_devices("v5p-8")
   return config, aot.compile_step(config, devices, chip, "v5p-8")
 
 
 def test_tiny_experiment_compiles_for_a_tpu_slice(report):
   config, r = report
-  assert r.devices == 4 and r.mesh["fsdp"] == 4  # the local mesh (fsdp=-1) over 4 v5p chips
+  assert r.devices == 4 and (r.mesh["expert"], r.mesh["context"]) == (2, 2)  # 4 v5p chips
   # impl "auto" compiles for the target's kernels, not the host's
-  assert r.kernels == ("splash attention (Pallas Mosaic)", "ragged_dot MoE")
+  assert r.kernels == tuple(aot.KERNELS)
   # the tiny Thinker with both towers: its params and Adam moments, a few MB per device
   assert 1 << 20 < r.argument_bytes < 1 << 28 and r.temp_bytes > 0 and r.fits
   assert r.xla_flops > 0 and r.xla_bytes > 0

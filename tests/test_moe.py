@@ -95,3 +95,47 @@ def test_capacity_bounded_exchange_counts_drops():
   assert np.isfinite(out).all()
   close = np.isclose(out, ref, atol=1e-5).all(-1)
   assert close.sum() >= len(close) - expected
+
+
+def _emulated_ragged_all_to_all(
+  operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name
+):
+  """jax.lax.ragged_all_to_all's semantics from all_gather (XLA:CPU has no ragged all-to-all):
+  rows r < send_sizes[j] of sender i from input_offsets[j] land on device j at
+  output_offsets[j] + r; each receiver's recv_sizes must agree with its senders."""
+  me = jax.lax.axis_index(axis_name)
+  ops, starts, sizes, dests = (
+    jax.lax.all_gather(a, axis_name) for a in (operand, input_offsets, send_sizes, output_offsets)
+  )
+  rows = jnp.arange(operand.shape[0])
+  for i in range(ops.shape[0]):
+    src = ops[i][jnp.clip(starts[i, me] + rows, 0, operand.shape[0] - 1)]
+    dst = jnp.where(rows < sizes[i, me], dests[i, me] + rows, output.shape[0])
+    output = output.at[dst].set(src, mode="drop")
+  consistent = jnp.all(recv_sizes == sizes[:, me])
+  poison = jnp.nan if jnp.issubdtype(output.dtype, jnp.floating) else jnp.iinfo(output.dtype).min
+  return jnp.where(consistent, output, jnp.asarray(poison, output.dtype))
+
+
+@pytest.mark.parametrize("cf", [None, 1.0])
+def test_ragged_exchange_equals_the_all_to_all(monkeypatch, cf):
+  """moe_exchange=ragged (only filled rows travel), with the collective emulated on CPU: the
+  same outputs, drops and gradients as the whole-buffer all_to_all."""
+  monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
+  x, top_i, top_w, ws = _inputs(8 * 16, seed=2, skew=True)
+  mesh_shape = dict(data=2, expert=4)
+  runs = {}
+  for exchange in ("all_to_all", "ragged"):
+    impl = ImplConfig(moe_impl="blocked", moe_capacity_factor=cf, moe_exchange=exchange)
+    out, dropped = _run_moe_experts(mesh_shape, impl, x, top_i, top_w, ws)
+    mesh = shd.make_mesh(mesh_shape)
+    xs, ti, tw = (a.reshape((8, -1) + a.shape[1:]) for a in (x, top_i, top_w))
+    with mesh_context(mesh, shd.DEFAULT_RULES):
+      loss = lambda x, ws: jnp.sum(moe.moe_experts(x, ti, tw, *ws, impl)[0] ** 2)
+      grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(xs, ws)
+    runs[exchange] = out, dropped, grads
+  (a_out, a_drop, a_grads), (r_out, r_drop, r_grads) = runs["all_to_all"], runs["ragged"]
+  assert r_drop == a_drop and (a_drop > 0) == (cf is not None)
+  np.testing.assert_allclose(r_out, a_out, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(r_grads), jax.tree.leaves(a_grads)):
+    np.testing.assert_allclose(a, b, atol=1e-5)

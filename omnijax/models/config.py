@@ -15,6 +15,7 @@ from omnijax.errors import ConfigError
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
+MOE_EXCHANGES = ("auto", "all_to_all", "ragged")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -180,6 +181,9 @@ class ImplConfig:
   # auto: splash (Pallas TPU flash attention, in shard_map) on TPU, cudnn (fused flash
   # attention) on GPU in half precision, else xla (query-blocked)
   attention: str = "auto"
+  # Expert-parallel exchange: all_to_all of whole buffers, or ragged (only filled rows);
+  # auto: ragged on GPU/TPU, all_to_all on CPU (XLA:CPU has no ragged all-to-all)
+  moe_exchange: str = "auto"
 
   def resolved(self, platform: str) -> "ImplConfig":
     """`auto` choices made for the devices a model runs (or is compiled) on."""
@@ -189,6 +193,9 @@ class ImplConfig:
       if self.moe_impl != "auto"
       else ("blocked" if platform == "cpu" else "ragged_dot"),
       attention=self.attention if self.attention != "auto" else self._auto_attention(platform),
+      moe_exchange=self.moe_exchange
+      if self.moe_exchange != "auto"
+      else ("all_to_all" if platform == "cpu" else "ragged"),
     )
 
   def _auto_attention(self, platform: str) -> str:
@@ -205,6 +212,7 @@ class ImplConfig:
       ("remat_policy", REMAT_POLICIES),
       ("moe_impl", MOE_IMPLS),
       ("attention", ATTENTION_IMPLS),
+      ("moe_exchange", MOE_EXCHANGES),
     ):
       value = getattr(self, name)
       if value not in allowed:

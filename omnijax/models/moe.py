@@ -16,7 +16,9 @@ logical ``exp`` axis maps to a mesh axis of size > 1, token slots travel to the 
 own their experts with ``all_to_all`` and back (expert parallelism). That exchange uses
 fixed-size buffers: dropless (``moe_capacity_factor=None``, buffers sized for the worst case)
 or bounded at ``capacity_factor`` x the balanced share, in which case overflowing slots are
-dropped and counted (reported as ``moe_dropped``).
+dropped and counted (reported as ``moe_dropped``). ``ImplConfig.moe_exchange`` says how they
+travel: ``all_to_all`` sends whole buffers, ``ragged`` (``jax.lax.ragged_all_to_all``) only
+their filled rows; ``auto`` is ragged on GPU/TPU (XLA:CPU has no ragged all-to-all).
 """
 
 from __future__ import annotations
@@ -203,12 +205,42 @@ def exchange_capacity(num_slots: int, ep: int, capacity_factor: float | None) ->
   return min(num_slots, max(1, math.ceil(num_slots / ep * capacity_factor)))
 
 
+def _ragged_exchange(send, out, send_sizes, recv_sizes, *, axis, capacity: int):
+  """Device i's block j (rows j*capacity .. + send_sizes[j]) lands in device j's block i:
+  the fixed-buffer all_to_all's layout, moving only the filled rows."""
+  ep = send_sizes.shape[0]
+  starts = jnp.arange(ep, dtype=jnp.int32) * capacity
+  mine = jnp.full((ep,), jax.lax.axis_index(axis) * capacity, jnp.int32)
+  return jax.lax.ragged_all_to_all(
+    send,
+    out,
+    starts,
+    send_sizes.astype(jnp.int32),
+    mine,
+    recv_sizes.astype(jnp.int32),
+    axis_name=axis,
+  )
+
+
 def expert_parallel(
-  x, top_idx, top_w, wg, wu, wd, *, axis: str, ep: int, capacity: int, impl: str, block: int
+  x,
+  top_idx,
+  top_w,
+  wg,
+  wu,
+  wd,
+  *,
+  axis: str,
+  ep: int,
+  capacity: int,
+  impl: str,
+  block: int,
+  ragged: bool = False,
 ):
   """Per-device body: send slots to their experts' devices, compute, send results back.
 
   x (T, D) local tokens; wg/wu/wd hold this device's E/ep experts. Returns ((T, D), dropped).
+  `ragged` moves only each buffer's filled rows (`jax.lax.ragged_all_to_all`, GPU/TPU).
   """
   t, k = top_idx.shape
   n, d = t * k, x.shape[1]
@@ -226,11 +258,18 @@ def expert_parallel(
     jnp.full((ep * capacity,), local_e, jnp.int32).at[pos].set(flat_e[order] % local_e, mode="drop")
   )
 
-  a2a = functools.partial(
-    jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0, tiled=True
-  )
-  recv_x = a2a(send_x)
-  recv_e = a2a(send_e)
+  if ragged:
+    sent = jnp.minimum(dev_count, capacity)
+    received = jax.lax.all_to_all(sent, axis, 0, 0, tiled=True)
+    a2a = functools.partial(_ragged_exchange, axis=axis, capacity=capacity)
+    recv_x = a2a(send_x, jnp.zeros_like(send_x), sent, received)
+    recv_e = a2a(send_e, jnp.full_like(send_e, local_e), sent, received)
+  else:
+    a2a = functools.partial(
+      jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0, tiled=True
+    )
+    recv_x = a2a(send_x)
+    recv_e = a2a(send_e)
   slots = jnp.arange(ep * capacity, dtype=jnp.int32)
   if impl == "dense":
     onehot = jax.nn.one_hot(recv_e, local_e, dtype=x.dtype)
@@ -239,7 +278,7 @@ def expert_parallel(
     )
   else:
     y = expert_ffn(recv_x, slots, recv_e, wg, wu, wd, impl, block)
-  back = a2a(y)
+  back = a2a(y, jnp.zeros_like(y), received, sent) if ragged else a2a(y)
   y_sorted = jnp.take(back, pos, axis=0, mode="fill", fill_value=0)
   y_slots = jnp.zeros((n, d), y_sorted.dtype).at[order].set(y_sorted)
   return combine(y_slots, top_w), n - jnp.sum(keep)
@@ -253,7 +292,8 @@ def _axes(spec_entry) -> tuple[str, ...]:
 
 def moe_experts(x, top_idx, top_w, wg, wu, wd, impl: ImplConfig):
   """Expert outputs for x (B, S, D) with routing (B, S, k); returns ((B, S, D), dropped)."""
-  path = impl.resolved(jax.default_backend()).moe_impl
+  resolved = impl.resolved(jax.default_backend())
+  path = resolved.moe_impl
   mesh = jax.sharding.get_abstract_mesh()
   b, s, d = x.shape
   k = top_idx.shape[-1]
@@ -292,7 +332,13 @@ def moe_experts(x, top_idx, top_w, wg, wu, wd, impl: ImplConfig):
     args = (x.reshape(bl * sl, d), top_idx.reshape(-1, k), top_w.reshape(-1, k), wg, wu, wd)
     if ep > 1:
       out, dropped = expert_parallel(
-        *args, axis=exp_axes, ep=ep, capacity=capacity, impl=path, block=impl.moe_block_size
+        *args,
+        axis=exp_axes,
+        ep=ep,
+        capacity=capacity,
+        impl=path,
+        block=impl.moe_block_size,
+        ragged=resolved.moe_exchange == "ragged",
       )
     else:
       out, dropped = local_experts(*args, path, impl.moe_block_size), jnp.zeros((), jnp.int32)

@@ -312,6 +312,8 @@ def get(name: str) -> ml_collections.ConfigDict:
     moe_block_size=128,
     moe_capacity_factor=config_dict.placeholder(float),
     attention_query_blocks=8,
+    attention="auto",
+    moe_exchange="auto",
   )
   return ml_collections.ConfigDict(d)
 
