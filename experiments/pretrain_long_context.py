@@ -54,7 +54,8 @@ def get_config(arg=None):
     c.data.buckets.update(
       dict(
         audio_frames=(3000, 12_000, 30_000),
-        audios_per_row=16,
+        # 8 five-minute audios are 31,200 Thinker tokens: a full row
+        audios_per_row=8,
         image_patches=(4096, 16_384),
         video_patches=(16_384, 65_536),
       )

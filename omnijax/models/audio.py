@@ -40,7 +40,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from omnijax.models.config import AudioEncoderConfig, ImplConfig
 from omnijax.models.decoder import _POLICIES
-from omnijax.models.layers import LayerNorm, constrain, dtype_of, logical_param
+from omnijax.models.layers import LayerNorm, constrain, constrain_flat, dtype_of, logical_param
 from omnijax.processing.audio import (
   _conv_len,
   chunk_frames,
@@ -264,7 +264,8 @@ class AudioEncoder(nn.Module):
     frame_ok = jnp.arange(frames, dtype=jnp.int32)[None, :] < lengths[:, None]
     x = jnp.where(frame_ok[:, None, :], features, 0).astype(dtype)
     x = x.reshape(n, bins, chunks, chunk).transpose(0, 2, 1, 3).reshape(n * chunks, bins, chunk, 1)
-    x = constrain(x, ("batch", None, None, None))
+    by_chunk = lambda x: constrain_flat(x, ("batch", "seq"))  # audios x their chunks
+    x = by_chunk(x)
 
     if self.chunk_padding == "batch":  # conv zero-padding right after the longest chunk
       pad_len = jnp.minimum(jnp.max(lengths, initial=0), chunk)
@@ -277,7 +278,7 @@ class AudioEncoder(nn.Module):
       pad_len = _conv_len(pad_len)
       if i < 2 and self.chunk_padding == "batch":
         x = jnp.where((jnp.arange(x.shape[2]) < pad_len)[None, None, :, None], x, 0)
-      x = constrain(x, ("batch", None, None, None))
+      x = by_chunk(x)
     # (N*C, F, tpc, ch) -> (N*C, tpc, ch, F): channel-major features, as the reference flattens.
     x = x.transpose(0, 2, 3, 1)
     x = Linear((cfg.d_model,), (None, None, "embed"), None, 2, dtype, pdt, name="conv_out")(x)

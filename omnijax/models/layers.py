@@ -8,6 +8,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 INIT_STD = 0.02  # transformers' initializer_range
 
@@ -35,9 +36,23 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
+def constrain_flat(x: jax.Array, logical: Sequence[str]) -> jax.Array:
+  """x whose first dim flattens the logical dims `logical` (e.g. audios x chunks as
+  ("batch", "seq")): split over all their mesh axes, major first; other dims whole."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  axes = []
+  for a in nn.logical_to_mesh_axes(tuple(logical)):
+    axes += [a] if isinstance(a, str) else list(a or ())
+  return jax.lax.with_sharding_constraint(x, P(tuple(axes) or None))
+
+
 def rows(x: jax.Array) -> jax.Array:
-  """Activations (batch, ..., embed), laid out batch-sharded."""
-  return constrain(x, ("batch",) + (None,) * (x.ndim - 2) + ("act_embed",))
+  """Activations (batch, embed) or (batch, seq, ..., embed), laid out batch- (and sequence-)
+  sharded."""
+  return constrain(
+    x, ("batch",) + ("seq",) * (x.ndim > 2) + (None,) * (x.ndim - 3) + ("act_embed",)
+  )
 
 
 def lookup(table: jax.Array, ids: jax.Array, dtype, codebook: jax.Array | None = None):

@@ -38,7 +38,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from omnijax.models.config import ImplConfig, VisionEncoderConfig
 from omnijax.models.decoder import _POLICIES as REMAT_POLICIES
-from omnijax.models.layers import Dense, LayerNorm, constrain, dtype_of, logical_param
+from omnijax.models.layers import Dense, LayerNorm, constrain, dtype_of, logical_param, lookup
 from omnijax.processing.vision import MIN_BUCKET
 
 LAYER_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and mergers
@@ -275,13 +275,16 @@ class VisionEncoder(nn.Module):
         f"x patch^2 = {in_dim}."
       )
 
+    # Everything per patch is laid out like the patches (rows over batch, patches over seq).
+    patches = constrain(patches, ("batch", "seq", None))
+    segment_ids, rows, cols, heights, widths = (
+      constrain(x, ("batch", "seq")) for x in (segment_ids, rows, cols, heights, widths)
+    )
     # Patch embedding (the stride = kernel Conv3d as a Linear over (C, T, p, p)-flattened patches).
     h = Dense((in_dim,), (d,), (None, "embed"), dt, pdt, name="patch_embed")(patches)
-    table = logical_param(
-      self, "pos_embed", (cfg.num_position_embeddings, d), (None, "embed"), pdt
-    ).astype(dt)
+    table = logical_param(self, "pos_embed", (cfg.num_position_embeddings, d), (None, "embed"), pdt)
     idx, wts = interpolation_taps(rows, cols, heights, widths, side)
-    pos = jnp.sum(table[idx] * wts[..., None].astype(dt), axis=-2)
+    pos = jnp.sum(lookup(table, idx, dt) * wts[..., None].astype(dt), axis=-2)
     h = constrain(h + pos, ("batch", "seq", "act_embed"))
     cos, sin = rope_cos_sin(rows, cols, d // cfg.num_heads, self.rope_theta)
 
