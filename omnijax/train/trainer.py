@@ -392,6 +392,11 @@ def train(config, workdir: str | Path) -> dict[str, float]:
       k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host_batch.items()
     }
     with step_lib.mesh_context(mesh, rules):
+      if step == start and jax.process_count() > 1:
+        # CPU processes (gloo) give up on a collective whose peers do not all arrive within
+        # 30 s of its first use: they compile the step apart (minutes) and start it together.
+        train_step.lower(state, batch).compile()
+        multihost_utils.sync_global_devices("train step compiled")
       state, metrics = train_step(state, batch)
     interval.add(metrics)
     done = step + 1
