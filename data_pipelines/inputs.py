@@ -55,14 +55,15 @@ class Inputs:
 class SyntheticBatches:
   """Uniform random tokens, one document per row; batch i depends only on (seed, i)."""
 
-  def __init__(self, seed: int, batch: int, seq_len: int, vocab: int):
+  def __init__(self, seed: int, batch: int, seq_len: int, vocab: int, process_index: int):
     self.seed, self.batch, self.seq_len, self.vocab, self.index = seed, batch, seq_len, vocab, 0
+    self.process_index = process_index
 
   def __iter__(self):
     return self
 
   def __next__(self):
-    rng = np.random.default_rng((self.seed, jax.process_index(), self.index))
+    rng = np.random.default_rng((self.seed, self.process_index, self.index))
     self.index += 1
     return batch_lib.text_batch(
       rng.integers(0, self.vocab, (self.batch, self.seq_len + 1), dtype=np.int32)
@@ -147,11 +148,20 @@ def load_tokenizer(config, model_cfg):
 
 
 def _dataset(
-  d, model_cfg, tokenizer, *, batch_size: int, seed: int, split: str = "train", talker_cfg=None
+  d,
+  model_cfg,
+  tokenizer,
+  *,
+  batch_size: int,
+  seed: int,
+  split: str = "train",
+  talker_cfg=None,
+  process: tuple[int, int] | None = None,
 ):
   from data_pipelines import omni, pipeline  # pylint: disable=import-outside-toplevel
 
-  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count(), seed=seed)
+  index, count = process or (jax.process_index(), jax.process_count())
+  hosts = dict(process_index=index, process_count=count, seed=seed)
   if d.kind == "text":
     return pipeline.make_text_dataset(
       d, tokenizer=tokenizer, seq_len=d.seq_len, batch_size=batch_size, split=split, **hosts
@@ -170,16 +180,20 @@ def _dataset(
     raise ConfigError(str(e)) from e
 
 
-def make_train_iterator(config, model_cfg, talker_cfg=None) -> Inputs:
+def make_train_iterator(
+  config, model_cfg, talker_cfg=None, process: tuple[int, int] | None = None
+) -> Inputs:
   """This host's training batches (config.train.global_batch_size / processes rows each), with
-  the Talker's rows when `talker_cfg` is given."""
+  the Talker's rows when `talker_cfg` is given; `process` = (index, count) builds the stream
+  process `index` of `count` reads instead."""
   d = config.data
-  host_batch = config.train.global_batch_size // jax.process_count()
+  process = process or (jax.process_index(), jax.process_count())
+  host_batch = config.train.global_batch_size // process[1]
   if d.kind not in KINDS:
     raise ConfigError(f"data.kind={d.kind!r} is not one of {list(KINDS)}.")
   if d.kind == "synthetic":
     return Inputs(
-      SyntheticBatches(config.seed, host_batch, d.seq_len, model_cfg.text.vocab_size),
+      SyntheticBatches(config.seed, host_batch, d.seq_len, model_cfg.text.vocab_size, process[0]),
       True,
       [],
       None,
@@ -188,7 +202,13 @@ def make_train_iterator(config, model_cfg, talker_cfg=None) -> Inputs:
   _check_sources(d)
   tokenizer = load_tokenizer(config, model_cfg)
   ds = _dataset(
-    d, model_cfg, tokenizer, batch_size=host_batch, seed=config.seed, talker_cfg=talker_cfg
+    d,
+    model_cfg,
+    tokenizer,
+    batch_size=host_batch,
+    seed=config.seed,
+    talker_cfg=talker_cfg,
+    process=process,
   )
   if d.kind == "text":
     return Inputs(iter(ds), True, [], tokenizer)

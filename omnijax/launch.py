@@ -8,7 +8,9 @@ returns a ConfigDict; ARGS are its comma-separated ``key=value`` arguments, e.g.
 ``--exp=ablation:arm=omni,seed=1,local`` (big_vision's ``config.py:arg`` + ``parse_arg``).
 ``--mode=eval`` runs the experiment's evaluators on the run in ``--workdir`` (its newest or
 ``--step`` checkpoint). Started as one of several processes (SLURM, Open MPI, a multi-host TPU
-slice, or ``JAX_COORDINATOR_ADDRESS`` set) it calls ``jax.distributed.initialize()`` first.
+slice, or ``JAX_COORDINATOR_ADDRESS`` set) it calls ``jax.distributed.initialize()`` first; a
+job started by hand (e.g. two processes on one machine) sets ``JAX_COORDINATOR_ADDRESS``
+(host:port of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` in each process.
 """
 
 from __future__ import annotations
@@ -60,10 +62,17 @@ def _multi_process() -> bool:
   env = os.environ
   if env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return True
-  for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+  for var in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
     if int(env.get(var, "1") or 1) > 1:
       return True
   return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def _distributed_args() -> dict[str, int]:
+  """What jax.distributed.initialize() takes from JAX_NUM_PROCESSES / JAX_PROCESS_ID: jax reads
+  JAX_COORDINATOR_ADDRESS itself but detects the other two only on clusters it knows."""
+  names = dict(num_processes="JAX_NUM_PROCESSES", process_id="JAX_PROCESS_ID")
+  return {arg: int(os.environ[var]) for arg, var in names.items() if os.environ.get(var)}
 
 
 def _split_exp(argv: list[str]) -> tuple[list[str], str]:
@@ -171,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     if FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and _multi_process()):
-      jax.distributed.initialize()
+      jax.distributed.initialize(**_distributed_args())
 
     from omnijax.train import trainer
 

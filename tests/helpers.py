@@ -14,17 +14,21 @@ WORDS = (
 ).split()
 
 
-def write_text_corpus(path: Path, num_docs: int = 120, seed: int = 0) -> Path:
+def write_text_corpus(
+  path: Path, num_docs: int = 120, seed: int = 0, num_shards: int = 2, blank=()
+) -> Path:
+  """`num_docs` documents of random WORDS written round-robin into `num_shards` shards; those
+  numbered in `blank` are blank (the pipelines skip them as "empty")."""
   rng = np.random.default_rng(seed)
   docs = [
     {
-      "text": " ".join(rng.choice(WORDS, size=int(rng.integers(8, 60)))),
+      "text": "" if i in blank else " ".join(rng.choice(WORDS, size=int(rng.integers(8, 60)))),
       "source": "test",
       "id": str(i),
     }
     for i in range(num_docs)
   ]
-  records.write_shards(docs, path, "train", num_shards=2)
+  records.write_shards(docs, path, "train", num_shards=num_shards)
   records.write_manifest(path, {"train": num_docs})
   return path
 
@@ -41,6 +45,20 @@ def tiny_config(corpus: Path, *, steps: int, seq_len: int = 64, batch: int = 8):
   c.train.async_checkpoint = False
   c.optim.learning_rate = 3e-3
   c.optim.warmup_steps = 2
+  return c
+
+
+def tiny_omni_config(text: Path, images: Path, *, steps: int):
+  """`tiny_config` on the omni pipeline: a text source and a caption source (e.g. the records
+  of `write_spoken_records`), one bucket per media buffer (the step compiles once)."""
+  c = tiny_config(text, steps=steps)
+  c.data.kind = "omni"
+  c.data.tokenizer_corpus = str(text)
+  c.data.mixture = dict(
+    text=dict(path=str(text), task="text", weight=1.0),
+    image=dict(path=str(images), task="caption", weight=1.0),
+  )
+  c.data.buckets.image_patches = (128,)
   return c
 
 

@@ -97,6 +97,20 @@ def empty_media(cfg: ThinkerConfig, batch: int) -> dict[str, np.ndarray]:
   return out
 
 
+def grow_buffers(
+  buffers: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
+  """Media buffers grown to `shapes` (each at least its buffer's shape): what `audio_buffers`
+  and `vision_buffers` build with those larger buckets (zeros, and vision padding's 1x1 grid)."""
+  out = dict(buffers)
+  for k, shape in shapes.items():
+    v = buffers[k]
+    if v.shape != tuple(shape):
+      fill = 1 if k.endswith(("_heights", "_widths")) else 0
+      out[k] = np.pad(v, [(0, n - m) for m, n in zip(v.shape, shape)], constant_values=fill)
+  return out
+
+
 def _split_by_rows(
   counts_per_row: list[int], tokens_per_item: list[int], what: str
 ) -> list[list[int]]:

@@ -19,6 +19,7 @@ restores onto another.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ TALKER_JSON = "talker.json"
 CODE2WAV = "code2wav"
 CODE2WAV_JSON = "code2wav.json"
 
+log = logging.getLogger("omnijax")
+
 
 class Checkpointer:
   def __init__(
@@ -53,8 +56,9 @@ class Checkpointer:
       enable_async_checkpointing=async_save,
       create=True,
     )
+    self.directory = Path(workdir).absolute() / CHECKPOINTS
     self.manager = ocp.CheckpointManager(
-      Path(workdir).absolute() / CHECKPOINTS, options=options, item_names=("state", "data")
+      self.directory, options=options, item_names=("state", "data")
     )
 
   def latest_step(self) -> int | None:
@@ -71,8 +75,19 @@ class Checkpointer:
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
     )
     items = dict(state=ocp.args.StandardRestore(target))
-    if data_iter is not None:
+    # Each process saves its own iterator's state (grain names the file after the process
+    # count), which a run of another size cannot continue: it starts its data afresh.
+    n = jax.process_count()
+    data_state = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{n}.json"
+    if data_iter is not None and data_state.exists():
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    elif data_iter is not None:
+      log.warning(
+        "checkpoint %d holds no data-iterator state for %d processes (it was saved by a run of "
+        "another size): the data starts from its beginning",
+        step,
+        n,
+      )
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def wait(self) -> None:

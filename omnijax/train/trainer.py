@@ -29,6 +29,8 @@ from omnijax.errors import ConfigError
 from omnijax.models.config import TalkerConfig, ThinkerConfig
 from omnijax.models.omni import Omni
 from omnijax.models.thinker import Thinker
+from omnijax.processing import batch as batch_lib
+from omnijax.processing import media as media_lib
 from omnijax.train import checkpoint as ckpt_lib
 from omnijax.train import flops as flops_lib
 from omnijax.train import optimizer as optim_lib
@@ -59,6 +61,29 @@ class Preemption:
   def close(self) -> None:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def same_media_shapes(host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Each process buckets its own rows' media (the smallest buckets that fit them); the step
+  takes one global shape per buffer: the processes' largest."""
+  media = batch_lib.media_of(host_batch)
+  if jax.process_count() == 1 or not media:
+    return host_batch
+  keys = sorted(media)
+  shapes = np.concatenate([media[k].shape for k in keys])
+  largest = iter(multihost_utils.process_allgather(shapes).max(0).tolist())
+  return media_lib.grow_buffers(
+    host_batch, {k: tuple(next(largest) for _ in media[k].shape) for k in keys}
+  )
+
+
+def skipped_records(iterator) -> dict[str, float]:
+  """Bad records the data iterators of all processes have skipped so far, by reason."""
+  counts = iterator.skipped_records
+  total = np.array(list(counts.values()))
+  if jax.process_count() > 1:
+    total = multihost_utils.process_allgather(total).sum(0)
+  return {f"data/skipped/{k}": float(v) for k, v in zip(counts, total)}
 
 
 def check_config(config, model_cfg: ThinkerConfig, mesh) -> None:
@@ -372,12 +397,17 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   for step in range(start, end):
     if profile and step == profile[0]:
       jax.profiler.start_trace(str(workdir / "profile"))
-    host_batch = {k: np.asarray(v) for k, v in next(data.iterator).items()}
+    host_batch = same_media_shapes({k: np.asarray(v) for k, v in next(data.iterator).items()})
     shardings = step_lib.batch_shardings(host_batch, mesh, rules)
     batch = {
       k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host_batch.items()
     }
     with step_lib.mesh_context(mesh, rules):
+      if step == start and jax.process_count() > 1:
+        # CPU processes (gloo) give up on a collective whose peers do not all arrive within
+        # 30 s of its first use: they compile the step apart (minutes) and start it together.
+        train_step.lower(state, batch).compile()
+        multihost_utils.sync_global_devices("train step compiled")
       state, metrics = train_step(state, batch)
     interval.add(metrics)
     done = step + 1
@@ -401,9 +431,7 @@ def train(config, workdir: str | Path) -> dict[str, float]:
           mfu=step_flops / (step_time * n_devices * peak),
         )
       if hasattr(data.iterator, "skipped_records"):
-        scalars.update(
-          {f"data/skipped/{k}": float(v) for k, v in data.iterator.skipped_records.items()}
-        )
+        scalars.update(skipped_records(data.iterator))
       writer.write(done, scalars)
       last = scalars
       if scalars["consecutive_nonfinite"] > tr.max_consecutive_nonfinite:
