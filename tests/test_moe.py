@@ -117,13 +117,12 @@ def _emulated_ragged_all_to_all(
   return jnp.where(consistent, output, jnp.asarray(poison, output.dtype))
 
 
-@pytest.mark.parametrize("cf", [None, 1.0])
-def test_ragged_exchange_equals_the_all_to_all(monkeypatch, cf):
+def test_ragged_exchange_equals_the_all_to_all(monkeypatch):
   """moe_exchange=ragged (only filled rows travel), with the collective emulated on CPU: the
   same outputs, drops and gradients as the whole-buffer all_to_all."""
   monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
   x, top_i, top_w, ws = _inputs(8 * 16, seed=2, skew=True)
-  mesh_shape = dict(data=2, expert=4)
+  mesh_shape, cf = dict(data=2, expert=4), 1.0  # skewed routing overflows some buffers
   runs = {}
   for exchange in ("all_to_all", "ragged"):
     impl = ImplConfig(moe_impl="blocked", moe_capacity_factor=cf, moe_exchange=exchange)
@@ -135,7 +134,7 @@ def test_ragged_exchange_equals_the_all_to_all(monkeypatch, cf):
       grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(xs, ws)
     runs[exchange] = out, dropped, grads
   (a_out, a_drop, a_grads), (r_out, r_drop, r_grads) = runs["all_to_all"], runs["ragged"]
-  assert r_drop == a_drop and (a_drop > 0) == (cf is not None)
+  assert r_drop == a_drop > 0
   np.testing.assert_allclose(r_out, a_out, atol=1e-6)
   for a, b in zip(jax.tree.leaves(r_grads), jax.tree.leaves(a_grads)):
     np.testing.assert_allclose(a, b, atol=1e-5)
