@@ -3,7 +3,8 @@
 Expert computation paths (``ImplConfig.moe_impl``):
 - ``ragged_dot``: dropless; token slots sorted by expert, grouped matmul ``jax.lax.ragged_dot``.
 - ``blocked``: dropless; slots sorted by expert into row tiles of ``moe_block_size`` (each
-  expert's rows padded to whole tiles), a scan of per-tile SwiGLUs (``tiled_swiglu``).
+  expert's rows padded to whole tiles), a loop of per-tile SwiGLUs over the used tiles
+  (``tiled_swiglu``).
   XLA:CPU expands ``ragged_dot`` into a dense matmul per expert, so this is the fast path there.
 - ``dense``: every expert on every token, combined by the gate weights. The reference the
   tests cross-check against; O(num_experts) compute.
@@ -67,45 +68,63 @@ def tiled_swiglu(
 ) -> jax.Array:
   """SwiGLU of expert ``tile_expert[t]`` on row tile t: tiles (T, b, D) -> (T, b, D).
 
-  A scan over tiles, each reading its expert's weights in place and keeping the (b, F)
+  A loop over tiles, each reading its expert's weights in place and keeping the (b, F)
   intermediates in cache: on XLA:CPU a batched matmul over gathered weights runs at about
   half the speed, and unfused intermediates cost more memory traffic than the matmuls
-  (benchmarks/train_step.py). Saves the gate and up pre-activations for the backward pass,
-  which accumulates each expert's weight gradients in the scan carry.
+  (benchmarks/train_step.py). Tiles past the used ones (``tile_expert`` E, after the last
+  expert's rows) are not computed: their outputs are zeros. Saves the gate and up
+  pre-activations for the backward pass, which accumulates each expert's weight gradients in
+  the loop carry.
   """
   return _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert)[0]
 
 
-def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert):
-  def body(_, xs):
-    tile, e = xs
-    gate, up = tile @ _expert_weight(wg, e), tile @ _expert_weight(wu, e)
-    return None, ((jax.nn.silu(gate) * up) @ _expert_weight(wd, e), gate, up)
+def _used_tiles(tile_expert: jax.Array, num_experts: int) -> jax.Array:
+  return jnp.sum(tile_expert < num_experts)
 
-  y, gate, up = jax.lax.scan(body, None, (tiles, tile_expert))[1]
+
+def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert):
+  def body(t, bufs):
+    tile, e = tiles[t], tile_expert[t]
+    gate, up = tile @ _expert_weight(wg, e), tile @ _expert_weight(wu, e)
+    y = (jax.nn.silu(gate) * up) @ _expert_weight(wd, e)
+    return tuple(
+      jax.lax.dynamic_update_index_in_dim(b, v, t, 0) for b, v in zip(bufs, (y, gate, up))
+    )
+
+  num_tiles, rows, _ = tiles.shape
+  bufs = tuple(jnp.zeros((num_tiles, rows, w.shape[2]), tiles.dtype) for w in (wd, wg, wu))
+  used = _used_tiles(tile_expert, wg.shape[0])
+  y, gate, up = jax.lax.fori_loop(0, used, body, bufs)
   return y, (tiles, gate, up, wg, wu, wd, tile_expert)
 
 
 def _tiled_swiglu_bwd(res, g):
   tiles, gate, up, wg, wu, wd, tile_expert = res
 
-  def body(d_ws, xs):
-    tile, gate, up, g_tile, e = xs
-    sig = jax.nn.sigmoid(gate)
-    act = gate * sig
+  def body(t, carry):
+    d_ws, d_tiles = carry
+    tile, gate_t, up_t, g_tile, e = tiles[t], gate[t], up[t], g[t], tile_expert[t]
+    sig = jax.nn.sigmoid(gate_t)
+    act = gate_t * sig
     d_h = g_tile @ _expert_weight(wd, e).T
-    d_gate = d_h * up * sig * (1 + gate * (1 - sig))
+    d_gate = d_h * up_t * sig * (1 + gate_t * (1 - sig))
     d_up = d_h * act
     add = lambda d_w, v: jax.lax.dynamic_update_index_in_dim(
       d_w, _expert_weight(d_w, e) + v.astype(d_w.dtype), e, 0
     )
     d_wg, d_wu, d_wd = d_ws
-    d_ws = (add(d_wg, tile.T @ d_gate), add(d_wu, tile.T @ d_up), add(d_wd, (act * up).T @ g_tile))
+    d_ws = (
+      add(d_wg, tile.T @ d_gate),
+      add(d_wu, tile.T @ d_up),
+      add(d_wd, (act * up_t).T @ g_tile),
+    )
     d_tile = d_gate @ _expert_weight(wg, e).T + d_up @ _expert_weight(wu, e).T
-    return d_ws, d_tile
+    return d_ws, jax.lax.dynamic_update_index_in_dim(d_tiles, d_tile, t, 0)
 
   zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (wg, wu, wd))
-  d_ws, d_tiles = jax.lax.scan(body, zeros, (tiles, gate, up, g, tile_expert))
+  used = _used_tiles(tile_expert, wg.shape[0])
+  d_ws, d_tiles = jax.lax.fori_loop(0, used, body, (zeros, jnp.zeros_like(tiles)))
   return (d_tiles, *(d.astype(w.dtype) for d, w in zip(d_ws, (wg, wu, wd))), None)
 
 
@@ -150,9 +169,8 @@ def expert_ffn(
   dest = jnp.zeros((n,), jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))
   row_token = jnp.full((num_rows,), x.shape[0], jnp.int32).at[dest].set(slot_token, mode="drop")
   buf = jnp.take(x, row_token, axis=0, mode="fill", fill_value=0)
-  tile_expert = jnp.minimum(
-    jnp.searchsorted(padded_end, jnp.arange(num_tiles) * block, side="right"), num_experts - 1
-  )
+  # E for the tiles after the last expert's rows (not computed).
+  tile_expert = jnp.searchsorted(padded_end, jnp.arange(num_tiles) * block, side="right")
   tiles = buf.reshape(num_tiles, block, -1)
   out = tiled_swiglu(tiles, wg, wu, wd, tile_expert).reshape(num_rows, -1)
   return out.at[dest].get(mode="fill", fill_value=0)
