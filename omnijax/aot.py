@@ -227,8 +227,10 @@ def compile_step(config, devices, chip: Chip, topology: str = "") -> Report:
   _, _, _, abstract_state, state_sharding, train_step = trainer.train_program(
     config, model, mesh, rules, config.train.total_steps, num_tasks
   )
-  state = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
+  state = jax.tree.map(  # shardings first: a frozen subtree's optimizer state is an empty node
+    lambda s, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) if hasattr(a, "shape") else a,
+    state_sharding,
+    abstract_state,
   )
   batch = abstract_batch(config, model_cfg, talker_cfg, mesh, rules)
   start = time.perf_counter()

@@ -109,6 +109,7 @@ def cudnn_attention(q, k, v, segment_ids, window: int = 0, implementation: str =
 
 
 SPLASH_BLOCK = 512  # splash attention's query / key tile (rows), at most the sequence
+SPLASH_MIN_BLOCK = 128  # the kernel's tiles are whole vector-lane multiples
 
 
 def splash_attention(q, k, v, segment_ids, window: int = 0, interpret: bool = False):
@@ -207,6 +208,8 @@ class Attention(nn.Module):
     k = constrain(k, ("batch", "seq", "act_kv_heads", "act_kv"))
     v = constrain(v, ("batch", "seq", "act_kv_heads", "act_kv"))
     attention = self.impl.resolved(jax.default_backend()).attention
+    if kv is None and attention == "splash" and q.shape[1] % SPLASH_MIN_BLOCK:
+      attention = "xla"  # rows shorter than a tile (the MTP's 16 codes per frame)
     if kv is None and attention == "splash":
       out = splash_attention(q, k, v, segment_ids, cfg.sliding_window)
     elif kv is None and attention == "cudnn":
