@@ -57,6 +57,7 @@ def train_step_tokens_per_sec(seq: int, batch: int, steps: int = 3) -> float:
   from omnijax.models import presets
   from omnijax.models.config import ThinkerConfig
   from omnijax.models.thinker import Thinker
+  from omnijax.processing import batch as batch_lib
   from omnijax.train import optimizer
   from omnijax.train import step as step_lib
 
@@ -81,15 +82,7 @@ def train_step_tokens_per_sec(seq: int, batch: int, steps: int = 3) -> float:
   mesh, rules = shd.make_mesh(dict(fsdp=-1)), shd.DEFAULT_RULES
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.text.vocab_size, (batch, seq + 1)).astype(np.int32)
-  host = dict(
-    inputs=tokens[:, :-1],
-    targets=tokens[:, 1:],
-    segment_ids=np.ones((batch, seq), np.int32),
-    positions=np.ascontiguousarray(
-      np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, 3, seq))
-    ),
-    loss_mask=np.ones((batch, seq), np.float32),
-  )
+  host = batch_lib.text_batch(tokens)
   with step_lib.mesh_context(mesh, rules):
     init, _, shardings = step_lib.state_shardings(model, tx, mesh, rules, seq)
     state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))

@@ -27,6 +27,7 @@ from omnijax.hf import convert
 from omnijax.models import presets
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.thinker import Thinker
+from omnijax.processing import batch as batch_lib
 from omnijax.train import flops, optimizer
 from omnijax.train import step as step_lib
 from omnijax.train.config import base_config
@@ -51,21 +52,10 @@ def omnijax_stepper(cfg: ThinkerConfig, batch: int, seq: int):
   mesh = shd.make_mesh(dict(fsdp=-1))
   rules = shd.DEFAULT_RULES
 
-  def host_batch(tokens):
-    return dict(
-      inputs=tokens[:, :-1],
-      targets=tokens[:, 1:],
-      segment_ids=np.ones((batch, seq), np.int32),
-      positions=np.ascontiguousarray(
-        np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, 3, seq))
-      ),
-      loss_mask=np.ones((batch, seq), np.float32),
-    )
-
   with step_lib.mesh_context(mesh, rules):
     init, _, state_sharding = step_lib.state_shardings(model, tx, mesh, rules, seq)
     state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(0))
-    example = host_batch(next(batches(cfg, batch, seq, 1)))
+    example = batch_lib.text_batch(next(batches(cfg, batch, seq, 1)))
     batch_sharding = step_lib.batch_shardings(example, mesh, rules)
     train_step = step_lib.compile_train_step(
       model, tx, schedule, mesh, rules, state_sharding, grad_accum_steps=1, z_loss=0.0
@@ -78,7 +68,9 @@ def omnijax_stepper(cfg: ThinkerConfig, batch: int, seq: int):
 
     def step(tokens):
       nonlocal state
-      state, metrics = train_step(state, jax.device_put(host_batch(tokens), batch_sharding))
+      state, metrics = train_step(
+        state, jax.device_put(batch_lib.text_batch(tokens), batch_sharding)
+      )
       # transformers' loss: the cross-entropy plus coef x the load-balancing loss.
       ce = float(metrics["ce_sum"] / metrics["loss_tokens"])
       return ce + cfg.text.router_aux_loss_coef * float(metrics["aux_loss"])
