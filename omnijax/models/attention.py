@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from omnijax.models import tm_rope
 from omnijax.models.config import ImplConfig, TextConfig
-from omnijax.models.layers import RMSNorm, constrain, dtype_of, logical_param
+from omnijax.models.layers import RMSNorm, constrain, dtype_of, logical_param, mesh_axes
 
 
 def _causal(query_pos, key_pos, window: int = 0):
@@ -127,8 +127,7 @@ def splash_attention(q, k, v, segment_ids, window: int = 0, interpret: bool = Fa
 
   b, s, h, d = q.shape
   mesh = jax.sharding.get_abstract_mesh()
-  seq_axes = () if mesh.empty else nn.logical_to_mesh_axes(("seq",))[0] or ()
-  seq_axes = (seq_axes,) if isinstance(seq_axes, str) else tuple(seq_axes)
+  seq_axes = () if mesh.empty else mesh_axes("seq")
   shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in seq_axes)
   block = min(SPLASH_BLOCK, s // shards)
   if s % (block * shards):

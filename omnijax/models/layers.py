@@ -36,15 +36,20 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
+def mesh_axes(*logical: str) -> tuple[str, ...]:
+  """The mesh axes the logical dims map to under the current rules, major first."""
+  axes = []
+  for a in nn.logical_to_mesh_axes(logical):
+    axes += [a] if isinstance(a, str) else list(a or ())
+  return tuple(axes)
+
+
 def constrain_flat(x: jax.Array, logical: Sequence[str]) -> jax.Array:
   """x whose first dim flattens the logical dims `logical` (e.g. audios x chunks as
   ("batch", "seq")): split over all their mesh axes, major first; other dims whole."""
   if jax.sharding.get_abstract_mesh().empty:
     return x
-  axes = []
-  for a in nn.logical_to_mesh_axes(tuple(logical)):
-    axes += [a] if isinstance(a, str) else list(a or ())
-  return jax.lax.with_sharding_constraint(x, P(tuple(axes) or None))
+  return jax.lax.with_sharding_constraint(x, P(mesh_axes(*logical) or None))
 
 
 def rows(x: jax.Array) -> jax.Array:

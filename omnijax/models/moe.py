@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from omnijax.models.config import ImplConfig, TextConfig
-from omnijax.models.layers import SwiGLU, constrain, dtype_of, logical_param
+from omnijax.models.layers import SwiGLU, constrain, dtype_of, logical_param, mesh_axes
 
 
 NUM_MODALITIES = 4  # text, image, audio, video (omnijax.models.thinker.MODALITIES)
@@ -302,12 +302,6 @@ def expert_parallel(
   return combine(y_slots, top_w), n - jnp.sum(keep)
 
 
-def _axes(spec_entry) -> tuple[str, ...]:
-  if spec_entry is None:
-    return ()
-  return tuple(spec_entry) if isinstance(spec_entry, (tuple, list)) else (spec_entry,)
-
-
 def moe_experts(x, top_idx, top_w, wg, wu, wd, impl: ImplConfig):
   """Expert outputs for x (B, S, D) with routing (B, S, k); returns ((B, S, D), dropped)."""
   resolved = impl.resolved(jax.default_backend())
@@ -329,9 +323,7 @@ def moe_experts(x, top_idx, top_w, wg, wu, wd, impl: ImplConfig):
     return out.reshape(b, s, d), jnp.zeros((), jnp.int32)
 
   batch_spec, seq_spec = nn.logical_to_mesh_axes(("batch", "seq"))
-  exp_axes = _axes(nn.logical_to_mesh_axes(("exp",))[0])
-  mlp_axes = _axes(nn.logical_to_mesh_axes(("mlp",))[0])
-  token_axes = _axes(batch_spec) + _axes(seq_spec)
+  exp_axes, mlp_axes, token_axes = mesh_axes("exp"), mesh_axes("mlp"), mesh_axes("batch", "seq")
   ep = math.prod(mesh.shape[a] for a in exp_axes)
   if ep > 1 and not set(exp_axes) <= set(token_axes):
     raise ValueError(
