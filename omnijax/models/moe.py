@@ -58,74 +58,81 @@ def _sorted_layout(slot_expert: jax.Array, num_experts: int):
   return order, sizes, starts
 
 
-def _expert_weight(w: jax.Array, e: jax.Array) -> jax.Array:
-  return jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
-
-
 @jax.custom_vjp
 def tiled_swiglu(
   tiles: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, tile_expert: jax.Array
 ) -> jax.Array:
-  """SwiGLU of expert ``tile_expert[t]`` on row tile t: tiles (T, b, D) -> (T, b, D).
+  """SwiGLU of expert ``tile_expert[t]`` on row tile t: tiles (T, b, D) -> (T, b, D), the tiles
+  sorted by expert (E after the last used tile: not computed, their outputs are zeros).
 
-  A loop over tiles, each reading its expert's weights in place and keeping the (b, F)
-  intermediates in cache: on XLA:CPU a batched matmul over gathered weights runs at about
-  half the speed, and unfused intermediates cost more memory traffic than the matmuls
-  (benchmarks/train_step.py). Tiles past the used ones (``tile_expert`` E, after the last
-  expert's rows) are not computed: their outputs are zeros. Saves the gate and up
-  pre-activations for the backward pass, which accumulates each expert's weight gradients in
-  the loop carry.
+  A scan over the experts, each reading its weights once (gate and up side by side: one
+  matmul), with a loop over that expert's tiles inside, whose (b, F) intermediates stay in
+  cache: on XLA:CPU a batched matmul over gathered weights runs at about half the speed, and
+  unfused intermediates cost more memory traffic than the matmuls (benchmarks/train_step.py).
+  Saves the gate and up pre-activations for the backward pass, which accumulates an expert's
+  weight gradients in the tile loop's carry.
   """
   return _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert)[0]
 
 
-def _used_tiles(tile_expert: jax.Array, num_experts: int) -> jax.Array:
-  return jnp.sum(tile_expert < num_experts)
+def _expert_tiles(tile_expert: jax.Array, num_experts: int):
+  """(first tile, number of tiles) of each expert."""
+  counts = jnp.bincount(tile_expert, length=num_experts + 1)[:num_experts]
+  return jnp.cumsum(counts) - counts, counts
 
 
 def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert):
-  def body(t, bufs):
-    tile, e = tiles[t], tile_expert[t]
-    gate, up = tile @ _expert_weight(wg, e), tile @ _expert_weight(wu, e)
-    y = (jax.nn.silu(gate) * up) @ _expert_weight(wd, e)
-    return tuple(
-      jax.lax.dynamic_update_index_in_dim(b, v, t, 0) for b, v in zip(bufs, (y, gate, up))
-    )
+  f = wg.shape[2]
 
-  num_tiles, rows, _ = tiles.shape
-  bufs = tuple(jnp.zeros((num_tiles, rows, w.shape[2]), tiles.dtype) for w in (wd, wg, wu))
-  used = _used_tiles(tile_expert, wg.shape[0])
-  y, gate, up = jax.lax.fori_loop(0, used, body, bufs)
-  return y, (tiles, gate, up, wg, wu, wd, tile_expert)
+  def expert(bufs, xs):
+    wg_e, wu_e, wd_e, first, count = xs
+    wgu = jnp.concatenate([wg_e, wu_e], axis=1)
+
+    def tile(t, bufs):
+      gu = tiles[t] @ wgu
+      y = (jax.nn.silu(gu[:, :f]) * gu[:, f:]) @ wd_e
+      return tuple(jax.lax.dynamic_update_index_in_dim(b, v, t, 0) for b, v in zip(bufs, (y, gu)))
+
+    return jax.lax.fori_loop(first, first + count, tile, bufs), None
+
+  num_tiles, rows, d = tiles.shape
+  bufs = (
+    jnp.zeros((num_tiles, rows, d), tiles.dtype),
+    jnp.zeros((num_tiles, rows, 2 * f), tiles.dtype),
+  )
+  (y, gu), _ = jax.lax.scan(expert, bufs, (wg, wu, wd, *_expert_tiles(tile_expert, wg.shape[0])))
+  return y, (tiles, gu, wg, wu, wd, tile_expert)
 
 
 def _tiled_swiglu_bwd(res, g):
-  tiles, gate, up, wg, wu, wd, tile_expert = res
+  tiles, gu, wg, wu, wd, tile_expert = res
+  d, f = wg.shape[1:]
 
-  def body(t, carry):
-    d_ws, d_tiles = carry
-    tile, gate_t, up_t, g_tile, e = tiles[t], gate[t], up[t], g[t], tile_expert[t]
-    sig = jax.nn.sigmoid(gate_t)
-    act = gate_t * sig
-    d_h = g_tile @ _expert_weight(wd, e).T
-    d_gate = d_h * up_t * sig * (1 + gate_t * (1 - sig))
-    d_up = d_h * act
-    add = lambda d_w, v: jax.lax.dynamic_update_index_in_dim(
-      d_w, _expert_weight(d_w, e) + v.astype(d_w.dtype), e, 0
-    )
-    d_wg, d_wu, d_wd = d_ws
-    d_ws = (
-      add(d_wg, tile.T @ d_gate),
-      add(d_wu, tile.T @ d_up),
-      add(d_wd, (act * up_t).T @ g_tile),
-    )
-    d_tile = d_gate @ _expert_weight(wg, e).T + d_up @ _expert_weight(wu, e).T
-    return d_ws, jax.lax.dynamic_update_index_in_dim(d_tiles, d_tile, t, 0)
+  def expert(d_tiles, xs):
+    wg_e, wu_e, wd_e, first, count = xs
+    wgu = jnp.concatenate([wg_e, wu_e], axis=1)
 
-  zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (wg, wu, wd))
-  used = _used_tiles(tile_expert, wg.shape[0])
-  d_ws, d_tiles = jax.lax.fori_loop(0, used, body, (zeros, jnp.zeros_like(tiles)))
-  return (d_tiles, *(d.astype(w.dtype) for d, w in zip(d_ws, (wg, wu, wd))), None)
+    def tile(t, carry):
+      d_wgu, d_wd, d_tiles = carry
+      gate, up, g_t = gu[t, :, :f], gu[t, :, f:], g[t]
+      sig = jax.nn.sigmoid(gate)
+      act = gate * sig
+      d_h = g_t @ wd_e.T
+      d_gu = jnp.concatenate([d_h * up * sig * (1 + gate * (1 - sig)), d_h * act], axis=1)
+      return (
+        d_wgu + (tiles[t].T @ d_gu).astype(d_wgu.dtype),
+        d_wd + ((act * up).T @ g_t).astype(d_wd.dtype),
+        jax.lax.dynamic_update_index_in_dim(d_tiles, d_gu @ wgu.T, t, 0),
+      )
+
+    zeros = (jnp.zeros((d, 2 * f), jnp.float32), jnp.zeros((f, d), jnp.float32))
+    d_wgu, d_wd, d_tiles = jax.lax.fori_loop(first, first + count, tile, (*zeros, d_tiles))
+    return d_tiles, (d_wgu[:, :f], d_wgu[:, f:], d_wd)
+
+  d_tiles, d_ws = jax.lax.scan(
+    expert, jnp.zeros_like(tiles), (wg, wu, wd, *_expert_tiles(tile_expert, wg.shape[0]))
+  )
+  return (d_tiles, *(dw.astype(w.dtype) for dw, w in zip(d_ws, (wg, wu, wd))), None)
 
 
 tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
