@@ -1,6 +1,7 @@
 r"""Train-step throughput of omnijax vs transformers' PyTorch Thinker on the same model.
 
     python benchmarks/train_step.py [--preset=small] [--batch=8] [--seq=512] [--steps=5]
+        [--scan_unroll=0]
 
 Both sides train the same Thinker text model (same weights: omnijax's init exported to the
 transformers layout) on the same random token batches with AdamW, float32, global-norm
@@ -138,11 +139,18 @@ def main():
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--moe_impl", default="auto")
   p.add_argument("--dtype", default="float32")
+  p.add_argument(
+    "--scan_unroll",
+    type=int,
+    default=0,
+    help="model.impl.scan_unroll: layers per scan iteration (0: all, the layer stack unrolled)",
+  )
   args = p.parse_args()
 
   cd = presets.get(args.preset)
   cd.impl.moe_impl = args.moe_impl
   cd.impl.dtype = args.dtype
+  cd.impl.scan_unroll = args.scan_unroll or cd.text.num_hidden_layers
   cfg = ThinkerConfig.from_dict(cd)
   tokens = args.batch * args.seq
   step_flops = flops.training_flops(cfg.text, args.batch, args.seq)
@@ -151,7 +159,8 @@ def main():
   print(
     f"preset={args.preset} total_params={flops.total_params(cfg.text) / 1e6:.1f}M "
     f"active_params={flops.active_params(cfg.text) / 1e6:.1f}M batch={args.batch} "
-    f"seq={args.seq} tokens/step={tokens} devices={n_dev} ({jax.devices()[0].device_kind}) "
+    f"seq={args.seq} tokens/step={tokens} scan_unroll={cfg.impl.scan_unroll} "
+    f"devices={n_dev} ({jax.devices()[0].device_kind}) "
     f"peak={peak / 1e12:.3f} TFLOP/s/device ({source})"
   )
 

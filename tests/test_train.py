@@ -106,6 +106,24 @@ def test_sharded_step_matches_single_device(mesh_shape):
   assert len({s.device for s in experts.addressable_shards}) == 8
 
 
+def test_unrolled_layer_stack_matches_the_scan():
+  """`impl.scan_unroll` changes how the layer scan is compiled, not the math or the
+  parameters' (stacked) layout."""
+  cd = presets.get("tiny")
+  cd.text.num_hidden_layers = 4
+  batch = _batch(4, 32)
+  runs = {}
+  for unroll in (1, 4):
+    cd.impl.scan_unroll = unroll
+    p, m, g, _ = _one_step(dict(data=1), jax.devices()[:1], ThinkerConfig.from_dict(cd), batch, 1)
+    runs[unroll] = (p, m, g)
+  (p1, m1, g1), (p4, m4, g4) = runs[1], runs[4]
+  assert jax.tree.structure(p1) == jax.tree.structure(p4)
+  assert abs(float(m1["ce_sum"]) - float(m4["ce_sum"])) <= LOSS_RTOL * abs(float(m1["ce_sum"]))
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
+    np.testing.assert_allclose(a, b, atol=GRAD_ATOL)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   return write_text_corpus(tmp_path_factory.mktemp("corpus"))

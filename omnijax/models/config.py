@@ -184,6 +184,10 @@ class ImplConfig:
   # Expert-parallel exchange: all_to_all of whole buffers, or ragged (only filled rows);
   # auto: ragged on GPU/TPU, all_to_all on CPU (XLA:CPU has no ragged all-to-all)
   moe_exchange: str = "auto"
+  # Layers per iteration of a layer block's scan; >= the block's layer count unrolls it (no
+  # per-layer slicing of the stacked weights or stacking of saved activations, as MaxText's
+  # scan_layers=False; compiles take longer). The parameters stay stacked either way.
+  scan_unroll: int = 1
 
   def resolved(self, platform: str) -> "ImplConfig":
     """`auto` choices made for the devices a model runs (or is compiled) on."""
@@ -221,6 +225,8 @@ class ImplConfig:
       raise ConfigError(
         f"{where}.attention_query_blocks must be >= 1, got {self.attention_query_blocks}."
       )
+    if self.scan_unroll < 1:
+      raise ConfigError(f"{where}.scan_unroll must be >= 1, got {self.scan_unroll}.")
     if self.moe_block_size <= 0:
       raise ConfigError(f"{where}.moe_block_size must be positive, got {self.moe_block_size}.")
     if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:

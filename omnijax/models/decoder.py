@@ -125,6 +125,7 @@ class Decoder(nn.Module):
         split_rngs={"params": True},
         in_axes=(0,) + (nn.broadcast,) * 5 + (0, nn.broadcast),
         length=count,
+        unroll=min(self.impl.scan_unroll, count),
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
       (h, captured), (block_stats, kv) = stack(

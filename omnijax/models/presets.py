@@ -314,6 +314,7 @@ def get(name: str) -> ml_collections.ConfigDict:
     attention_query_blocks=8,
     attention="auto",
     moe_exchange="auto",
+    scan_unroll=1,
   )
   return ml_collections.ConfigDict(d)
 
