@@ -100,12 +100,13 @@ def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert):
     jnp.zeros((num_tiles, rows, d), tiles.dtype),
     jnp.zeros((num_tiles, rows, 2 * f), tiles.dtype),
   )
-  (y, gu), _ = jax.lax.scan(expert, bufs, (wg, wu, wd, *_expert_tiles(tile_expert, wg.shape[0])))
-  return y, (tiles, gu, wg, wu, wd, tile_expert)
+  spans = _expert_tiles(tile_expert, wg.shape[0])
+  (y, gu), _ = jax.lax.scan(expert, bufs, (wg, wu, wd, *spans))
+  return y, (tiles, gu, wg, wu, wd, spans)
 
 
 def _tiled_swiglu_bwd(res, g):
-  tiles, gu, wg, wu, wd, tile_expert = res
+  tiles, gu, wg, wu, wd, spans = res
   d, f = wg.shape[1:]
 
   def expert(d_tiles, xs):
@@ -129,9 +130,7 @@ def _tiled_swiglu_bwd(res, g):
     d_wgu, d_wd, d_tiles = jax.lax.fori_loop(first, first + count, tile, (*zeros, d_tiles))
     return d_tiles, (d_wgu[:, :f], d_wgu[:, f:], d_wd)
 
-  d_tiles, d_ws = jax.lax.scan(
-    expert, jnp.zeros_like(tiles), (wg, wu, wd, *_expert_tiles(tile_expert, wg.shape[0]))
-  )
+  d_tiles, d_ws = jax.lax.scan(expert, jnp.zeros_like(tiles), (wg, wu, wd, *spans))
   return (d_tiles, *(dw.astype(w.dtype) for dw, w in zip(d_ws, (wg, wu, wd))), None)
 
 
