@@ -28,7 +28,15 @@ import jax.numpy as jnp
 
 from omnijax.models.config import ImplConfig, TalkerConfig
 from omnijax.models.decoder import Decoder
-from omnijax.models.layers import Dense, constrain, dtype_of, logical_param, lookup, rows
+from omnijax.models.layers import (
+  Dense,
+  constrain,
+  dtype_of,
+  head_logits,
+  logical_param,
+  lookup,
+  rows,
+)
 
 
 def sequence_positions(length: int, batch: int, offset=0) -> jax.Array:
@@ -146,10 +154,7 @@ class Talker(nn.Module):
     codebook-0 logits (B, S, V), MoE stats), and with a cache the updated cache."""
     out = self.model(x, positions, segment_ids, cache=cache)
     h = out[0]
-    logits = jnp.einsum(
-      "bsd,dv->bsv", h, self.codec_head.astype(h.dtype), preferred_element_type=jnp.float32
-    )
-    logits = constrain(logits, ("batch", "seq", "act_vocab"))
+    logits = head_logits(h, self.codec_head)
     return (h, logits) + tuple(out[1:])
 
   def __call__(

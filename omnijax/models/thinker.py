@@ -31,7 +31,7 @@ from omnijax.models import tm_rope
 from omnijax.models.audio import AudioEncoder
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.decoder import Decoder
-from omnijax.models.layers import constrain, dtype_of, logical_param, lookup
+from omnijax.models.layers import dtype_of, head_logits, logical_param, lookup
 from omnijax.processing.vision import PACKED_KEYS
 from omnijax.models.vision import VisionEncoder
 
@@ -124,7 +124,6 @@ class Thinker(nn.Module):
     lm_head = logical_param(
       self, "lm_head", (text.hidden_size, text.vocab_size), ("embed", "vocab"), pdt
     )
-    logits = jnp.einsum("bsd,dv->bsv", h, lm_head.astype(dtype), preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("batch", "seq", "act_vocab"))
+    logits = head_logits(h, lm_head)
     out = (logits, stats) if cache is None else (logits, stats, cache)
     return out if capture is None else out + (dec[-1],)
