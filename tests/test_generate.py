@@ -275,8 +275,7 @@ def test_moe_kernels_at_decode_shapes():
   @jax.jit
   def paths(x):
     w, idx, _ = moe.route(x @ router, k, True, jnp.float32)
-    slot_token = jnp.arange(idx.size, dtype=jnp.int32) // k
-    blocked = moe.expert_ffn(x, slot_token, idx.reshape(-1), wg, wu, wd, "blocked", 128)
+    blocked = moe.expert_ffn(x, idx.reshape(-1), wg, wu, wd, "blocked", 128)
     return (
       moe.dense_reference(x, idx, w, wg, wu, wd),
       moe.local_experts(x, idx, w, wg, wu, wd, "blocked", 128),

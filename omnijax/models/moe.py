@@ -137,22 +137,43 @@ def _tiled_swiglu_bwd(res, g):
 tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
 
 
-def expert_ffn(
-  x: jax.Array, slot_token: jax.Array, slot_expert: jax.Array, wg, wu, wd, impl: str, block: int
-) -> jax.Array:
-  """SwiGLU of expert ``slot_expert[i]`` on row ``x[slot_token[i]]`` for every slot i.
+@jax.custom_vjp
+def take_rows(src: jax.Array, index: jax.Array, readers: jax.Array) -> jax.Array:
+  """src[index] (an index past the end reads a zero row), whose gradient is a gather: readers
+  (len(src), k) lists the output rows that read each src row (past the end: none). Autodiff's
+  scatter-add runs serially on XLA:CPU."""
+  return jnp.take(src, index, axis=0, mode="fill", fill_value=0)
 
-  x (T, D); slot_* (N,); wg/wu (E, D, F); wd (E, F, D). Slots whose expert id is E (empty
+
+def _take_rows_fwd(src, index, readers):
+  return take_rows(src, index, readers), readers
+
+
+def _take_rows_bwd(readers, g):
+  return jnp.take(g, readers, axis=0, mode="fill", fill_value=0).sum(1), None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def expert_ffn(
+  x: jax.Array, slot_expert: jax.Array, wg, wu, wd, impl: str, block: int
+) -> jax.Array:
+  """SwiGLU of expert ``slot_expert[i]`` on row ``x[i // k]`` for every slot i, with k =
+  N / T slots per token.
+
+  x (T, D); slot_expert (N,); wg/wu (E, D, F); wd (E, F, D). Slots whose expert id is E (empty
   buffer rows) give zeros. Returns (N, D).
   """
   num_experts = wg.shape[0]
   n = slot_expert.shape[0]
+  k = n // x.shape[0]
   order, sizes, starts = _sorted_layout(slot_expert, num_experts)
   sorted_expert = slot_expert[order]
   valid_sorted = sorted_expert < num_experts
 
   if impl == "ragged_dot":
-    rows = jnp.where(valid_sorted[:, None], x[slot_token[order]], 0)
+    rows = jnp.where(valid_sorted[:, None], x[order // k], 0)
     gmm = lambda a, w: jax.lax.ragged_dot(a, w, sizes)
     y_sorted = gmm(jax.nn.silu(gmm(rows, wg)) * gmm(rows, wu), wd)
     y_sorted = jnp.where(valid_sorted[:, None], y_sorted, 0)
@@ -162,7 +183,7 @@ def expert_ffn(
     raise ValueError(f"unknown expert path {impl!r}")
   # Pad each expert's rows up to whole tiles of `block` rows; tile t belongs to one expert.
   # Buffer rows are gathered from x (padding rows read zeros) and slot outputs gathered
-  # back, so both backward passes are plain scatter-adds.
+  # back; the slot <-> row maps make both backward passes gathers too (`take_rows`).
   block = min(block, max(8, 1 << (n - 1).bit_length()))
   padded = (sizes + block - 1) // block * block
   padded_end = jnp.cumsum(padded)
@@ -173,13 +194,14 @@ def expert_ffn(
   dest_sorted = padded_start[safe_expert] + jnp.arange(n) - starts[safe_expert]
   dest_sorted = jnp.where(valid_sorted, dest_sorted, num_rows)  # empty slots get no row
   dest = jnp.zeros((n,), jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))
-  row_token = jnp.full((num_rows,), x.shape[0], jnp.int32).at[dest].set(slot_token, mode="drop")
-  buf = jnp.take(x, row_token, axis=0, mode="fill", fill_value=0)
+  row_slot = jnp.full((num_rows,), n, jnp.int32).at[dest].set(jnp.arange(n), mode="drop")
+  row_token = jnp.where(row_slot < n, row_slot // k, x.shape[0])
+  buf = take_rows(x, row_token, dest.reshape(-1, k))
   # E for the tiles after the last expert's rows (not computed).
   tile_expert = jnp.searchsorted(padded_end, jnp.arange(num_tiles) * block, side="right")
   tiles = buf.reshape(num_tiles, block, -1)
   out = tiled_swiglu(tiles, wg, wu, wd, tile_expert).reshape(num_rows, -1)
-  return out.at[dest].get(mode="fill", fill_value=0)
+  return take_rows(out, dest, row_slot[:, None])
 
 
 def combine(y_slots: jax.Array, weights: jax.Array) -> jax.Array:
@@ -216,9 +238,7 @@ def local_experts(x, top_idx, top_w, wg, wu, wd, impl: str, block: int):
     return dense_reference(x, top_idx, top_w, wg, wu, wd)
   if top_idx.size <= wg.shape[0]:
     return gathered_experts(x, top_idx, top_w, wg, wu, wd)
-  k = top_idx.shape[1]
-  slot_token = jnp.arange(top_idx.size, dtype=jnp.int32) // k
-  y = expert_ffn(x, slot_token, top_idx.reshape(-1), wg, wu, wd, impl, block)
+  y = expert_ffn(x, top_idx.reshape(-1), wg, wu, wd, impl, block)
   return combine(y, top_w)
 
 
@@ -294,14 +314,13 @@ def expert_parallel(
     )
     recv_x = a2a(send_x)
     recv_e = a2a(send_e)
-  slots = jnp.arange(ep * capacity, dtype=jnp.int32)
   if impl == "dense":
     onehot = jax.nn.one_hot(recv_e, local_e, dtype=x.dtype)
     y = dense_reference(
       recv_x, jnp.minimum(recv_e, local_e - 1)[:, None], onehot.sum(-1, keepdims=True), wg, wu, wd
     )
   else:
-    y = expert_ffn(recv_x, slots, recv_e, wg, wu, wd, impl, block)
+    y = expert_ffn(recv_x, recv_e, wg, wu, wd, impl, block)
   back = a2a(y, jnp.zeros_like(y), received, sent) if ragged else a2a(y)
   y_sorted = jnp.take(back, pos, axis=0, mode="fill", fill_value=0)
   y_slots = jnp.zeros((n, d), y_sorted.dtype).at[order].set(y_sorted)
