@@ -9,14 +9,16 @@ clipping and the load-balancing aux loss. Prints tokens/s, step time and MFU (Ma
 convention, see omnijax/train/flops.py) for each, then the last line
 `ratio_vs_transformers=<omnijax tokens/s / transformers tokens/s>`. Transformers runs with each
 of its expert implementations (grouped_mm, eager), each against omnijax in turn, and the ratio is
-the one against the faster. The two sides take turns step by step (after their warmup steps,
-which are not timed), so other load on the host slows them alike; a step time is the median of
-the timed steps.
+the one against the faster. Each side runs in its own process, as in real use (in one
+process, omnijax's steps took 21.0-21.8 s before transformers' first step and 23.5-24.8 s
+after). The sides take turns step by step (after their warmup steps, which are not timed), so
+other load on the host slows them alike; a step time is the median of the timed steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import tempfile
 import time
 
@@ -81,16 +83,81 @@ def omnijax_stepper(cfg: ThinkerConfig, batch: int, seq: int):
   return initial.params, make_step
 
 
-def transformers_stepper(cfg: ThinkerConfig, params0, experts_impl: str):
-  """(step: tokens -> loss, the experts implementation in use) for transformers' Thinker."""
+def omnijax_worker(conn, cfg: ThinkerConfig, batch: int, seq: int, hf_dir: str):
+  """Process body: writes omnijax's initial weights in the transformers layout to `hf_dir`,
+  then answers each message: "reset" (start again from those weights) or tokens (train one
+  step: (seconds, loss))."""
+  params0, make_step = omnijax_stepper(cfg, batch, seq)
+  convert.save_hf(cfg, params0, hf_dir)
+  _serve(conn, make_step, "omnijax")
+
+
+def transformers_worker(conn, hf_dir: str, experts_impl: str):
+  """Process body: transformers' Thinker from `hf_dir`; answers tokens with (seconds, loss)."""
+  step, used = transformers_stepper(hf_dir, experts_impl)
+  _serve(conn, lambda: step, used)
+
+
+def _serve(conn, make_step, info: str):
+  """Sends `info` (ready), then runs the steps the parent sends until it sends None."""
+  conn.send(info)
+  step = make_step()
+  while (msg := conn.recv()) is not None:
+    if isinstance(msg, str):  # "reset"
+      step = make_step()
+      continue
+    start = time.perf_counter()
+    loss = step(msg)
+    conn.send((time.perf_counter() - start, loss))
+
+
+class Worker:
+  """A stepper in a process of its own: `Worker(body, *args)(tokens) -> loss`; `info` is what
+  the body reported when ready, `seconds` the step times as measured inside the process."""
+
+  def __init__(self, body, *args):
+    ctx = multiprocessing.get_context("spawn")
+    self.conn, child = ctx.Pipe()
+    self.process = ctx.Process(target=body, args=(child, *args), name=body.__name__, daemon=True)
+    self.process.start()
+    self.seconds = []
+    self.info = self._recv()
+
+  def _recv(self):
+    try:
+      if self.conn.poll(3600):
+        return self.conn.recv()
+    except EOFError:
+      self.process.join()
+      raise RuntimeError(
+        f"benchmark worker {self.process.name} died with exit code "
+        f"{self.process.exitcode} (-9: killed, e.g. out of memory)"
+      ) from None
+    raise RuntimeError(f"benchmark worker {self.process.name} did not answer in an hour")
+
+  def reset(self):
+    self.conn.send("reset")
+
+  def __call__(self, tokens):
+    self.conn.send(tokens)
+    seconds, loss = self._recv()
+    self.seconds.append(seconds)
+    return loss
+
+  def close(self):
+    self.conn.send(None)
+    self.process.join()
+
+
+def transformers_stepper(hf_dir: str, experts_impl: str):
+  """(step: tokens -> loss, the experts implementation in use) for transformers' Thinker
+  loaded from `hf_dir`."""
   import torch
   from transformers import Qwen3OmniMoeForConditionalGeneration
 
-  with tempfile.TemporaryDirectory() as d:
-    convert.save_hf(cfg, params0, d)
-    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
-      d, dtype=torch.float32, experts_implementation=experts_impl
-    ).thinker
+  model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+    hf_dir, dtype=torch.float32, experts_implementation=experts_impl
+  ).thinker
   model.train()
   text = model.model.language_model
   decay = [p for n, p in text.named_parameters() if "norm" not in n] + [model.lm_head.weight]
@@ -115,19 +182,17 @@ def transformers_stepper(cfg: ThinkerConfig, params0, experts_impl: str):
   return step, model.config.text_config._experts_implementation
 
 
-def timed(runners, cfg: ThinkerConfig, args):
+def timed(runners: dict[str, Worker], cfg: ThinkerConfig, args):
   """{name: (median step time, losses)}; the runners take turns step by step, in a rotating order,
   so that other load on the host slows them alike."""
   names = list(runners)
-  times = {name: [] for name in names}
   losses = {name: [] for name in names}
   for i, tokens in enumerate(batches(cfg, args.batch, args.seq, args.warmup + args.steps)):
     for name in names[i % len(names) :] + names[: i % len(names)]:
-      start = time.perf_counter()
       losses[name].append(runners[name](tokens))
-      if i >= args.warmup:
-        times[name].append(time.perf_counter() - start)
-  return {name: (float(np.median(times[name])), losses[name]) for name in names}
+  return {
+    name: (float(np.median(runners[name].seconds[-args.steps :])), losses[name]) for name in names
+  }
 
 
 def main():
@@ -173,20 +238,24 @@ def main():
     return tokens / step_time
 
   ours_name = f"omnijax[{args.dtype}, moe={args.moe_impl}]"
-  params0, ours = omnijax_stepper(cfg, args.batch, args.seq)
-  if args.dtype != "float32":
-    report(ours_name, *timed({ours_name: ours()}, cfg, args)[ours_name])
-    return
-  import torch
+  with tempfile.TemporaryDirectory() as hf_dir:
+    ours = Worker(omnijax_worker, cfg, args.batch, args.seq, hf_dir)
+    if args.dtype != "float32":
+      report(ours_name, *timed({ours_name: ours}, cfg, args)[ours_name])
+      ours.close()
+      return
+    import torch
 
-  print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-  ratio = float("inf")
-  for impl in ("grouped_mm", "eager"):  # one transformers model in memory at a time
-    step, used = transformers_stepper(cfg, params0, impl)
-    name = f"transformers[experts={used}]"
-    runs = timed({ours_name: ours(), name: step}, cfg, args)
-    ratio = min(ratio, report(ours_name, *runs[ours_name]) / report(name, *runs[name]))
-    del step
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    ratio = float("inf")
+    for impl in ("grouped_mm", "eager"):  # one transformers model in memory at a time
+      theirs = Worker(transformers_worker, hf_dir, impl)
+      name = f"transformers[experts={theirs.info}]"
+      ours.reset()
+      runs = timed({ours_name: ours, name: theirs}, cfg, args)
+      ratio = min(ratio, report(ours_name, *runs[ours_name]) / report(name, *runs[name]))
+      theirs.close()
+    ours.close()
   print(f"ratio_vs_transformers={ratio:.3f}")
 
 
