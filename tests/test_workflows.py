@@ -26,7 +26,7 @@ from omnijax.train import checkpoint as ckpt_lib
 from omnijax.train import optimizer, trainer
 from omnijax.train import step as step_lib
 from omnijax.train.config import base_config
-from omnijax.train.metrics import Interval
+from omnijax.train.metrics import Interval, MetricWriter
 from tests.helpers import read_metrics, write_text_corpus
 
 
@@ -184,6 +184,27 @@ def test_interval_metrics_are_token_weighted_and_omit_absent_sources():
   interval.add(step([6.0, 0.0], [3, 0], 12))
   m = interval.summary()  # the next interval starts afresh
   assert m["loss/audio"] == pytest.approx(2.0) and "loss/text" not in m
+
+
+def test_console_shows_train_keys_and_evaluation_figures(tmp_path, capsys):
+  """A train write shows the console keys; an evaluation (none of them) its figures without
+  their counts, never an empty line."""
+  writer = MetricWriter(tmp_path, total_steps=10)
+  writer.write(5, {"loss": 2.5, "param_norm": 3.0})
+  writer.write(
+    10,
+    {
+      "eval/heldout/loss/text": 4.25,
+      "eval/heldout/tokens/text": 900.0,
+      "eval/asr/wer": 0.5,
+      "eval/asr/examples": 32.0,
+    },
+  )
+  writer.close()
+  lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("step")]
+  assert lines[0].startswith("step 5: loss=2.5") and "param_norm" not in lines[0]
+  assert "eval/heldout/loss/text=4.25" in lines[1] and "eval/asr/wer=0.5" in lines[1]
+  assert "tokens" not in lines[1] and "examples" not in lines[1]
 
 
 def test_nonfinite_step_is_skipped_and_counted():

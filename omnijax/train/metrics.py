@@ -133,7 +133,10 @@ class MetricWriter:
     self.tb.flush()
     self.jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
     self.jsonl.flush()
-    shown = " ".join(f"{k}={_fmt(scalars[k])}" for k in self.console_keys if k in scalars)
+    keys = [k for k in self.console_keys if k in scalars]
+    if not keys:  # an evaluation: its figures, not their token and example counts
+      keys = [k for k in scalars if not {"tokens", "examples"} & set(k.split("/"))]
+    shown = " ".join(f"{k}={_fmt(scalars[k])}" for k in keys)
     self.progress.update(self.task, completed=step, info=f"loss={_fmt(scalars.get('loss', 0))}")
     self.progress.console.print(f"step {step}: {shown}", soft_wrap=True)
 
