@@ -11,7 +11,6 @@ cache under ``cache_mask``.
 
 from __future__ import annotations
 
-import math
 
 import flax.linen as nn
 import jax
@@ -21,7 +20,14 @@ from jax.sharding import PartitionSpec as P
 
 from omnijax.models import tm_rope
 from omnijax.models.config import ImplConfig, TextConfig
-from omnijax.models.layers import RMSNorm, constrain, dtype_of, logical_param, mesh_axes
+from omnijax.models.layers import (
+  RMSNorm,
+  constrain,
+  dtype_of,
+  logical_param,
+  mesh_axes,
+  mesh_shards,
+)
 
 
 def _causal(query_pos, key_pos, window: int = 0):
@@ -134,7 +140,7 @@ def splash_attention(q, k, v, segment_ids, window: int = 0, interpret: bool = Fa
   b, s, h, d = q.shape
   mesh = jax.sharding.get_abstract_mesh()
   seq_axes = () if mesh.empty else mesh_axes("seq")
-  shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in seq_axes)
+  shards = mesh_shards("seq")
   block = min(SPLASH_BLOCK, s // shards)
   if s % (block * shards):
     raise ValueError(

@@ -45,6 +45,12 @@ def mesh_axes(*logical: str) -> tuple[str, ...]:
   return tuple(axes)
 
 
+def mesh_shards(*logical: str) -> int:
+  """Into how many shards the current (abstract) mesh splits the logical dims; 1 outside one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else math.prod(mesh.shape[a] for a in mesh_axes(*logical))
+
+
 def constrain_flat(x: jax.Array, logical: Sequence[str]) -> jax.Array:
   """x whose first dim flattens the logical dims `logical` (e.g. audios x chunks as
   ("batch", "seq")): split over all their mesh axes, major first; other dims whole."""
@@ -70,8 +76,7 @@ def head_logits(h: jax.Array, head: jax.Array) -> jax.Array:
   preset's 23 s train step."""
   b, s, d = h.shape
   head = head.astype(h.dtype)
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and math.prod(mesh.shape[a] for a in mesh_axes("seq")) > 1:
+  if mesh_shards("seq") > 1:
     logits = jnp.einsum("bsd,dv->bsv", h, head, preferred_element_type=jnp.float32)
   else:
     logits = jnp.dot(h.reshape(b * s, d), head, preferred_element_type=jnp.float32)

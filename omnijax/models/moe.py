@@ -33,7 +33,14 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from omnijax.models.config import ImplConfig, TextConfig
-from omnijax.models.layers import SwiGLU, constrain, dtype_of, logical_param, mesh_axes
+from omnijax.models.layers import (
+  SwiGLU,
+  constrain,
+  dtype_of,
+  logical_param,
+  mesh_axes,
+  mesh_shards,
+)
 
 
 NUM_MODALITIES = 4  # text, image, audio, video (omnijax.models.thinker.MODALITIES)
@@ -349,7 +356,7 @@ def moe_experts(x, top_idx, top_w, wg, wu, wd, impl: ImplConfig):
 
   batch_spec, seq_spec = nn.logical_to_mesh_axes(("batch", "seq"))
   exp_axes, mlp_axes, token_axes = mesh_axes("exp"), mesh_axes("mlp"), mesh_axes("batch", "seq")
-  ep = math.prod(mesh.shape[a] for a in exp_axes)
+  ep = mesh_shards("exp")
   if ep > 1 and not set(exp_axes) <= set(token_axes):
     raise ValueError(
       f"expert parallelism over {exp_axes} needs those mesh axes to also shard the "
@@ -359,7 +366,7 @@ def moe_experts(x, top_idx, top_w, wg, wu, wd, impl: ImplConfig):
   mlp_spec = mlp_axes or None
   tok = P(batch_spec, seq_spec, None)
   w_in, w_out = P(exp_spec, None, mlp_spec), P(exp_spec, mlp_spec, None)
-  tokens_per_shard = b * s // math.prod(mesh.shape[a] for a in token_axes)
+  tokens_per_shard = b * s // mesh_shards("batch", "seq")
   capacity = exchange_capacity(tokens_per_shard * k, ep, impl.moe_capacity_factor)
 
   def body(x, top_idx, top_w, wg, wu, wd):
