@@ -99,13 +99,15 @@ def transformers_worker(conn, hf_dir: str, experts_impl: str):
 
 
 def _serve(conn, make_step, info: str):
-  """Sends `info` (ready), then runs the steps the parent sends until it sends None."""
+  """Sends `info` (ready), then runs the steps the parent sends until it sends None; after
+  "reset" the next step starts again from `make_step()`."""
   conn.send(info)
-  step = make_step()
+  step = None
   while (msg := conn.recv()) is not None:
     if isinstance(msg, str):  # "reset"
-      step = make_step()
+      step = None
       continue
+    step = step or make_step()
     start = time.perf_counter()
     loss = step(msg)
     conn.send((time.perf_counter() - start, loss))
