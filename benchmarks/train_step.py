@@ -1,7 +1,7 @@
 r"""Train-step throughput of omnijax vs transformers' PyTorch Thinker on the same model.
 
     python benchmarks/train_step.py [--preset=small] [--batch=8] [--seq=512] [--steps=5]
-        [--scan_unroll=0]
+        [--scan_unroll=0] [--host_malloc=system]
 
 Both sides train the same Thinker text model (same weights: omnijax's init exported to the
 transformers layout) on the same random token batches with AdamW, float32, global-norm
@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import resource
 import tempfile
 import time
 
 import jax
 import numpy as np
 
+from omnijax import hostmem
 from omnijax import sharding as shd
 from omnijax.hf import convert
 from omnijax.models import presets
@@ -83,17 +85,19 @@ def omnijax_stepper(cfg: ThinkerConfig, batch: int, seq: int):
   return initial.params, make_step
 
 
-def omnijax_worker(conn, cfg: ThinkerConfig, batch: int, seq: int, hf_dir: str):
+def omnijax_worker(conn, malloc: str, cfg: ThinkerConfig, batch: int, seq: int, hf_dir: str):
   """Process body: writes omnijax's initial weights in the transformers layout to `hf_dir`,
   then answers each message: "reset" (start again from those weights) or tokens (train one
   step: (seconds, loss))."""
+  hostmem.set_policy(malloc)
   params0, make_step = omnijax_stepper(cfg, batch, seq)
   convert.save_hf(cfg, params0, hf_dir)
   _serve(conn, make_step, "omnijax")
 
 
-def transformers_worker(conn, hf_dir: str, experts_impl: str):
+def transformers_worker(conn, malloc: str, hf_dir: str, experts_impl: str):
   """Process body: transformers' Thinker from `hf_dir`; answers tokens with (seconds, loss)."""
+  hostmem.set_policy(malloc)
   step, used = transformers_stepper(hf_dir, experts_impl)
   _serve(conn, lambda: step, used)
 
@@ -108,21 +112,28 @@ def _serve(conn, make_step, info: str):
       step = None
       continue
     step = step or make_step()
-    start = time.perf_counter()
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     loss = step(msg)
-    conn.send((time.perf_counter() - start, loss))
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    kernel = dict(
+      page_faults=after.ru_minflt - before.ru_minflt,
+      sys_s=after.ru_stime - before.ru_stime,
+      max_rss_gb=after.ru_maxrss / 2**20,
+    )
+    conn.send((seconds, loss, kernel))
 
 
 class Worker:
   """A stepper in a process of its own: `Worker(body, *args)(tokens) -> loss`; `info` is what
-  the body reported when ready, `seconds` the step times as measured inside the process."""
+  the body reported when ready, `seconds` the step times as measured inside the process and
+  `kernel` its page faults, kernel time and peak resident set per step."""
 
   def __init__(self, body, *args):
     ctx = multiprocessing.get_context("spawn")
     self.conn, child = ctx.Pipe()
     self.process = ctx.Process(target=body, args=(child, *args), name=body.__name__, daemon=True)
     self.process.start()
-    self.seconds = []
+    self.seconds, self.kernel = [], []
     self.info = self._recv()
 
   def _recv(self):
@@ -142,8 +153,9 @@ class Worker:
 
   def __call__(self, tokens):
     self.conn.send(tokens)
-    seconds, loss = self._recv()
+    seconds, loss, kernel = self._recv()
     self.seconds.append(seconds)
+    self.kernel.append(kernel)
     return loss
 
   def close(self):
@@ -185,16 +197,27 @@ def transformers_stepper(hf_dir: str, experts_impl: str):
 
 
 def timed(runners: dict[str, Worker], cfg: ThinkerConfig, args):
-  """{name: (median step time, losses)}; the runners take turns step by step, in a rotating order,
+  """{name: (median step time, losses, kernel)}, kernel: the timed steps' median page faults and
+  kernel seconds and the process's peak resident set; the runners take turns step by step, in a rotating order,
   so that other load on the host slows them alike."""
   names = list(runners)
   losses = {name: [] for name in names}
   for i, tokens in enumerate(batches(cfg, args.batch, args.seq, args.warmup + args.steps)):
     for name in names[i % len(names) :] + names[: i % len(names)]:
       losses[name].append(runners[name](tokens))
-  return {
-    name: (float(np.median(runners[name].seconds[-args.steps :])), losses[name]) for name in names
-  }
+  out = {}
+  for name in names:
+    kernel = runners[name].kernel[-args.steps :]
+    out[name] = (
+      float(np.median(runners[name].seconds[-args.steps :])),
+      losses[name],
+      dict(
+        page_faults=int(np.median([k["page_faults"] for k in kernel])),
+        sys_s=float(np.median([k["sys_s"] for k in kernel])),
+        max_rss_gb=kernel[-1]["max_rss_gb"],
+      ),
+    )
+  return out
 
 
 def main():
@@ -206,6 +229,12 @@ def main():
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--moe_impl", default="auto")
   p.add_argument("--dtype", default="float32")
+  p.add_argument(
+    "--host_malloc",
+    default="system",
+    choices=hostmem.POLICIES,
+    help="both sides' host allocator policy (omnijax/hostmem.py)",
+  )
   p.add_argument(
     "--scan_unroll",
     type=int,
@@ -227,21 +256,24 @@ def main():
     f"preset={args.preset} total_params={flops.total_params(cfg.text) / 1e6:.1f}M "
     f"active_params={flops.active_params(cfg.text) / 1e6:.1f}M batch={args.batch} "
     f"seq={args.seq} tokens/step={tokens} scan_unroll={cfg.impl.scan_unroll} "
+    f"host_malloc={args.host_malloc} "
     f"devices={n_dev} ({jax.devices()[0].device_kind}) "
     f"peak={peak / 1e12:.3f} TFLOP/s/device ({source})"
   )
 
-  def report(name, step_time, losses):
+  def report(name, step_time, losses, kernel):
     print(
       f"{name}: step_time={step_time:.3f}s tokens_per_sec={tokens / step_time:.1f} "
       f"MFU={step_flops / (step_time * n_dev * peak):.3f} "
+      f"page_faults/step={kernel['page_faults']} sys_time/step={kernel['sys_s']:.2f}s "
+      f"max_rss={kernel['max_rss_gb']:.1f}GB "
       f"losses={' '.join(f'{x:.4f}' for x in losses)}"
     )
     return tokens / step_time
 
   ours_name = f"omnijax[{args.dtype}, moe={args.moe_impl}]"
   with tempfile.TemporaryDirectory() as hf_dir:
-    ours = Worker(omnijax_worker, cfg, args.batch, args.seq, hf_dir)
+    ours = Worker(omnijax_worker, args.host_malloc, cfg, args.batch, args.seq, hf_dir)
     if args.dtype != "float32":
       report(ours_name, *timed({ours_name: ours}, cfg, args)[ours_name])
       ours.close()
@@ -251,7 +283,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     ratio = float("inf")
     for impl in ("grouped_mm", "eager"):  # one transformers model in memory at a time
-      theirs = Worker(transformers_worker, hf_dir, impl)
+      theirs = Worker(transformers_worker, args.host_malloc, hf_dir, impl)
       name = f"transformers[experts={theirs.info}]"
       ours.reset()
       runs = timed({ours_name: ours, name: theirs}, cfg, args)

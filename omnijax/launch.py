@@ -2,6 +2,7 @@
 
     python -m omnijax.launch --exp=NAME[:ARGS] [--workdir=DIR] [--config.some.field=value ...]
     python -m omnijax.launch --exp=NAME[:ARGS] --workdir=DIR --mode=eval [--step=N]
+    python -m omnijax.launch --exp=NAME[:ARGS] --host_malloc=retain   # faster CPU steps
 
 NAME is a module ``experiments.NAME`` (or a path to a ``.py`` file) whose ``get_config(arg)``
 returns a ConfigDict; ARGS are its comma-separated ``key=value`` arguments, e.g.
@@ -123,6 +124,8 @@ def _define_flags(config):
   from absl import flags
   from ml_collections import config_flags
 
+  from omnijax import hostmem
+
   fv = flags.FlagValues()
   flags.DEFINE_string(
     "workdir",
@@ -145,6 +148,14 @@ def _define_flags(config):
     "auto",
     ["auto", "on", "off"],
     "Call jax.distributed.initialize(): auto = when started as one of several processes.",
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "host_malloc",
+    "system",
+    list(hostmem.POLICIES),
+    "CPU runs: retain = keep freed host memory in the process, so XLA:CPU's per-step "
+    "temporaries take no page faults (faster steps, larger resident set); see omnijax/hostmem.py.",
     flag_values=fv,
   )
   config_flags.DEFINE_config_dict(
@@ -176,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
       raise ConfigError(str(e)) from e
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("omnijax").setLevel(logging.INFO)
+    from omnijax import hostmem
 
+    hostmem.set_policy(FLAGS.host_malloc)
     import jax
 
     if FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and _multi_process()):

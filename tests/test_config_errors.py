@@ -61,6 +61,7 @@ def _local(corpus, *args):
     ((*LOCAL, "--config.model.text.num_experts_per_tok=9"), "num_experts_per_tok (9) must be in"),
     ((*LOCAL, "--config.model.impl.remat_policy=everything"), "remat_policy='everything'"),
     ((*LOCAL, "--config.model.impl.scan_unroll=0"), "scan_unroll must be >= 1, got 0"),
+    ((*LOCAL, "--host_malloc=jemalloc"), "value should be one of <system|retain>"),
     ((EXP, "--config.train.global_batch_size=4"), "split over 8 devices"),
     ((*LOCAL, "--config.train.grad_accum_steps=3"), "must be a multiple of train.grad_accum_steps"),
     (
