@@ -1,7 +1,7 @@
 r"""Train-step throughput of omnijax vs transformers' PyTorch Thinker on the same model.
 
     python benchmarks/train_step.py [--preset=small] [--batch=8] [--seq=512] [--steps=5]
-        [--scan_unroll=0] [--host_malloc=system]
+        [--scan_unroll=0] [--host_malloc=system] [--profile]
 
 Both sides train the same Thinker text model (same weights: omnijax's init exported to the
 transformers layout) on the same random token batches with AdamW, float32, global-norm
@@ -18,10 +18,16 @@ other load on the host slows them alike; a step time is the median of the timed 
 from __future__ import annotations
 
 import argparse
+import collections
+import gzip
+import json
 import multiprocessing
+import os
+import re
 import resource
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -85,26 +91,64 @@ def omnijax_stepper(cfg: ThinkerConfig, batch: int, seq: int):
   return initial.params, make_step
 
 
-def omnijax_worker(conn, malloc: str, cfg: ThinkerConfig, batch: int, seq: int, hf_dir: str):
+def omnijax_worker(
+  conn, malloc: str, profile: bool, cfg: ThinkerConfig, batch: int, seq: int, hf_dir: str
+):
   """Process body: writes omnijax's initial weights in the transformers layout to `hf_dir`,
-  then answers each message: "reset" (start again from those weights) or tokens (train one
-  step: (seconds, loss))."""
+  then serves steps (`_serve`) from those weights."""
   hostmem.set_policy(malloc)
+  if profile:  # XLA:CPU traces its thunks (ops and fusions) only with this flag
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme"
+    # An installed libtpu (the AOT extra) loads its profiler plugin too, which crashes the
+    # trace on a host without TPUs.
+    if not os.environ.get("JAX_PLATFORMS"):
+      jax.config.update("jax_platforms", "cpu")
   params0, make_step = omnijax_stepper(cfg, batch, seq)
   convert.save_hf(cfg, params0, hf_dir)
-  _serve(conn, make_step, "omnijax")
+  _serve(conn, make_step, "omnijax", xla_op_profile)
 
 
-def transformers_worker(conn, malloc: str, hf_dir: str, experts_impl: str):
-  """Process body: transformers' Thinker from `hf_dir`; answers tokens with (seconds, loss)."""
+def xla_op_profile(step, tokens) -> list[tuple[str, float, int]]:
+  """(XLA op or fusion kind, seconds, executions) over one step, slowest first: the thunks'
+  trace events (a kind is a name without its number; loops count through their bodies)."""
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      step(tokens)
+    (path,) = Path(d).rglob("perfetto_trace.json.gz")
+    events = json.loads(gzip.decompress(path.read_bytes()))
+  seconds, calls = collections.Counter(), collections.Counter()
+  for e in events["traceEvents"] if isinstance(events, dict) else events:
+    name = e.get("name", "")
+    if e.get("ph") != "X" or not re.fullmatch(r"[\w\-]+(\.\d+)?", name):
+      continue  # host-side events (Python frames, the executor's own spans)
+    kind = re.sub(r"\.\d+$", "", name)
+    if kind not in ("while", "conditional", "call"):
+      seconds[kind] += e["dur"] / 1e6
+      calls[kind] += 1
+  return [(kind, t, calls[kind]) for kind, t in seconds.most_common()]
+
+
+def transformers_worker(conn, malloc: str, profile: bool, hf_dir: str, experts_impl: str):
+  """Process body: transformers' Thinker from `hf_dir`; serves steps (`_serve`)."""
   hostmem.set_policy(malloc)
   step, used = transformers_stepper(hf_dir, experts_impl)
-  _serve(conn, lambda: step, used)
+  _serve(conn, lambda: step, used, torch_op_profile)
 
 
-def _serve(conn, make_step, info: str):
-  """Sends `info` (ready), then runs the steps the parent sends until it sends None; after
-  "reset" the next step starts again from `make_step()`."""
+def torch_op_profile(step, tokens) -> list[tuple[str, float, int]]:
+  """(aten op, self seconds, calls) over one step, slowest first."""
+  import torch
+
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    step(tokens)
+  ops = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)
+  return [(a.key, a.self_cpu_time_total / 1e6, a.count) for a in ops]
+
+
+def _serve(conn, make_step, info: str, profile):
+  """Sends `info` (ready), then answers each message until None: "reset" (the next step starts
+  again from `make_step()`), tokens (train one step: (seconds, loss, kernel figures)) or
+  ("profile", tokens) (train one step under `profile`: its op list)."""
   conn.send(info)
   step = None
   while (msg := conn.recv()) is not None:
@@ -112,6 +156,9 @@ def _serve(conn, make_step, info: str):
       step = None
       continue
     step = step or make_step()
+    if isinstance(msg, tuple):
+      conn.send(profile(step, msg[1]))
+      continue
     before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     loss = step(msg)
     seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
@@ -150,6 +197,10 @@ class Worker:
 
   def reset(self):
     self.conn.send("reset")
+
+  def profile(self, tokens):
+    self.conn.send(("profile", tokens))
+    return self._recv()
 
   def __call__(self, tokens):
     self.conn.send(tokens)
@@ -220,6 +271,25 @@ def timed(runners: dict[str, Worker], cfg: ThinkerConfig, args):
   return out
 
 
+def print_profiles(runners: dict[str, Worker], cfg: ThinkerConfig, args, rows: int = 15):
+  """Each runner's slowest ops over one more (profiled, untimed) step, side by side."""
+  tokens = next(batches(cfg, args.batch, args.seq, 1, seed=1))
+  columns = {name: runner.profile(tokens) for name, runner in runners.items()}
+  width = 60
+  print(
+    "  ".join(
+      f"{name} (total {sum(t for _, t, _ in ops):.2f}s)".ljust(width)
+      for name, ops in columns.items()
+    )
+  )
+  for i in range(rows):
+    cells = []
+    for ops in columns.values():
+      kind, t, n = ops[i] if i < len(ops) else ("", 0.0, 0)
+      cells.append(f"{t:7.3f}s {n:6d}x {kind[: width - 18]}".ljust(width) if kind else " " * width)
+    print("  ".join(cells))
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--preset", default="small")
@@ -234,6 +304,13 @@ def main():
     default="system",
     choices=hostmem.POLICIES,
     help="both sides' host allocator policy (omnijax/hostmem.py)",
+  )
+  p.add_argument(
+    "--profile",
+    action="store_true",
+    help="after each timed phase, profile one more step of each side and print their slowest "
+    "ops side by side (XLA:CPU ops and fusions; aten ops by self time); omnijax runs on the "
+    "CPU unless JAX_PLATFORMS says otherwise",
   )
   p.add_argument(
     "--scan_unroll",
@@ -273,7 +350,7 @@ def main():
 
   ours_name = f"omnijax[{args.dtype}, moe={args.moe_impl}]"
   with tempfile.TemporaryDirectory() as hf_dir:
-    ours = Worker(omnijax_worker, args.host_malloc, cfg, args.batch, args.seq, hf_dir)
+    ours = Worker(omnijax_worker, args.host_malloc, args.profile, cfg, args.batch, args.seq, hf_dir)
     if args.dtype != "float32":
       report(ours_name, *timed({ours_name: ours}, cfg, args)[ours_name])
       ours.close()
@@ -283,11 +360,13 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     ratio = float("inf")
     for impl in ("grouped_mm", "eager"):  # one transformers model in memory at a time
-      theirs = Worker(transformers_worker, args.host_malloc, hf_dir, impl)
+      theirs = Worker(transformers_worker, args.host_malloc, args.profile, hf_dir, impl)
       name = f"transformers[experts={theirs.info}]"
       ours.reset()
       runs = timed({ours_name: ours, name: theirs}, cfg, args)
       ratio = min(ratio, report(ours_name, *runs[ours_name]) / report(name, *runs[name]))
+      if args.profile:
+        print_profiles({ours_name: ours, name: theirs}, cfg, args)
       theirs.close()
     ours.close()
   print(f"ratio_vs_transformers={ratio:.3f}")
