@@ -268,15 +268,21 @@ def compile_step(config, devices, chip: Chip, topology: str = "") -> Report:
 
 
 def advice(mesh: dict, config) -> str:
-  """What to change when the step does not fit."""
-  return (
-    "Try, in this order: "
-    f"more fsdp (mesh {mesh}: shard parameters and optimizer state wider), "
-    "more --config.mesh.context (split each row's sequence over more devices), "
-    "--config.model.impl.remat_policy=full (keep only each layer's input for the backward pass), "
-    f"--config.train.grad_accum_steps={2 * config.train.grad_accum_steps} (a smaller "
-    "microbatch per device), or a bigger topology / more --slices."
-  )
+  """What to change when the step does not fit: only the changes this config and mesh allow."""
+  steps = []
+  if mesh.get("data", 1) > 1:
+    steps.append(f"more fsdp (mesh {mesh}: move data into fsdp, sharding parameters wider)")
+  steps.append("more --config.mesh.context (split each row's sequence over more devices)")
+  if config.model.impl.remat_policy != "full":
+    steps.append(
+      "--config.model.impl.remat_policy=full (keep only each layer's input for the backward pass)"
+    )
+  accum = 2 * config.train.grad_accum_steps
+  batch_devices = mesh.get("data", 1) * mesh.get("fsdp", 1) * mesh.get("expert", 1)
+  if config.train.global_batch_size % (accum * batch_devices) == 0:
+    steps.append(f"--config.train.grad_accum_steps={accum} (a smaller microbatch per device)")
+  steps.append("a bigger topology or more --slices")
+  return "Try, in this order: " + ", ".join(steps) + "."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,3 +73,16 @@ def test_a_step_that_does_not_fit_says_what_to_change(report, capsys, monkeypatc
   code, out, err = _main(capsys, "--topology=v5p-8")
   assert code == 3 and "(DOES NOT FIT)" in out
   assert "does not fit: 2.00x the chip's HBM" in err and "remat_policy=full" in err
+
+
+def test_advice_names_only_changes_the_config_allows():
+  config = launch.load_experiment(EXP)
+  config.train.global_batch_size = 256
+  # the Talker on v6e-256: one row per device, fsdp already over every non-expert device
+  full = aot.advice(dict(data=1, fsdp=32, expert=8, context=1, tensor=1), config)
+  assert "more fsdp" not in full and "grad_accum_steps" not in full
+  assert "remat_policy=full" in full and "mesh.context" in full
+  roomy = aot.advice(dict(data=2, fsdp=4, expert=2, context=1, tensor=1), config)
+  assert "move data into fsdp" in roomy and "grad_accum_steps=2" in roomy
+  config.model.impl.remat_policy = "full"
+  assert "remat_policy" not in aot.advice(dict(data=1, fsdp=8), config)
