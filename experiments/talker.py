@@ -21,6 +21,10 @@ Released scale (the 3B-A0.3B Talker after the 30B-A3B Thinker):
   python -m omnijax.launch --exp=talker:stage=pretrain --workdir=gs://BUCKET/talker \
       --config.train.init_from=gs://BUCKET/s3 --config.data.mixture.tts.codec=gs://BUCKET/codec
 
+It compiles for v5p-256 as shipped (`python -m omnijax.aot --exp=talker --topology=v5p-256`: 63.2
+GiB of 95 per chip); v6e-256's 32 GB chips need `--config.model.impl.remat_policy=full` (27.0
+GiB).
+
 `local`: the tiny Thinker and Talker on CPU on the local corpus's speech, codes from the local
 speech tokenizer (train it first, see docs/codec_local, or pass `codec=DIR`):
 
