@@ -2,7 +2,7 @@
 
     python -m omnijax.launch --exp=NAME[:ARGS] [--workdir=DIR] [--config.some.field=value ...]
     python -m omnijax.launch --exp=NAME[:ARGS] --workdir=DIR --mode=eval [--step=N]
-    python -m omnijax.launch --exp=NAME[:ARGS] --host_malloc=retain   # faster CPU steps
+    python -m omnijax.launch --exp=NAME[:ARGS] --host_malloc=retain   # CPU: no per-step page faults
 
 NAME is a module ``experiments.NAME`` (or a path to a ``.py`` file) whose ``get_config(arg)``
 returns a ConfigDict; ARGS are its comma-separated ``key=value`` arguments, e.g.
@@ -155,7 +155,8 @@ def _define_flags(config):
     "system",
     list(hostmem.POLICIES),
     "CPU runs: retain = keep freed host memory in the process, so XLA:CPU's per-step "
-    "temporaries take no page faults (faster steps, larger resident set); see omnijax/hostmem.py.",
+    "temporaries take no page faults (faster steps on some hosts, a larger resident set); see "
+    "omnijax/hostmem.py.",
     flag_values=fv,
   )
   config_flags.DEFINE_config_dict(
