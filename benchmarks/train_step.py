@@ -249,8 +249,8 @@ def transformers_stepper(hf_dir: str, experts_impl: str):
 
 def timed(runners: dict[str, Worker], cfg: ThinkerConfig, args):
   """{name: (median step time, losses, kernel)}, kernel: the timed steps' median page faults and
-  kernel seconds and the process's peak resident set; the runners take turns step by step, in a rotating order,
-  so that other load on the host slows them alike."""
+  kernel seconds and the process's peak resident set; the runners take turns step by step, in a
+  rotating order, so that other load on the host slows them alike."""
   names = list(runners)
   losses = {name: [] for name in names}
   for i, tokens in enumerate(batches(cfg, args.batch, args.seq, args.warmup + args.steps)):
