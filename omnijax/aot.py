@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     config = launch.load_experiment(exp)
     launch.check_overrides(config, argv)
     sys.argv = argv
-    fv = launch._define_flags(config)  # pylint: disable=protected-access
+    fv = launch.experiment_flags(config)
     flags.DEFINE_string("topology", "v5p-8", "TPU slice, e.g. v5p-256, v6e-256.", flag_values=fv)
     flags.DEFINE_integer("slices", 1, "Slices over DCN (multi-slice).", flag_values=fv)
     try:

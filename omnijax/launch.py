@@ -119,14 +119,27 @@ def check_overrides(config, argv: list[str]) -> None:
       node = node[key]
 
 
-def _define_flags(config):
-  """A fresh set of flags per call, so main() can run more than once in a process."""
+def experiment_flags(config):
+  """A fresh set of flags with only --config (the experiment and its --config.* overrides), for
+  every command that takes an experiment; fresh per call, so a command can run more than once
+  in a process."""
   from absl import flags
   from ml_collections import config_flags
 
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_dict(
+    "config", config, "Experiment config (from --exp).", flag_values=fv, lock_config=True
+  )
+  return fv
+
+
+def _define_flags(config):
+  """The launcher's flags: the experiment's, and those of running it."""
+  from absl import flags
+
   from omnijax import hostmem
 
-  fv = flags.FlagValues()
+  fv = experiment_flags(config)
   flags.DEFINE_string(
     "workdir",
     None,
@@ -158,9 +171,6 @@ def _define_flags(config):
     "temporaries take no page faults (faster steps on some hosts, a larger resident set); see "
     "omnijax/hostmem.py.",
     flag_values=fv,
-  )
-  config_flags.DEFINE_config_dict(
-    "config", config, "Experiment config (from --exp).", flag_values=fv, lock_config=True
   )
   return fv
 

@@ -64,6 +64,9 @@ def test_command_errors(capsys):
   assert code == 2 and "expected GEN-N" in err
   code, _, err = _main(capsys, "--topology=v5p-8", "--config.train.global_batch_size=2")
   assert code == 2 and "split over 4 devices" in err
+  # the launcher's run-only flags are not the compile command's (it would ignore them)
+  code, _, err = _main(capsys, "--topology=v5p-8", "--workdir=/tmp/x")
+  assert code == 2 and "Unknown command line flag 'workdir'" in err
 
 
 def test_a_step_that_does_not_fit_says_what_to_change(report, capsys, monkeypatch):
