@@ -1,4 +1,5 @@
-"""Attention (blocked XLA path, splash kernel), TM-RoPE slot layout and packed-text positions."""
+"""Attention (blocked XLA path, splash kernel, zigzag token order of context parallelism), the
+decoder stack over sequence shards, TM-RoPE slot layout and packed-text positions."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +8,10 @@ import numpy as np
 import pytest
 
 from omnijax import sharding as shd
-from omnijax.models import tm_rope
+from omnijax.models import presets, tm_rope
+from omnijax.models.config import ThinkerConfig
+from omnijax.models.decoder import Decoder
+from omnijax.models import attention as attn
 from omnijax.models.attention import cudnn_attention, dot_product_attention, splash_attention
 
 
@@ -105,6 +109,99 @@ def test_splash_attention_context_parallel(window=0):
   np.testing.assert_allclose(sharded[0], one[0], rtol=1e-6)
   for a, b in zip(sharded[1], one[1]):
     np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_zigzag_order():
+  # 2 shards, 4 chunks of 2: shard 0 holds chunks 0 and 3, shard 1 chunks 1 and 2
+  np.testing.assert_array_equal(attn.zigzag_order(8, 2), [0, 1, 6, 7, 2, 3, 4, 5])
+  x = jnp.arange(2 * 24 * 3).reshape(2, 24, 3)
+  z = attn.zigzag(x, 3, 1)
+  np.testing.assert_array_equal(z, x[:, attn.zigzag_order(24, 3)])
+  np.testing.assert_array_equal(attn.unzigzag(z, 3, 1), x)
+
+
+@pytest.mark.parametrize("window", [0, 37])
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_xla_attention_in_zigzag_order(window, blocks):
+  """Queries, keys and values in zigzag order give the natural order's outputs, in that order."""
+  q, k, v, seg = _qkv_segments()
+  valid = np.asarray(seg != 0)[..., None, None]
+  natural = np.where(valid, dot_product_attention(q, k, v, seg, blocks, window), 0)
+  z = lambda x: attn.zigzag(x, 4, 1)
+  out = dot_product_attention(z(q), z(k), z(v), z(seg), blocks, window, zigzag=4)
+  np.testing.assert_allclose(np.where(z(valid), out, 0), z(natural), atol=2e-6)
+
+
+@pytest.mark.parametrize("window", [0, 37])
+def test_splash_attention_context_parallel_in_zigzag_order(window):
+  """Context parallelism with the tokens in zigzag order: each of the 2 shards holds an early
+  and a late chunk; outputs and gradients equal one device's in natural order."""
+  q, k, v, seg = _qkv_segments()
+  valid = np.asarray(seg != 0)[..., None, None]
+  z = lambda x: attn.zigzag(x, 2, 1)
+  natural = lambda q, k, v: jnp.sum(
+    jnp.where(valid, splash_attention(q, k, v, seg, window, interpret=True), 0) ** 2
+  )
+  zigzagged = lambda q, k, v: jnp.sum(
+    jnp.where(z(valid), splash_attention(q, k, v, z(seg), window, True, zigzag=2), 0) ** 2
+  )
+  mesh = shd.make_mesh(dict(fsdp=2, context=2, tensor=2), jax.devices()[:8])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
+    sharded = jax.jit(jax.value_and_grad(zigzagged, argnums=(0, 1, 2)))(z(q), z(k), z(v))
+  one = jax.value_and_grad(natural, argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(sharded[0], one[0], rtol=1e-6)
+  for a, b in zip(sharded[1], one[1]):
+    np.testing.assert_allclose(a, z(b), atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_zigzag_balances_splash_blocks_over_shards():
+  """The kernel's block map: causal attention over 4 sequence shards of a 32k row computes
+  7x more blocks on the last shard than on the first in natural order, the same on every
+  shard in zigzag order."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as info
+
+  s, shards, block = 32768, 4, 512
+
+  def per_shard(zigzag):
+    mask_info, _ = info.process_mask(attn.splash_mask(s, 1, 0, zigzag), (block, block))
+    computed = np.asarray(mask_info.block_mask[0] > 0)  # (query blocks, key blocks)
+    return computed.reshape(shards, -1).sum(1)
+
+  natural, balanced = per_shard(1), per_shard(shards)
+  assert natural.sum() == balanced.sum()
+  assert natural[-1] > 6 * natural[0]
+  assert balanced.max() - balanced.min() <= 0.01 * balanced.max()
+
+
+def test_decoder_over_sequence_shards_in_zigzag_order():
+  """The decoder stack with the sequence over 2 context shards holds the tokens in zigzag order
+  (positions, segments, modality routers and DeepStack taps with them) and returns them in
+  natural order: outputs, the captured layer and the MoE statistics equal one device's."""
+  cd = presets.get("tiny")
+  cd.text.modality_routers = True
+  cfg = ThinkerConfig.from_dict(cd)
+  b, s, d = 4, 32, cfg.text.hidden_size
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(b, s, d)), jnp.float32)
+  seg = np.ones((b, s), np.int32)
+  seg[0, 11:] = 2
+  seg[1, 25:] = 0
+  seg = jnp.asarray(seg)
+  positions = tm_rope.text_positions(seg) + jnp.asarray([0, 3, 5])[:, None, None]
+  modality = jnp.asarray(rng.integers(0, 4, (b, s)), jnp.int32)
+  deepstack = jnp.asarray(rng.normal(size=(2, b, s, d)), jnp.float32)
+  args = (h, positions, seg, modality, deepstack, None, 1)
+  dec = Decoder(cfg.text, cfg.impl)
+  params = dec.init(jax.random.PRNGKey(0), *args)
+  one = dec.apply(params, *args)
+  mesh = shd.make_mesh(dict(fsdp=2, context=2, tensor=2), jax.devices()[:8])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
+    sharded = jax.jit(lambda p, *a: dec.apply(p, *a, None, 1))(params, *args[:5])
+  valid = np.asarray(seg != 0)
+  for a, b_ in ((sharded[0], one[0]), (sharded[2], one[2])):
+    np.testing.assert_allclose(np.asarray(a)[valid], np.asarray(b_)[valid], atol=2e-5)
+  for a, b_ in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(one[1])):
+    np.testing.assert_allclose(a, b_, atol=1e-4)
 
 
 @pytest.mark.parametrize("window", [0, 37])

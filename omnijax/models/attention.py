@@ -4,6 +4,11 @@ Code2Wav's pre-transformer drops the q/k norm and attends within a causal slidin
 Attention is causal within a document: with packed rows, a token attends only to earlier
 tokens of the same segment (segment id 0 is padding).
 
+With the sequence split over context-parallel shards, the decoder may hold each row's tokens in
+zigzag order (``zigzag_order``): every shard then has as many early queries, which see few keys,
+as late ones, which see many, so causal attention costs the shards alike. The attention paths
+take that order (``zigzag``) and restore the keys' natural order themselves.
+
 Decoding passes a KV cache: one layer's preallocated keys and values (B, C, KH, D); the new
 tokens' keys and values are written at the cache index and the queries attend over the whole
 cache under ``cache_mask``.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
@@ -38,12 +44,29 @@ def _causal(query_pos, key_pos, window: int = 0):
   return ok
 
 
-def segment_causal_mask(segment_ids: jax.Array, window: int = 0) -> jax.Array:
-  """(B, 1, S, S) bool: key <= query (within `window` if > 0), same segment, query not padding."""
-  pos = jnp.arange(segment_ids.shape[-1])
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  valid = (segment_ids != 0)[:, :, None]
-  return (_causal(pos, pos, window)[None] & same & valid)[:, None]
+def zigzag_order(s: int, shards: int) -> np.ndarray:
+  """The natural position of each slot of a length-`s` sequence laid out for `shards` context
+  shards: cut into 2 x shards chunks, shard i holds chunk i then chunk 2 x shards - 1 - i."""
+  chunk = s // (2 * shards)
+  ids = np.arange(2 * shards).reshape(2, shards)
+  chunks = np.stack([ids[0], ids[1, ::-1]], axis=1).reshape(-1)
+  return (chunks[:, None] * chunk + np.arange(chunk)).reshape(-1)
+
+
+def zigzag(x: jax.Array, shards: int, axis: int) -> jax.Array:
+  """x with its sequence `axis` put in `zigzag_order`."""
+  x = jnp.moveaxis(x, axis, 0)
+  halves = x.reshape(2, shards, -1, *x.shape[1:])
+  out = jnp.stack([halves[0], halves[1, ::-1]], axis=1).reshape(x.shape)
+  return jnp.moveaxis(out, 0, axis)
+
+
+def unzigzag(x: jax.Array, shards: int, axis: int) -> jax.Array:
+  """The inverse of `zigzag`: the sequence `axis` back in natural order."""
+  x = jnp.moveaxis(x, axis, 0)
+  pairs = x.reshape(shards, 2, -1, *x.shape[1:])
+  out = jnp.concatenate([pairs[:, 0], pairs[::-1, 1]]).reshape(x.shape)
+  return jnp.moveaxis(out, 0, axis)
 
 
 def cache_mask(
@@ -75,32 +98,39 @@ def _attend(q, k, v, mask, scale):
   return (out / total).astype(v.dtype).reshape(b, sq, h, d)
 
 
-def dot_product_attention(q, k, v, segment_ids, query_blocks: int = 1, window: int = 0):
+def dot_product_attention(
+  q, k, v, segment_ids, query_blocks: int = 1, window: int = 0, zigzag: int = 1
+):
   """q (B,S,H,D), k/v (B,S,K,D) with H a multiple of K -> (B,S,H,D); causal, and with a
-  sliding `window` > 0 each query sees only its last `window` keys.
+  sliding `window` > 0 each query sees only its last `window` keys; `zigzag` > 1: the tokens are
+  in `zigzag_order` for that many shards.
 
   With `query_blocks` > 1 queries are processed in that many blocks, each attending
-  only to the keys from its first query's window start to its block's end: most of the
-  masked score matrix is never computed and each block's scores stay cache-sized (2x faster
+  only to the keys from its first query's window start to its last query's position: most of
+  the masked score matrix is never computed and each block's scores stay cache-sized (2x faster
   on CPU).
   """
   scale = q.shape[-1] ** -0.5
   s = q.shape[1]
-  if query_blocks <= 1:
-    return _attend(q, k, v, segment_causal_mask(segment_ids, window)[:, 0], scale)
-  chunk = -(-s // query_blocks)
+  order, key_segments = np.arange(s), segment_ids
+  if zigzag > 1:
+    order = zigzag_order(s, zigzag)
+    k, v, key_segments = (unzigzag(x, zigzag, 1) for x in (k, v, segment_ids))
+  chunk = -(-s // max(query_blocks, 1))
   pos = jnp.arange(s)
   outs = []
   for start in range(0, s, chunk):
     end = min(start + chunk, s)
-    first = max(0, start - window + 1) if window else 0
+    query_pos = order[start:end]
+    first = max(0, int(query_pos.min()) - window + 1) if window else 0
+    last = int(query_pos.max()) + 1
     qs = segment_ids[:, start:end, None]
     mask = (
-      _causal(pos[start:end], pos[first:end], window)[None]
-      & (qs == segment_ids[:, None, first:end])
+      _causal(jnp.asarray(query_pos), pos[first:last], window)[None]
+      & (qs == key_segments[:, None, first:last])
       & (qs != 0)
     )
-    outs.append(_attend(q[:, start:end], k[:, first:end], v[:, first:end], mask, scale))
+    outs.append(_attend(q[:, start:end], k[:, first:last], v[:, first:last], mask, scale))
   return jnp.concatenate(outs, axis=1)
 
 
@@ -124,7 +154,22 @@ SPLASH_BLOCK = 512  # splash attention's query / key tile (rows), at most the se
 SPLASH_MIN_BLOCK = 128  # the kernel's tiles are whole vector-lane multiples
 
 
-def splash_attention(q, k, v, segment_ids, window: int = 0, interpret: bool = False):
+def splash_mask(s: int, heads: int, window: int = 0, zigzag: int = 1):
+  """Splash attention's mask: causal (within `window` if > 0) over queries in `zigzag_order`
+  for `zigzag` shards and keys in natural order."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=C0415
+    splash_attention_mask as masks,
+  )
+
+  one = masks.CausalMask((s, s)) if not window else masks.LocalMask((s, s), (window - 1, 0), 0)
+  if zigzag > 1:  # the kernel computes the mask from each query's natural position
+    one.q_sequence = zigzag_order(s, zigzag).astype(np.int32)
+  return masks.MultiHeadMask([one] * heads)
+
+
+def splash_attention(
+  q, k, v, segment_ids, window: int = 0, interpret: bool = False, zigzag: int = 1
+):
   """`dot_product_attention` as the Pallas TPU flash kernel (splash attention): the masked
   score matrix is never materialised. Inside a mesh it runs per shard (`shard_map` over the
   batch, sequence and head axes of the logical rules); with the sequence sharded (context
@@ -134,7 +179,6 @@ def splash_attention(q, k, v, segment_ids, window: int = 0, interpret: bool = Fa
   rows are never used."""
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=C0415
     splash_attention_kernel as splash,
-    splash_attention_mask as masks,
   )
 
   b, s, h, d = q.shape
@@ -147,9 +191,8 @@ def splash_attention(q, k, v, segment_ids, window: int = 0, interpret: bool = Fa
       f"splash attention needs the sequence ({s}) to be a multiple of {block} x the "
       f"{shards} sequence shards."
     )
-  one = masks.CausalMask((s, s)) if not window else masks.LocalMask((s, s), (window - 1, 0), 0)
   kernel = splash.make_splash_mha(
-    masks.MultiHeadMask([one] * h),
+    splash_mask(s, h, window, zigzag),
     head_shards=1,
     q_seq_shards=shards,
     block_sizes=splash.BlockSizes(
@@ -171,6 +214,8 @@ def splash_attention(q, k, v, segment_ids, window: int = 0, interpret: bool = Fa
   )
 
   def local(kernel, q, k, v, q_segments, kv_segments):
+    if zigzag > 1:  # whole rows of keys: back in natural order
+      k, v, kv_segments = (unzigzag(x, zigzag, 1) for x in (k, v, kv_segments))
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)
     out = jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, splash.SegmentIds(qs, ks)))(
       heads_first(q * d**-0.5), heads_first(k), heads_first(v), q_segments, kv_segments
@@ -195,6 +240,7 @@ def splash_attention(q, k, v, segment_ids, window: int = 0, interpret: bool = Fa
 class Attention(nn.Module):
   cfg: TextConfig
   impl: ImplConfig
+  zigzag: int = 1  # > 1: the tokens are in `zigzag_order` for that many sequence shards
 
   @nn.compact
   def __call__(self, x, cos, sin, segment_ids, kv=None, kv_mask=None):
@@ -221,13 +267,21 @@ class Attention(nn.Module):
     attention = self.impl.resolved(jax.default_backend()).attention
     if kv is None and attention == "splash" and q.shape[1] % SPLASH_MIN_BLOCK:
       attention = "xla"  # rows shorter than a tile (the MTP's 16 codes per frame)
+    if self.zigzag > 1 and (kv is not None or attention == "cudnn"):
+      raise ValueError(f"zigzag token order with attention={attention!r} or a KV cache")
     if kv is None and attention == "splash":
-      out = splash_attention(q, k, v, segment_ids, cfg.sliding_window)
+      out = splash_attention(q, k, v, segment_ids, cfg.sliding_window, zigzag=self.zigzag)
     elif kv is None and attention == "cudnn":
       out = cudnn_attention(q, k, v, segment_ids, cfg.sliding_window)
     elif kv is None:
       out = dot_product_attention(
-        q, k, v, segment_ids, self.impl.attention_query_blocks, cfg.sliding_window
+        q,
+        k,
+        v,
+        segment_ids,
+        self.impl.attention_query_blocks,
+        cfg.sliding_window,
+        self.zigzag,
       )
     else:
       index, mask = kv_mask

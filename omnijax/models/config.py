@@ -188,6 +188,10 @@ class ImplConfig:
   # per-layer slicing of the stacked weights or stacking of saved activations, as MaxText's
   # scan_layers=False; compiles take longer). The parameters stay stacked either way.
   scan_unroll: int = 1
+  # With the sequence split over context-parallel shards, hold each row's tokens in zigzag
+  # order (omnijax.models.attention.zigzag_order) inside the decoder, so that causal attention
+  # costs every shard alike (natural order: the last shard's queries see the most keys).
+  context_load_balance: bool = True
 
   def resolved(self, platform: str) -> "ImplConfig":
     """`auto` choices made for the devices a model runs (or is compiled) on."""

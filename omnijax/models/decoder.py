@@ -4,6 +4,10 @@ attention + MoE/MLP layers (Code2Wav: dense, with layer scale).
 Consecutive layers of one kind (MoE or dense MLP) form a block that is one ``nn.scan`` over
 stacked parameters (leading logical axis ``layers``), rematerialised by ``remat_policy``.
 
+With the sequence split over context-parallel shards (``ImplConfig.context_load_balance``), the
+stack runs with each row's tokens in zigzag order (``omnijax.models.attention.zigzag``) and
+returns them in natural order.
+
 For decoding the stack takes a KV cache (``init_cache``): per block, keys and values stacked on
 the same leading layer axis, scanned in and out with the parameters.
 """
@@ -15,9 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from omnijax.models import tm_rope
-from omnijax.models.attention import Attention, cache_mask
+from omnijax.models.attention import Attention, cache_mask, unzigzag, zigzag
 from omnijax.models.config import ImplConfig, TextConfig
-from omnijax.models.layers import LayerScale, RMSNorm, SwiGLU, constrain, dtype_of
+from omnijax.models.layers import LayerScale, RMSNorm, SwiGLU, constrain, dtype_of, mesh_shards
 from omnijax.models.moe import SparseMoeBlock
 
 _POLICIES = {
@@ -33,6 +37,7 @@ class DecoderLayer(nn.Module):
   impl: ImplConfig
   moe: bool
   capture: int = -1  # the carry's `captured` takes the output of this many layers
+  zigzag: int = 1  # > 1: the tokens are in zigzag order for that many sequence shards
 
   @nn.compact
   def __call__(self, carry, layer_index, cos, sin, segment_ids, modality, deepstack, kv, kv_mask):
@@ -43,7 +48,9 @@ class DecoderLayer(nn.Module):
     h, captured = carry
     cfg, pdt = self.cfg, dtype_of(self.impl.param_dtype)
     x = RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(h)
-    y, kv = Attention(cfg, self.impl, name="self_attn")(x, cos, sin, segment_ids, kv, kv_mask)
+    y, kv = Attention(cfg, self.impl, self.zigzag, name="self_attn")(
+      x, cos, sin, segment_ids, kv, kv_mask
+    )
     if cfg.layer_scale_initial_scale:
       y = LayerScale(cfg.layer_scale_initial_scale, pdt, name="self_attn_layer_scale")(y)
     h = h + y
@@ -96,6 +103,22 @@ class Decoder(nn.Module):
   cfg: TextConfig
   impl: ImplConfig
 
+  def _zigzag_shards(self, seq: int, cache) -> int:
+    """Over how many sequence shards the stack holds the tokens in zigzag order (1: natural
+    order): training steps with the sequence sharded, where it divides into two chunks per
+    shard, on the attention paths that take the order."""
+    shards = mesh_shards("seq")
+    attention = self.impl.resolved(jax.default_backend()).attention
+    if (
+      not self.impl.context_load_balance
+      or cache is not None
+      or shards == 1
+      or seq % (2 * shards)
+      or attention == "cudnn"
+    ):
+      return 1
+    return shards
+
   @nn.compact
   def __call__(
     self, h, positions, segment_ids, modality=None, deepstack=None, cache=None, capture=None
@@ -103,6 +126,16 @@ class Decoder(nn.Module):
     cfg = self.cfg
     if capture is not None and not 0 <= capture <= cfg.num_hidden_layers:
       raise ValueError(f"capture={capture} is not a hidden-state index 0..{cfg.num_hidden_layers}.")
+    shards = self._zigzag_shards(h.shape[1], cache)
+    if shards > 1:
+      h, positions, segment_ids = (
+        zigzag(h, shards, 1),
+        zigzag(positions, shards, 2),
+        zigzag(segment_ids, shards, 1),
+      )
+      modality = None if modality is None else zigzag(modality, shards, 1)
+      deepstack = None if deepstack is None else zigzag(deepstack, shards, 2)
+      h = constrain(h, ("batch", "seq", "act_embed"))
     captured = None if capture is None else h
     cos, sin = tm_rope.cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
     kv_mask = new_cache = None
@@ -129,7 +162,7 @@ class Decoder(nn.Module):
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
       (h, captured), (block_stats, kv) = stack(
-        cfg, self.impl, moe, -1 if capture is None else capture, name=name
+        cfg, self.impl, moe, -1 if capture is None else capture, shards, name=name
       )(
         (h, captured),
         jnp.arange(first, first + count),
@@ -146,6 +179,9 @@ class Decoder(nn.Module):
       if cache is not None:
         new_cache["kv"][name] = kv
     h = RMSNorm(cfg.rms_norm_eps, dtype_of(self.impl.param_dtype), name="norm")(h)
+    if shards > 1:
+      h = constrain(unzigzag(h, shards, 1), ("batch", "seq", "act_embed"))
+      captured = None if captured is None else unzigzag(captured, shards, 1)
     stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats) if stats else {}
     out = (h, stats) if cache is None else (h, stats, new_cache)
     if capture is None:
