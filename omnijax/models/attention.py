@@ -268,7 +268,10 @@ class Attention(nn.Module):
     if kv is None and attention == "splash" and q.shape[1] % SPLASH_MIN_BLOCK:
       attention = "xla"  # rows shorter than a tile (the MTP's 16 codes per frame)
     if self.zigzag > 1 and (kv is not None or attention == "cudnn"):
-      raise ValueError(f"zigzag token order with attention={attention!r} or a KV cache")
+      raise ValueError(
+        f"attention={attention!r} and KV-cache decoding take tokens in natural order only, "
+        "not zigzag order (see Decoder._zigzag_shards)."
+      )
     if kv is None and attention == "splash":
       out = splash_attention(q, k, v, segment_ids, cfg.sliding_window, zigzag=self.zigzag)
     elif kv is None and attention == "cudnn":

@@ -105,8 +105,8 @@ class Decoder(nn.Module):
 
   def _zigzag_shards(self, seq: int, cache) -> int:
     """Over how many sequence shards the stack holds the tokens in zigzag order (1: natural
-    order): training steps with the sequence sharded, where it divides into two chunks per
-    shard, on the attention paths that take the order."""
+    order): steps without a KV cache whose sequence is sharded and divides into two chunks per
+    shard, on the attention paths that take the order (not cuDNN's causal flag)."""
     shards = mesh_shards("seq")
     attention = self.impl.resolved(jax.default_backend()).attention
     if (
