@@ -315,6 +315,7 @@ def get(name: str) -> ml_collections.ConfigDict:
     attention="auto",
     moe_exchange="auto",
     scan_unroll=1,
+    context_load_balance=True,
   )
   return ml_collections.ConfigDict(d)
 
