@@ -1,8 +1,12 @@
 """Configuration mistakes fail before compiling, with a message that says what to change."""
 
+import dataclasses
+
 import pytest
 
 from omnijax import launch
+from omnijax.models import presets
+from omnijax.models.config import ImplConfig
 from tests.helpers import write_text_corpus
 
 EXP = "--exp=pretrain_general:local"
@@ -124,3 +128,8 @@ def test_data_errors(capsys, corpus, tmp_path):
   assert "the tokenizer has" in err and "--config.model.text.vocab_size=" in err
   err = _fails(capsys, *_local(corpus, "--config.model.image_token_id=11"))
   assert "maps <|image_pad|> to 8; set --config.model.image_token_id=8" in err
+
+
+def test_every_impl_field_can_be_overridden():
+  """Overrides reach only the fields a preset's config holds: each of ImplConfig's is there."""
+  assert set(presets.get("tiny").impl) == {f.name for f in dataclasses.fields(ImplConfig)}
