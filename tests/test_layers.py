@@ -156,8 +156,8 @@ def test_splash_attention_context_parallel_in_zigzag_order(window):
 
 def test_zigzag_balances_splash_blocks_over_shards():
   """The kernel's block map: causal attention over 4 sequence shards of a 32k row computes
-  7x more blocks on the last shard than on the first in natural order, the same on every
-  shard in zigzag order."""
+  6.6x more blocks on the last shard than on the first in natural order (904 against 136), the
+  same on every shard in zigzag order (520)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as info
 
   s, shards, block = 32768, 4, 512

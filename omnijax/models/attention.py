@@ -106,7 +106,7 @@ def dot_product_attention(
   in `zigzag_order` for that many shards.
 
   With `query_blocks` > 1 queries are processed in that many blocks, each attending
-  only to the keys from its first query's window start to its last query's position: most of
+  only to the keys from its earliest query's window start to its latest query: most of
   the masked score matrix is never computed and each block's scores stay cache-sized (2x faster
   on CPU).
   """
