@@ -34,13 +34,18 @@ def test_local_paths_match_dense(impl, block):
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_local_path_gradients_match_dense():
-  x, top_i, top_w, ws = _inputs(29)
+@pytest.mark.parametrize("tokens, block", [(29, 8), (256, 4)])
+def test_local_path_gradients_match_dense(tokens, block):
+  """(256, 4): every expert has over RUN_TILES tiles, computed as a run and then one by one."""
+  x, top_i, top_w, ws = _inputs(tokens)
+  if block == 4:
+    rows = np.bincount(np.asarray(top_i).reshape(-1), minlength=E)
+    assert np.all(rows // block > moe.RUN_TILES) and np.any(rows // block % moe.RUN_TILES)
 
   def loss(path, x, ws):
     if path == "dense":
       return jnp.sum(moe.dense_reference(x, top_i, top_w, *ws) ** 2)
-    return jnp.sum(moe.local_experts(x, top_i, top_w, *ws, path, 8) ** 2)
+    return jnp.sum(moe.local_experts(x, top_i, top_w, *ws, path, block) ** 2)
 
   ref = jax.grad(loss, argnums=(1, 2))("dense", x, ws)
   for path in ("ragged_dot", "blocked"):

@@ -43,6 +43,11 @@ from omnijax.models.layers import (
 )
 
 
+# An expert's row tiles are computed this many at a time while that many remain (then one at a
+# time): on XLA:CPU each loop step costs about as much as a 128-row tile's matmuls, and the
+# small preset's MoE blocks spend 17% less thread time per train step than one tile at a time
+# (benchmarks/train_step.py); padding stays at one tile per expert.
+RUN_TILES = 8
 NUM_MODALITIES = 4  # text, image, audio, video (omnijax.models.thinker.MODALITIES)
 
 
@@ -73,8 +78,8 @@ def tiled_swiglu(
   sorted by expert (E after the last used tile: not computed, their outputs are zeros).
 
   A scan over the experts, each reading its weights once (gate and up side by side: one
-  matmul), with a loop over that expert's tiles inside, whose (b, F) intermediates stay in
-  cache: on XLA:CPU a batched matmul over gathered weights runs at about half the speed, and
+  matmul), with loops over that expert's tiles inside (``RUN_TILES`` at a time, then the rest
+  one by one), whose intermediates are never stored whole: on XLA:CPU a batched matmul over gathered weights runs at about half the speed, and
   unfused intermediates cost more memory traffic than the matmuls (benchmarks/train_step.py).
   Saves the gate and up pre-activations for the backward pass, which accumulates an expert's
   weight gradients in the tile loop's carry.
@@ -88,56 +93,71 @@ def _expert_tiles(tile_expert: jax.Array, num_experts: int):
   return jnp.cumsum(counts) - counts, counts
 
 
+def _runs(first, count, rows: int, num_tiles: int, carry, body):
+  """carry through body(first row, number of rows, carry) over an expert's `count` row tiles
+  of `rows` rows from tile `first` (of `num_tiles`): RUN_TILES tiles per call while that many
+  remain, then one at a time."""
+  run = min(RUN_TILES, num_tiles)
+  big = count // run
+  step = lambda n: lambda i, c: (c[0] + n, body(c[0], n, c[1]))
+  start, carry = jax.lax.fori_loop(0, big, step(run * rows), (first * rows, carry))
+  return jax.lax.fori_loop(0, count - big * run, step(rows), (start, carry))[1]
+
+
 def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert):
   f = wg.shape[2]
+  num_tiles, rows, d = tiles.shape
+  x = tiles.reshape(num_tiles * rows, d)
 
   def expert(bufs, xs):
     wg_e, wu_e, wd_e, first, count = xs
     wgu = jnp.concatenate([wg_e, wu_e], axis=1)
 
-    def tile(t, bufs):
-      gu = tiles[t] @ wgu
+    def run(start, n, bufs):
+      gu = jax.lax.dynamic_slice_in_dim(x, start, n) @ wgu
       y = (jax.nn.silu(gu[:, :f]) * gu[:, f:]) @ wd_e
-      return tuple(jax.lax.dynamic_update_index_in_dim(b, v, t, 0) for b, v in zip(bufs, (y, gu)))
+      return tuple(
+        jax.lax.dynamic_update_slice_in_dim(b, v, start, 0) for b, v in zip(bufs, (y, gu))
+      )
 
-    return jax.lax.fori_loop(first, first + count, tile, bufs), None
+    return _runs(first, count, rows, num_tiles, bufs, run), None
 
-  num_tiles, rows, d = tiles.shape
-  bufs = (
-    jnp.zeros((num_tiles, rows, d), tiles.dtype),
-    jnp.zeros((num_tiles, rows, 2 * f), tiles.dtype),
-  )
+  bufs = (jnp.zeros_like(x), jnp.zeros((x.shape[0], 2 * f), x.dtype))
   spans = _expert_tiles(tile_expert, wg.shape[0])
   (y, gu), _ = jax.lax.scan(expert, bufs, (wg, wu, wd, *spans))
-  return y, (tiles, gu, wg, wu, wd, spans)
+  return y.reshape(tiles.shape), (x, gu, wg, wu, wd, spans)
 
 
 def _tiled_swiglu_bwd(res, g):
-  tiles, gu, wg, wu, wd, spans = res
+  x, gu, wg, wu, wd, spans = res
   d, f = wg.shape[1:]
+  num_tiles, rows = g.shape[:2]
+  g = g.reshape(x.shape)
 
-  def expert(d_tiles, xs):
+  def expert(d_x, xs):
     wg_e, wu_e, wd_e, first, count = xs
     wgu = jnp.concatenate([wg_e, wu_e], axis=1)
 
-    def tile(t, carry):
-      d_wgu, d_wd, d_tiles = carry
-      gate, up, g_t = gu[t, :, :f], gu[t, :, f:], g[t]
+    def run(start, n, carry):
+      d_wgu, d_wd, d_x = carry
+      gu_t, g_t = (jax.lax.dynamic_slice_in_dim(a, start, n) for a in (gu, g))
+      gate, up = gu_t[:, :f], gu_t[:, f:]
       sig = jax.nn.sigmoid(gate)
       act = gate * sig
       d_h = g_t @ wd_e.T
       d_gu = jnp.concatenate([d_h * up * sig * (1 + gate * (1 - sig)), d_h * act], axis=1)
       return (
-        d_wgu + (tiles[t].T @ d_gu).astype(d_wgu.dtype),
+        d_wgu + (jax.lax.dynamic_slice_in_dim(x, start, n).T @ d_gu).astype(d_wgu.dtype),
         d_wd + ((act * up).T @ g_t).astype(d_wd.dtype),
-        jax.lax.dynamic_update_index_in_dim(d_tiles, d_gu @ wgu.T, t, 0),
+        jax.lax.dynamic_update_slice_in_dim(d_x, d_gu @ wgu.T, start, 0),
       )
 
     zeros = (jnp.zeros((d, 2 * f), jnp.float32), jnp.zeros((f, d), jnp.float32))
-    d_wgu, d_wd, d_tiles = jax.lax.fori_loop(first, first + count, tile, (*zeros, d_tiles))
-    return d_tiles, (d_wgu[:, :f], d_wgu[:, f:], d_wd)
+    d_wgu, d_wd, d_x = _runs(first, count, rows, num_tiles, (*zeros, d_x), run)
+    return d_x, (d_wgu[:, :f], d_wgu[:, f:], d_wd)
 
-  d_tiles, d_ws = jax.lax.scan(expert, jnp.zeros_like(tiles), (wg, wu, wd, *spans))
+  d_x, d_ws = jax.lax.scan(expert, jnp.zeros_like(x), (wg, wu, wd, *spans))
+  d_tiles = d_x.reshape(-1, rows, d)
   return (d_tiles, *(dw.astype(w.dtype) for dw, w in zip(d_ws, (wg, wu, wd))), None)
 
 
