@@ -44,9 +44,9 @@ from omnijax.models.layers import (
 
 
 # An expert's row tiles are computed this many at a time while that many remain (then one at a
-# time): on XLA:CPU each loop step costs about as much as a 128-row tile's matmuls, and the
-# small preset's MoE blocks spend 17% less thread time per train step than one tile at a time
-# (benchmarks/train_step.py); padding stays at one tile per expert.
+# time): on XLA:CPU each loop step costs about as much as a 128-row tile's matmuls, and in a
+# thunk trace of benchmarks/train_step.py's step the MoE blocks took 17% less thread time than
+# one tile at a time. Padding stays at under one tile per expert.
 RUN_TILES = 8
 NUM_MODALITIES = 4  # text, image, audio, video (omnijax.models.thinker.MODALITIES)
 
@@ -79,10 +79,10 @@ def tiled_swiglu(
 
   A scan over the experts, each reading its weights once (gate and up side by side: one
   matmul), with loops over that expert's tiles inside (``RUN_TILES`` at a time, then the rest
-  one by one), whose intermediates are never stored whole: on XLA:CPU a batched matmul over gathered weights runs at about half the speed, and
-  unfused intermediates cost more memory traffic than the matmuls (benchmarks/train_step.py).
-  Saves the gate and up pre-activations for the backward pass, which accumulates an expert's
-  weight gradients in the tile loop's carry.
+  one by one), whose SwiGLU activations are not stored: on XLA:CPU a batched matmul over
+  gathered weights runs at about half the speed, and unfused intermediates cost more memory
+  traffic than the matmuls (benchmarks/train_step.py). Saves the gate and up pre-activations
+  for the backward pass, which accumulates an expert's weight gradients in the loops' carry.
   """
   return _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert)[0]
 
