@@ -173,6 +173,7 @@ def test_zigzag_balances_splash_blocks_over_shards():
   assert balanced.max() - balanced.min() <= 0.01 * balanced.max()
 
 
+@pytest.mark.slow  # ~75 s; test_train's context-parallel step runs the zigzag order too
 def test_decoder_over_sequence_shards_in_zigzag_order():
   """The decoder stack with the sequence over 2 context shards holds the tokens in zigzag order
   (positions, segments, modality routers and DeepStack taps with them) and returns them in

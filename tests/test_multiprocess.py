@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from data_pipelines import inputs as inputs_lib
 from omnijax.models import presets
@@ -130,6 +131,7 @@ def _losses(workdir: Path, steps) -> np.ndarray:
   return np.array([m[s]["loss"] for s in steps])
 
 
+@pytest.mark.slow  # ~3 min: two launcher processes, then two runs in this one
 def test_two_processes_train_like_one(tmp_path, monkeypatch):
   text = write_text_corpus(tmp_path / "text", TEXT_DOCS, num_shards=1, blank=BLANK)
   images = tmp_path / "images"

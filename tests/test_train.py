@@ -75,19 +75,25 @@ def _one_step(mesh_shape, devices, cfg, batch, grad_accum=2):
     )
 
 
-@pytest.mark.parametrize(
-  "mesh_shape",
-  # the second splits each row's sequence over `context` (context parallelism)
-  [dict(data=2, fsdp=2, expert=2), dict(data=1, fsdp=1, expert=2, context=2, tensor=2)],
-)
-def test_sharded_step_matches_single_device(mesh_shape):
+@pytest.fixture(scope="module")
+def single_device_step():
+  """(config, batch, and one device's params, metrics and gradients after one step)."""
   cd = presets.get("tiny")
   cd.text.shared_expert_intermediate_size = 32
   cd.text.mlp_only_layers = (1,)
   cd.text.num_hidden_layers = 3
   cfg = ThinkerConfig.from_dict(cd)
   batch = _batch(16, 32)
-  p1, m1, g1, _ = _one_step(dict(data=1), jax.devices()[:1], cfg, batch)
+  return cfg, batch, *_one_step(dict(data=1), jax.devices()[:1], cfg, batch)[:3]
+
+
+@pytest.mark.parametrize(
+  "mesh_shape",
+  # the second splits each row's sequence over `context` (context parallelism)
+  [dict(data=2, fsdp=2, expert=2), dict(data=1, fsdp=1, expert=2, context=2, tensor=2)],
+)
+def test_sharded_step_matches_single_device(mesh_shape, single_device_step):
+  cfg, batch, p1, m1, g1 = single_device_step
   p8, m8, g8, sharded = _one_step(mesh_shape, jax.devices(), cfg, batch)
   for k in ("ce_sum", "aux_loss", "grad_norm"):
     assert abs(float(m1[k]) - float(m8[k])) <= LOSS_RTOL * abs(float(m1[k])), k
