@@ -3,8 +3,8 @@
 Expert computation paths (``ImplConfig.moe_impl``):
 - ``ragged_dot``: dropless; token slots sorted by expert, grouped matmul ``jax.lax.ragged_dot``.
 - ``blocked``: dropless; slots sorted by expert into row tiles of ``moe_block_size`` (each
-  expert's rows padded to whole tiles), a loop of per-tile SwiGLUs over the used tiles
-  (``tiled_swiglu``).
+  expert's rows padded to whole tiles), per expert loops of SwiGLUs over its tiles, up to
+  ``RUN_TILES`` tiles per matmul (``tiled_swiglu``).
   XLA:CPU expands ``ragged_dot`` into a dense matmul per expert, so this is the fast path there.
 - ``dense``: every expert on every token, combined by the gate weights. The reference the
   tests cross-check against; O(num_experts) compute.
