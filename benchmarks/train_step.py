@@ -1,7 +1,7 @@
 r"""Train-step throughput of omnijax vs transformers' PyTorch Thinker on the same model.
 
     python benchmarks/train_step.py [--preset=small] [--batch=8] [--seq=512] [--steps=5]
-        [--scan_unroll=0] [--host_malloc=system] [--profile]
+        [--scan_unroll=0] [--host_malloc=system] [--cpu_schedule=memory] [--profile]
 
 Both sides train the same Thinker text model (same weights: omnijax's init exported to the
 transformers layout) on the same random token batches with AdamW, float32, global-norm
@@ -55,7 +55,7 @@ def batches(cfg: ThinkerConfig, batch: int, seq: int, n: int, seed: int = 0):
     yield tokens
 
 
-def omnijax_stepper(cfg: ThinkerConfig, batch: int, seq: int):
+def omnijax_stepper(cfg: ThinkerConfig, batch: int, seq: int, cpu_schedule: str = "memory"):
   """(initial params, a function that makes a step: tokens -> loss, training from them) for
   omnijax; the step is compiled here."""
   model = Thinker(cfg)
@@ -69,7 +69,15 @@ def omnijax_stepper(cfg: ThinkerConfig, batch: int, seq: int):
     example = batch_lib.text_batch(next(batches(cfg, batch, seq, 1)))
     batch_sharding = step_lib.batch_shardings(example, mesh, rules)
     train_step = step_lib.compile_train_step(
-      model, tx, schedule, mesh, rules, state_sharding, grad_accum_steps=1, z_loss=0.0
+      model,
+      tx,
+      schedule,
+      mesh,
+      rules,
+      state_sharding,
+      grad_accum_steps=1,
+      z_loss=0.0,
+      cpu_schedule=cpu_schedule,
     )
     train_step = train_step.lower(state, jax.device_put(example, batch_sharding)).compile()
   initial = jax.device_get(state)  # the step donates its state
@@ -92,7 +100,14 @@ def omnijax_stepper(cfg: ThinkerConfig, batch: int, seq: int):
 
 
 def omnijax_worker(
-  conn, malloc: str, profile: bool, cfg: ThinkerConfig, batch: int, seq: int, hf_dir: str
+  conn,
+  malloc: str,
+  profile: bool,
+  cfg: ThinkerConfig,
+  batch: int,
+  seq: int,
+  hf_dir: str,
+  cpu_schedule: str,
 ):
   """Process body: writes omnijax's initial weights in the transformers layout to `hf_dir`,
   then serves steps (`_serve`) from those weights."""
@@ -103,7 +118,7 @@ def omnijax_worker(
     # trace on a host without TPUs.
     if not os.environ.get("JAX_PLATFORMS"):
       jax.config.update("jax_platforms", "cpu")
-  params0, make_step = omnijax_stepper(cfg, batch, seq)
+  params0, make_step = omnijax_stepper(cfg, batch, seq, cpu_schedule)
   convert.save_hf(cfg, params0, hf_dir)
   _serve(conn, make_step, "omnijax", xla_op_profile)
 
@@ -306,6 +321,12 @@ def main():
     help="both sides' host allocator policy (omnijax/hostmem.py)",
   )
   p.add_argument(
+    "--cpu_schedule",
+    default="memory",
+    choices=tuple(step_lib.CPU_SCHEDULES),
+    help="omnijax's XLA:CPU schedule (train.cpu_schedule; omnijax/train/step.py)",
+  )
+  p.add_argument(
     "--profile",
     action="store_true",
     help="after each timed phase, profile one more step of each side and print their slowest "
@@ -333,7 +354,7 @@ def main():
     f"preset={args.preset} total_params={flops.total_params(cfg.text) / 1e6:.1f}M "
     f"active_params={flops.active_params(cfg.text) / 1e6:.1f}M batch={args.batch} "
     f"seq={args.seq} tokens/step={tokens} scan_unroll={cfg.impl.scan_unroll} "
-    f"host_malloc={args.host_malloc} "
+    f"host_malloc={args.host_malloc} cpu_schedule={args.cpu_schedule} "
     f"devices={n_dev} ({jax.devices()[0].device_kind}) "
     f"peak={peak / 1e12:.3f} TFLOP/s/device ({source})"
   )
@@ -350,7 +371,16 @@ def main():
 
   ours_name = f"omnijax[{args.dtype}, moe={args.moe_impl}]"
   with tempfile.TemporaryDirectory() as hf_dir:
-    ours = Worker(omnijax_worker, args.host_malloc, args.profile, cfg, args.batch, args.seq, hf_dir)
+    ours = Worker(
+      omnijax_worker,
+      args.host_malloc,
+      args.profile,
+      cfg,
+      args.batch,
+      args.seq,
+      hf_dir,
+      args.cpu_schedule,
+    )
     if args.dtype != "float32":
       report(ours_name, *timed({ours_name: ours}, cfg, args)[ours_name])
       ours.close()

@@ -5,10 +5,13 @@ read back, and the command's errors."""
 
 import dataclasses
 
+import numpy as np
 import pytest
+from jax.sharding import Mesh
 
 from omnijax import aot, launch
 from omnijax.errors import ConfigError
+from omnijax.train import step as step_lib
 
 pytest.importorskip("libtpu")
 
@@ -46,6 +49,13 @@ def test_tiny_experiment_compiles_for_a_tpu_slice(report):
   assert compute > 0 and memory > 0 and 0 < mfu <= 1
   text = "\n".join(r.lines())
   assert "of 95.00 GiB HBM (fits)" in text and "roofline" in text
+
+
+def test_tpu_steps_take_no_cpu_compiler_options():
+  """The host CPU's XLA options (step_lib.compiler_options) stay off a step compiled on this
+  host for a TPU topology."""
+  devices, _ = aot.topology_devices("v5p-8")
+  assert step_lib.compiler_options(Mesh(np.array(devices), ("data",)), "memory") is None
 
 
 def test_topology_names():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from omnijax import sharding as shd
+from omnijax.errors import ConfigError
 from omnijax.models import presets
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.thinker import Thinker
@@ -134,6 +135,43 @@ def test_unrolled_layer_stack_matches_the_scan():
   assert abs(float(l1) - float(l3)) <= LOSS_RTOL * abs(float(l1))
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g3)):
     np.testing.assert_allclose(a, b, atol=GRAD_ATOL)
+
+
+def test_cpu_schedule_reaches_the_compiled_step():
+  """`train.cpu_schedule` picks XLA:CPU's schedule: the step compiled with `memory` has the
+  temporaries of XLA's memory-optimised schedule, the default those of its concurrency-optimised
+  one (they differ for this step); an unknown name fails before compiling."""
+  cd = presets.get("tiny")
+  cd.text.num_hidden_layers = 2
+  cd.impl.scan_unroll = 2
+  model = Thinker(ThinkerConfig.from_dict(cd))
+  batch = _batch(8, 64)
+  tx, sched = optimizer.make_optimizer(base_config().optim, 1000)
+  mesh, rules = shd.make_mesh(dict(data=1), jax.devices()[:1]), shd.DEFAULT_RULES
+  temps = {}
+  with st.mesh_context(mesh, rules):
+    init, _, shardings = st.state_shardings(model, tx, mesh, rules, 64)
+    state = jax.eval_shape(init, jax.random.PRNGKey(0))
+    placed = jax.device_put(batch, st.batch_shardings(batch, mesh, rules))
+    for schedule in (None, *st.CPU_SCHEDULES):
+      kw = dict(cpu_schedule=schedule) if schedule else {}
+      step = st.compile_train_step(
+        model, tx, sched, mesh, rules, shardings, grad_accum_steps=1, z_loss=0.0, **kw
+      )
+      compiled = step.lower(state, placed).compile()
+      temps[schedule] = compiled.memory_analysis().temp_size_in_bytes
+    lowered = step.lower(state, placed)
+    xla = {
+      name: lowered.compile(dict(xla_cpu_scheduler_type=value)).memory_analysis().temp_size_in_bytes
+      for name, value in st.CPU_SCHEDULES.items()
+    }
+  print(f"\ntemporaries (bytes): {temps}")
+  assert temps["memory"] == xla["memory"] != xla["concurrency"] == temps["concurrency"]
+  assert temps[None] == temps["concurrency"]
+  with pytest.raises(ConfigError, match="train.cpu_schedule='fast': choose one of"):
+    st.compile_train_step(
+      model, tx, sched, mesh, rules, shardings, grad_accum_steps=1, z_loss=0.0, cpu_schedule="fast"
+    )
 
 
 @pytest.fixture(scope="module")

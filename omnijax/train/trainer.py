@@ -237,6 +237,7 @@ def train_program(config, model, mesh, rules, total_steps: int, num_tasks: int):
       num_tasks=num_tasks,
       trained=trained,
       talker_loss=talker_loss(config, model),
+      cpu_schedule=tr.cpu_schedule,
     )
   return tx, schedule, init_fn, abstract_state, state_sharding, train_step
 
