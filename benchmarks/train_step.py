@@ -1,7 +1,7 @@
 r"""Train-step throughput of omnijax vs transformers' PyTorch Thinker on the same model.
 
     python benchmarks/train_step.py [--preset=small] [--batch=8] [--seq=512] [--steps=5]
-        [--scan_unroll=0] [--host_malloc=system] [--cpu_schedule=memory] [--profile]
+        [--scan_unroll=0] [--host_malloc=system] [--cpu_schedule=concurrency] [--profile]
 
 Both sides train the same Thinker text model (same weights: omnijax's init exported to the
 transformers layout) on the same random token batches with AdamW, float32, global-norm
@@ -55,7 +55,7 @@ def batches(cfg: ThinkerConfig, batch: int, seq: int, n: int, seed: int = 0):
     yield tokens
 
 
-def omnijax_stepper(cfg: ThinkerConfig, batch: int, seq: int, cpu_schedule: str = "memory"):
+def omnijax_stepper(cfg: ThinkerConfig, batch: int, seq: int, cpu_schedule: str = "concurrency"):
   """(initial params, a function that makes a step: tokens -> loss, training from them) for
   omnijax; the step is compiled here."""
   model = Thinker(cfg)
@@ -322,7 +322,7 @@ def main():
   )
   p.add_argument(
     "--cpu_schedule",
-    default="memory",
+    default="concurrency",
     choices=tuple(step_lib.CPU_SCHEDULES),
     help="omnijax's XLA:CPU schedule (train.cpu_schedule; omnijax/train/step.py)",
   )

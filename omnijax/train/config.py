@@ -89,8 +89,7 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
   c.train.global_batch_size = 8
   c.train.grad_accum_steps = 1
   c.train.z_loss = 0.0
-  # XLA:CPU's schedule on the host (step.CPU_SCHEDULES): `memory` where the step's temporaries
-  # run to GBs, e.g. the `small` preset
+  # XLA:CPU's schedule on the host (step.CPU_SCHEDULES): `memory` holds fewer temporaries
   c.train.cpu_schedule = "concurrency"
   c.train.log_every = 10
   c.train.checkpoint_every = 500

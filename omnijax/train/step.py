@@ -326,11 +326,11 @@ def compile_train_step(
 
 
 # XLA:CPU's schedules (`train.cpu_schedule`). `concurrency` (XLA's default) runs independent ops
-# side by side and keeps more temporaries live for it; `memory` keeps fewer. The CPU client maps
-# an execution's temporaries afresh on every call and the kernel zero-fills each page on first
-# touch, so where they run to GBs the memory schedule wins: the `small` benchmark step's
-# temporaries 4.89 -> 4.03 GB, page faults 1.21M -> 1.01M, step 10.9 -> 9.8 s (two steps taking
-# turns in one process). On the tiny preset (0.1 GB) it loses: 0.12 against 0.10 s a step.
+# side by side and keeps more temporaries live for it; `memory` keeps fewer: the `small`
+# benchmark step's 4.89 -> 4.03 GB (peak resident set 9.0 -> 8.2 GB, page faults a step 1.21M ->
+# 1.01M). Its speed depends on the host's state: 9.8 against 10.9 s a step with both compiles
+# taking turns in one process, but a lower ratio in benchmarks/train_step.py (0.71-0.76 against
+# 0.74-0.78); on the tiny preset 0.12 against 0.10 s. Hence a choice, for runs short of RAM.
 CPU_SCHEDULES = {
   "concurrency": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
   "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
