@@ -55,9 +55,9 @@ def batches(cfg: ThinkerConfig, batch: int, seq: int, n: int, seed: int = 0):
     yield tokens
 
 
-def omnijax_stepper(cfg: ThinkerConfig, batch: int, seq: int, cpu_schedule: str = "concurrency"):
+def omnijax_stepper(cfg: ThinkerConfig, batch: int, seq: int, cpu_schedule: str):
   """(initial params, a function that makes a step: tokens -> loss, training from them) for
-  omnijax; the step is compiled here."""
+  omnijax; the step is compiled here, with XLA:CPU's `cpu_schedule` (`--cpu_schedule`)."""
   model = Thinker(cfg)
   tx, schedule = optimizer.make_optimizer(OPTIM, 1000)
   mesh = shd.make_mesh(dict(fsdp=-1))
