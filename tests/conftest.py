@@ -7,6 +7,13 @@ os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU runs a device's independent collectives side by side, each blocking a thread of one
+# pool that has max(NPROC or cores, devices) threads. With 8 threads, 8 blocked collectives can
+# leave a device no thread to reach its own (seen: 7 devices in a collective-permute, 1 in an
+# all-gather whose partner was waiting for a thread), and XLA aborts after 40 s. Twice the
+# devices makes that unlikely: 0 aborts in 3 runs of the slow Talker tests beside a busy loop,
+# against 2 in 5 runs (1 of 2 beside a busy loop) with 8 threads.
+os.environ.setdefault("NPROC", "16")
 # Tests that train several runs of one model reuse its compiled programs across runs.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="omnijax-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
