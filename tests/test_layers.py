@@ -207,11 +207,13 @@ def test_decoder_over_sequence_shards_in_zigzag_order():
     np.testing.assert_allclose(a, b_, atol=1e-4)
 
 
+@pytest.mark.parametrize("kh", [2, 4, 1])
 @pytest.mark.parametrize("window", [0, 37])
-def test_cudnn_attention_call_equals_the_xla_path(window):
+def test_cudnn_attention_call_equals_the_xla_path(window, kh):
   """The GPU path's call of jax.nn.dot_product_attention (mask, causal flag, window, GQA
-  layout, scale) with XLA's implementation; on a GPU, cuDNN's own kernel in half precision."""
-  q, k, v, seg = _qkv_segments()
+  layout, scale) with XLA's implementation; on a GPU, cuDNN's own kernel in half precision.
+  4 query heads over `kh` KV heads: grouped, multi-head (Code2Wav) and multi-query."""
+  q, k, v, seg = _qkv_segments(kh=kh)
   valid = np.asarray(seg != 0)[..., None, None]
   ref = dot_product_attention(q, k, v, seg, 4, window)
   out = cudnn_attention(q, k, v, seg, window, implementation="xla")
@@ -234,13 +236,15 @@ def _score_sized_copies(fn, *args, scores: int) -> list[str]:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's layout choices")
-def test_xla_attention_keeps_the_score_layout():
+@pytest.mark.parametrize("kh", [2, 8, 1])
+def test_xla_attention_keeps_the_score_layout(kh):
   """The XLA path's products take the scores in the layout they are made in: no transposed
   copy of the score matrix in the forward pass, one (for the key gradient) with gradients.
   On XLA:CPU such a copy costs about as much as a score matmul; the two forward and two more
-  backward ones took the small preset's step from 9.99 to 10.45 s."""
+  backward ones took the small preset's step from 9.99 to 10.45 s. 8 query heads over `kh` KV
+  heads: grouped, multi-head (Code2Wav) and multi-query."""
   rng = np.random.default_rng(0)
-  b, s, h, kh, d = 2, 256, 8, 2, 32
+  b, s, h, d = 2, 256, 8, 32
   q, k, v = (jnp.asarray(rng.normal(size=(b, s, n, d)), jnp.float32) for n in (h, kh, kh))
   seg = jnp.ones((b, s), jnp.int32)
   forward = lambda q, k, v: dot_product_attention(q, k, v, seg, 1)
