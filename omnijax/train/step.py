@@ -52,11 +52,16 @@ def forward(model: Thinker | Omni, params, batch):
   )
 
 
-def _ce(logits, targets, mask):
-  """Summed cross-entropy of the masked positions (targets -1 where masked out)."""
+def _token_ce(logits, targets):
+  """(cross-entropy, log-partition) of each position; targets -1 (masked out) read code 0."""
   logz = jax.nn.logsumexp(logits, axis=-1)
   target = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-  return jnp.sum((logz - target) * mask)
+  return logz - target, logz
+
+
+def _ce(logits, targets, mask):
+  """Summed cross-entropy of the masked positions."""
+  return jnp.sum(_token_ce(logits, targets)[0] * mask)
 
 
 def talker_counts(batch) -> tuple[jax.Array, jax.Array]:
@@ -88,10 +93,9 @@ def loss_terms(
   cfg: ThinkerConfig = model.cfg
   outputs = forward(model, params, batch)
   logits, stats = outputs[:2]
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
   mask = batch["loss_mask"]
-  nll = (logz - target_logit) * mask
+  nll, logz = _token_ce(logits, batch["targets"])
+  nll = nll * mask
   ce_sum = jnp.sum(nll)
   z_sum = jnp.sum(jnp.square(logz) * mask)
   aux = load_balancing_loss(stats, cfg.text.num_experts)
