@@ -1,7 +1,7 @@
 r"""Train-step throughput of omnijax vs transformers' PyTorch Thinker on the same model.
 
     python benchmarks/train_step.py [--preset=small] [--batch=8] [--seq=512] [--steps=5]
-        [--scan_unroll=0] [--host_malloc=system] [--cpu_schedule=concurrency] [--profile]
+        [--scan_unroll=0] [--host_malloc=tbbmalloc] [--cpu_schedule=concurrency] [--profile]
 
 Both sides train the same Thinker text model (same weights: omnijax's init exported to the
 transformers layout) on the same random token batches with AdamW, float32, global-norm
@@ -316,7 +316,7 @@ def main():
   p.add_argument("--dtype", default="float32")
   p.add_argument(
     "--host_malloc",
-    default="system",
+    default="tbbmalloc",
     choices=hostmem.POLICIES,
     help="both sides' host allocator policy (omnijax/hostmem.py)",
   )
@@ -369,6 +369,7 @@ def main():
     )
     return tokens / step_time
 
+  os.environ.update(hostmem.preload_env(args.host_malloc))  # the workers start under it
   ours_name = f"omnijax[{args.dtype}, moe={args.moe_impl}]"
   with tempfile.TemporaryDirectory() as hf_dir:
     ours = Worker(

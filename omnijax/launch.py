@@ -2,7 +2,7 @@
 
     python -m omnijax.launch --exp=NAME[:ARGS] [--workdir=DIR] [--config.some.field=value ...]
     python -m omnijax.launch --exp=NAME[:ARGS] --workdir=DIR --mode=eval [--step=N]
-    python -m omnijax.launch --exp=NAME[:ARGS] --host_malloc=retain   # CPU: no per-step page faults
+    python -m omnijax.launch --exp=NAME[:ARGS] --host_malloc=tbbmalloc   # CPU: no per-step page faults
 
 NAME is a module ``experiments.NAME`` (or a path to a ``.py`` file) whose ``get_config(arg)``
 returns a ConfigDict; ARGS are its comma-separated ``key=value`` arguments, e.g.
@@ -25,6 +25,7 @@ from pathlib import Path
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 NOT_EXPERIMENTS = ("recipe",)  # shared modules of the experiments package
+RESTARTED = "OMNIJAX_RESTARTED_UNDER_TBBMALLOC"  # set in the launch's run under oneTBB's malloc
 
 
 def available_experiments() -> list[str]:
@@ -167,8 +168,9 @@ def _define_flags(config):
     "host_malloc",
     "system",
     list(hostmem.POLICIES),
-    "CPU runs: retain = keep freed host memory in the process, so XLA:CPU's per-step "
-    "temporaries take no page faults (faster steps on some hosts, a larger resident set); see "
+    "CPU runs: retain (glibc, one arena) or tbbmalloc (oneTBB's allocator; the launcher "
+    "restarts itself under it) keep freed host memory in the process, so XLA:CPU's per-step "
+    "temporaries take no page faults (faster steps, a larger resident set); see "
     "omnijax/hostmem.py.",
     flag_values=fv,
   )
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
   """Runs the launch command line; returns the exit code (2 for a configuration mistake)."""
   from omnijax.errors import ConfigError
 
+  command = None if argv is not None else list(sys.argv)  # the process's own command line
   argv = list(sys.argv if argv is None else argv)
   try:
     argv, exp = _split_exp(argv)
@@ -200,6 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("omnijax").setLevel(logging.INFO)
     from omnijax import hostmem
 
+    if FLAGS.host_malloc == "tbbmalloc" and command is not None and not hostmem.tbbmalloc_loaded():
+      # oneTBB's allocator replaces malloc from the process's start: run again under it (once).
+      env = hostmem.preload_env("tbbmalloc")
+      if env.pop(RESTARTED, None) is None:
+        os.execve(
+          sys.executable,
+          [sys.executable, "-m", "omnijax.launch", *command[1:]],
+          env | {RESTARTED: "1"},
+        )
     hostmem.set_policy(FLAGS.host_malloc)
     import jax
 

@@ -65,7 +65,7 @@ def _local(corpus, *args):
     ((*LOCAL, "--config.model.text.num_experts_per_tok=9"), "num_experts_per_tok (9) must be in"),
     ((*LOCAL, "--config.model.impl.remat_policy=everything"), "remat_policy='everything'"),
     ((*LOCAL, "--config.model.impl.scan_unroll=0"), "scan_unroll must be >= 1, got 0"),
-    ((*LOCAL, "--host_malloc=jemalloc"), "value should be one of <system|retain>"),
+    ((*LOCAL, "--host_malloc=jemalloc"), "value should be one of <system|retain|tbbmalloc>"),
     ((EXP, "--config.train.global_batch_size=4"), "split over 8 devices"),
     ((*LOCAL, "--config.train.grad_accum_steps=3"), "must be a multiple of train.grad_accum_steps"),
     (
@@ -98,6 +98,11 @@ def _local(corpus, *args):
 )
 def test_config_error_messages(capsys, args, expected):
   assert expected in _fails(capsys, *args)
+
+
+def test_eval_of_a_directory_without_a_run(capsys, tmp_path):
+  err = _fails(capsys, *LOCAL, "--mode=eval", f"--workdir={tmp_path}")
+  assert f"{tmp_path} holds no omnijax run (no model.json)" in err
 
 
 def test_data_errors(capsys, corpus, tmp_path):

@@ -475,6 +475,11 @@ def evaluate_workdir(workdir: str | Path, config, step: int | None = None) -> di
   """Runs `config`'s evaluators on a finished run's params (newest or `step`) and logs them
   beside its train metrics."""
   workdir = Path(workdir)
+  if not (workdir / ckpt_lib.MODEL_JSON).exists():
+    raise ConfigError(
+      f"--mode=eval: {workdir} holds no omnijax run (no {ckpt_lib.MODEL_JSON}); pass the "
+      "--workdir of a training run."
+    )
   model_cfg = ckpt_lib.read_model_config(workdir)
   model_cfg = dataclasses.replace(model_cfg, impl=ThinkerConfig.from_dict(config.model).impl)
   rules = shd.axis_rules(config.sharding.rules)
