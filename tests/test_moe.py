@@ -95,6 +95,21 @@ def test_expert_parallel_matches_dense_reference(path, mesh_shape):
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_one_device_mesh_adds_no_collectives_to_the_gradients():
+  """On a one-device mesh (a local CPU run) the block runs as without a mesh: in shard_map,
+  the gradients of its inputs went through all-reduces, which XLA:CPU still copies."""
+  x, top_i, top_w, ws = _inputs(8 * 12, seed=1)
+  xs, ti, tw = (a.reshape((8, -1) + a.shape[1:]) for a in (x, top_i, top_w))
+  mesh = shd.make_mesh(dict(fsdp=1), jax.devices()[:1])
+
+  def loss(xs, tw, ws):
+    return jnp.sum(moe.moe_experts(xs, ti, tw, *ws, ImplConfig(moe_impl="blocked"))[0] ** 2)
+
+  with mesh_context(mesh, shd.DEFAULT_RULES):
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(xs, tw, ws).compile().as_text()
+  assert "all-reduce" not in hlo
+
+
 def test_capacity_bounded_exchange_counts_drops():
   x, top_i, top_w, ws = _inputs(8 * 16, seed=2, skew=True)
   mesh_shape = dict(data=1, fsdp=1, expert=8)
