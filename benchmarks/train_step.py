@@ -12,7 +12,10 @@ of its expert implementations (grouped_mm, eager), each against omnijax in turn,
 the one against the faster. Each side runs in its own process, as in real use (in one
 process, omnijax's steps took 21.0-21.8 s before transformers' first step and 23.5-24.8 s
 after). The sides take turns step by step (after their warmup steps, which are not timed), so
-other load on the host slows them alike; a step time is the median of the timed steps.
+other load on the host slows them alike; a step time is the median of the timed steps. Both
+processes start under the same host allocator (`--host_malloc`, omnijax/hostmem.py): by
+default oneTBB's, which keeps freed blocks, so neither side's steps spend kernel time
+zero-filling fresh pages.
 """
 
 from __future__ import annotations
