@@ -203,15 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("omnijax").setLevel(logging.INFO)
     from omnijax import hostmem
 
-    if FLAGS.host_malloc == "tbbmalloc" and command is not None and not hostmem.tbbmalloc_loaded():
+    restart = command is not None and RESTARTED not in os.environ
+    if FLAGS.host_malloc == "tbbmalloc" and restart and not hostmem.tbbmalloc_loaded():
       # oneTBB's allocator replaces malloc from the process's start: run again under it (once).
-      env = hostmem.preload_env("tbbmalloc")
-      if env.pop(RESTARTED, None) is None:
-        os.execve(
-          sys.executable,
-          [sys.executable, "-m", "omnijax.launch", *command[1:]],
-          env | {RESTARTED: "1"},
-        )
+      os.execve(
+        sys.executable,
+        [sys.executable, "-m", "omnijax.launch", *command[1:]],
+        hostmem.preload_env("tbbmalloc") | {RESTARTED: "1"},
+      )
     hostmem.set_policy(FLAGS.host_malloc)
     import jax
 
