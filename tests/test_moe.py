@@ -36,7 +36,7 @@ def test_local_paths_match_dense(impl, block):
 
 @pytest.mark.parametrize("tokens, block", [(29, 8), (256, 4)])
 def test_local_path_gradients_match_dense(tokens, block):
-  """(256, 4): every expert has over RUN_TILES tiles, computed as a run and then one by one."""
+  """(256, 4): every expert has over RUN_TILES tiles, computed as a run and then in smaller ones."""
   x, top_i, top_w, ws = _inputs(tokens)
   if block == 4:
     rows = np.bincount(np.asarray(top_i).reshape(-1), minlength=E)
@@ -52,6 +52,32 @@ def test_local_path_gradients_match_dense(tokens, block):
     got = jax.grad(loss, argnums=(1, 2))(path, x, ws)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
       np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_tiles", [1, 3, 5, 8, 20])
+def test_runs_cover_each_tile_once_in_few_calls(num_tiles):
+  """An expert's tiles: RUN_TILES per call, the rest in halving runs (7 as 4 + 2 + 1),
+  whatever the tile count; calls of num_tiles tiles when there are fewer than RUN_TILES."""
+  rows, run = 2, min(moe.RUN_TILES, num_tiles)
+
+  def cover(first, count):
+    def body(start, n, carry):
+      seen, calls = carry
+      ones = jnp.ones((n,), jnp.int32)
+      span = jax.lax.dynamic_slice_in_dim(seen, start, n)
+      return jax.lax.dynamic_update_slice_in_dim(seen, span + ones, start, 0), calls + 1
+
+    zeros = jnp.zeros((num_tiles * rows,), jnp.int32)
+    return moe._runs(first, count, rows, num_tiles, (zeros, 0), body)
+
+  cover = jax.jit(cover)
+  for first in range(num_tiles):
+    for count in range(num_tiles - first + 1):
+      seen, calls = cover(first, count)
+      want = np.zeros(num_tiles * rows, np.int32)
+      want[first * rows : (first + count) * rows] = 1
+      np.testing.assert_array_equal(seen, want, err_msg=f"first={first} count={count}")
+      assert calls == count // run + bin(count % run).count("1")
 
 
 def test_take_rows_gradient_equals_the_scatter_add():

