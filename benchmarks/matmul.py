@@ -21,7 +21,6 @@ operand's major axis, so XLA runs it with its own `dot` instead.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
@@ -74,8 +73,7 @@ def main():
   p.add_argument("--repeats", type=int, default=15)
   p.add_argument("--host_malloc", default="tbbmalloc", choices=hostmem.POLICIES)
   args = p.parse_args()
-  if args.host_malloc == "tbbmalloc" and not hostmem.tbbmalloc_loaded():
-    os.execve(sys.executable, [sys.executable, *sys.argv], hostmem.preload_env("tbbmalloc"))
+  hostmem.restart_under(args.host_malloc, sys.argv)
   hostmem.set_policy(args.host_malloc)
   cfg = ThinkerConfig.from_dict(presets.get(args.preset))
   rng = np.random.default_rng(0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -28,6 +29,8 @@ POLICIES = ("system", "retain", "tbbmalloc")
 
 # oneTBB keeps freed blocks above this size ("huge") through its regular cleanups.
 TBB_KEEP_BYTES = 1 << 20
+
+RESTARTED = "OMNIJAX_RESTARTED_UNDER_TBBMALLOC"  # set in a run that `restart_under` started
 
 # mallopt(3) parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -61,6 +64,13 @@ def preload_env(policy: str, env: dict[str, str] | None = None) -> dict[str, str
     env["LD_PRELOAD"] = ":".join(libs + rest)
     env["TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD"] = str(TBB_KEEP_BYTES)
   return env
+
+
+def restart_under(policy: str, argv: list[str]) -> None:
+  """For `tbbmalloc` not loaded yet: runs this process again under it, once (`execve`, same
+  PID), as `python *argv`; `set_policy` then checks the preload took. Otherwise returns."""
+  if policy == "tbbmalloc" and not tbbmalloc_loaded() and RESTARTED not in os.environ:
+    os.execve(sys.executable, [sys.executable, *argv], preload_env(policy) | {RESTARTED: "1"})
 
 
 def tbbmalloc_loaded() -> bool:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 NOT_EXPERIMENTS = ("recipe",)  # shared modules of the experiments package
-RESTARTED = "OMNIJAX_RESTARTED_UNDER_TBBMALLOC"  # set in the launch's run under oneTBB's malloc
 
 
 def available_experiments() -> list[str]:
@@ -203,14 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("omnijax").setLevel(logging.INFO)
     from omnijax import hostmem
 
-    restart = command is not None and RESTARTED not in os.environ
-    if FLAGS.host_malloc == "tbbmalloc" and restart and not hostmem.tbbmalloc_loaded():
-      # oneTBB's allocator replaces malloc from the process's start: run again under it (once).
-      os.execve(
-        sys.executable,
-        [sys.executable, "-m", "omnijax.launch", *command[1:]],
-        hostmem.preload_env("tbbmalloc") | {RESTARTED: "1"},
-      )
+    if command is not None:  # oneTBB's allocator replaces malloc from the process's start
+      hostmem.restart_under(FLAGS.host_malloc, ["-m", "omnijax.launch", *command[1:]])
     hostmem.set_policy(FLAGS.host_malloc)
     import jax
 
