@@ -1,7 +1,8 @@
 r"""Train-step throughput of omnijax vs transformers' PyTorch Thinker on the same model.
 
     python benchmarks/train_step.py [--preset=small] [--batch=8] [--seq=512] [--steps=5]
-        [--scan_unroll=0] [--host_malloc=tbbmalloc] [--cpu_schedule=concurrency] [--profile]
+        [--scan_unroll=0] [--host_malloc=tbbmalloc] [--cpu_schedule=concurrency]
+        [--cpu_matmul=auto] [--profile]
 
 Both sides train the same Thinker text model (same weights: omnijax's init exported to the
 transformers layout) on the same random token batches with AdamW, float32, global-norm
@@ -39,7 +40,7 @@ from omnijax import hostmem
 from omnijax import sharding as shd
 from omnijax.hf import convert
 from omnijax.models import presets
-from omnijax.models.config import ThinkerConfig
+from omnijax.models.config import CPU_MATMULS, ThinkerConfig
 from omnijax.models.thinker import Thinker
 from omnijax.processing import batch as batch_lib
 from omnijax.train import flops, optimizer
@@ -337,6 +338,13 @@ def main():
     "CPU unless JAX_PLATFORMS says otherwise",
   )
   p.add_argument(
+    "--cpu_matmul",
+    default="auto",
+    choices=CPU_MATMULS,
+    help="model.impl.cpu_matmul: omnijax's float32 products on the CPU, XLA's or oneMKL's "
+    "(omnijax/models/matmul.py); auto: mkl on Intel CPUs where it is installed",
+  )
+  p.add_argument(
     "--scan_unroll",
     type=int,
     default=0,
@@ -348,6 +356,7 @@ def main():
   cd.impl.moe_impl = args.moe_impl
   cd.impl.dtype = args.dtype
   cd.impl.scan_unroll = args.scan_unroll or cd.text.num_hidden_layers
+  cd.impl.cpu_matmul = args.cpu_matmul
   cfg = ThinkerConfig.from_dict(cd)
   tokens = args.batch * args.seq
   step_flops = flops.training_flops(cfg.text, args.batch, args.seq)
@@ -358,6 +367,7 @@ def main():
     f"active_params={flops.active_params(cfg.text) / 1e6:.1f}M batch={args.batch} "
     f"seq={args.seq} tokens/step={tokens} scan_unroll={cfg.impl.scan_unroll} "
     f"host_malloc={args.host_malloc} cpu_schedule={args.cpu_schedule} "
+    f"cpu_matmul={cfg.impl.resolved(jax.default_backend()).cpu_matmul} "
     f"devices={n_dev} ({jax.devices()[0].device_kind}) "
     f"peak={peak / 1e12:.3f} TFLOP/s/device ({source})"
   )

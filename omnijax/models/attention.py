@@ -24,7 +24,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from omnijax.models import tm_rope
+from omnijax.models import matmul, tm_rope
 from omnijax.models.config import ImplConfig, TextConfig
 from omnijax.models.layers import (
   RMSNorm,
@@ -278,8 +278,9 @@ class Attention(nn.Module):
     # gradient and one for the weights' instead of three each (the small preset's CPU train
     # step: 2% faster).
     g = h // kh
+    mkl = matmul.use_mkl(self.impl)
     w = jnp.concatenate([wq.reshape(d, kh, g * hd), wk, wv], axis=2)
-    q, k, v = jnp.split(jnp.einsum("bsd,dkn->bskn", x, w), [g * hd, (g + 1) * hd], axis=3)
+    q, k, v = jnp.split(matmul.contract(x, w, mkl=mkl), [g * hd, (g + 1) * hd], axis=3)
     q = checkpoint_name(q.reshape(*x.shape[:2], h, hd), "query_proj")
     k = checkpoint_name(k, "key_proj")
     v = checkpoint_name(v, "value_proj")
@@ -321,4 +322,4 @@ class Attention(nn.Module):
       }
       out = _attend(q, kv["k"], kv["v"], mask, hd**-0.5)
     out = constrain(out, ("batch", "seq", "act_heads", "act_kv"))
-    return jnp.einsum("bshk,hkd->bsd", out, wo), kv
+    return matmul.contract(out, wo, mkl=mkl, n_in=2), kv

@@ -11,11 +11,13 @@ import difflib
 from typing import Any, Mapping
 
 from omnijax.errors import ConfigError
+from omnijax.models import matmul
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
 MOE_EXCHANGES = ("auto", "all_to_all", "ragged")
+CPU_MATMULS = ("auto", "xla", "mkl")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -165,6 +167,10 @@ class VisionEncoderConfig:
   deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
 
 
+def _auto_cpu_matmul(platform: str) -> str:
+  return "mkl" if platform == "cpu" and matmul.intel_cpu() and not matmul.unavailable() else "xla"
+
+
 @dataclasses.dataclass(frozen=True)
 class ImplConfig:
   """How the model is computed; never changes the math beyond float rounding."""
@@ -192,6 +198,9 @@ class ImplConfig:
   # order (omnijax.models.attention.zigzag_order) inside the decoder, so that causal attention
   # costs every shard alike (natural order: the last shard's queries see the most keys).
   context_load_balance: bool = True
+  # Float32 matrix products on one CPU device: XLA's own, or oneMKL's sgemm as a custom call
+  # (omnijax/models/matmul.py); auto: mkl on Intel CPUs where it is installed.
+  cpu_matmul: str = "auto"
 
   def resolved(self, platform: str) -> "ImplConfig":
     """`auto` choices made for the devices a model runs (or is compiled) on."""
@@ -204,6 +213,7 @@ class ImplConfig:
       moe_exchange=self.moe_exchange
       if self.moe_exchange != "auto"
       else ("all_to_all" if platform == "cpu" else "ragged"),
+      cpu_matmul=self.cpu_matmul if self.cpu_matmul != "auto" else _auto_cpu_matmul(platform),
     )
 
   def _auto_attention(self, platform: str) -> str:
@@ -221,6 +231,7 @@ class ImplConfig:
       ("moe_impl", MOE_IMPLS),
       ("attention", ATTENTION_IMPLS),
       ("moe_exchange", MOE_EXCHANGES),
+      ("cpu_matmul", CPU_MATMULS),
     ):
       value = getattr(self, name)
       if value not in allowed:
@@ -229,6 +240,8 @@ class ImplConfig:
       raise ConfigError(
         f"{where}.attention_query_blocks must be >= 1, got {self.attention_query_blocks}."
       )
+    if self.cpu_matmul == "mkl" and (why := matmul.unavailable()):
+      raise ConfigError(f"{where}.cpu_matmul='mkl': {why}. Set it to 'auto' or 'xla'.")
     if self.scan_unroll < 1:
       raise ConfigError(f"{where}.scan_unroll must be >= 1, got {self.scan_unroll}.")
     if self.moe_block_size <= 0:

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from omnijax.models import matmul
+
 INIT_STD = 0.02  # transformers' initializer_range
 
 
@@ -67,19 +69,19 @@ def rows(x: jax.Array) -> jax.Array:
   )
 
 
-def head_logits(h: jax.Array, head: jax.Array) -> jax.Array:
+def head_logits(h: jax.Array, head: jax.Array, mkl: bool = False) -> jax.Array:
   """Float32 logits (B, S, V) of hidden states h (B, S, D) under an output head (D, V).
 
   One (B*S, D) x (D, V) matmul unless the sequence is sharded (context parallelism: merging
   it into the rows would gather it). XLA:CPU computes the weight gradient of a product over
   two activation axes through a transposed copy of the (B, S, V) gradient: 1 s of the small
-  preset's 23 s train step."""
+  preset's 23 s train step. `mkl`: through oneMKL (`matmul.use_mkl`)."""
   b, s, d = h.shape
   head = head.astype(h.dtype)
   if mesh_shards("seq") > 1:
     logits = jnp.einsum("bsd,dv->bsv", h, head, preferred_element_type=jnp.float32)
   else:
-    logits = jnp.dot(h.reshape(b * s, d), head, preferred_element_type=jnp.float32)
+    logits = matmul.matmul(h.reshape(b * s, d), head, mkl=mkl, preferred_element_type=jnp.float32)
   return constrain(logits.reshape(b, s, -1), ("batch", "seq", "act_vocab"))
 
 

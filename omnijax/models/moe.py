@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from omnijax.models import matmul
 from omnijax.models.config import ImplConfig, TextConfig
 from omnijax.models.layers import (
   SwiGLU,
@@ -71,9 +72,14 @@ def _sorted_layout(slot_expert: jax.Array, num_experts: int):
   return order, sizes, starts
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def tiled_swiglu(
-  tiles: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, tile_expert: jax.Array
+  tiles: jax.Array,
+  wg: jax.Array,
+  wu: jax.Array,
+  wd: jax.Array,
+  tile_expert: jax.Array,
+  mkl: bool = False,
 ) -> jax.Array:
   """SwiGLU of expert ``tile_expert[t]`` on row tile t: tiles (T, b, D) -> (T, b, D), the tiles
   sorted by expert (E after the last used tile: not computed, their outputs are zeros).
@@ -84,8 +90,9 @@ def tiled_swiglu(
   gathered weights runs at about half the speed, and unfused intermediates cost more memory
   traffic than the matmuls (benchmarks/train_step.py). Saves the gate and up pre-activations
   for the backward pass, which accumulates an expert's weight gradients in the loops' carry.
+  `mkl`: the products through oneMKL (`matmul.use_mkl`).
   """
-  return _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert)[0]
+  return _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert, mkl)[0]
 
 
 def _expert_tiles(tile_expert: jax.Array, num_experts: int):
@@ -108,7 +115,7 @@ def _runs(first, count, rows: int, num_tiles: int, carry, body):
   return carry
 
 
-def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert):
+def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert, mkl):
   f = wg.shape[2]
   num_tiles, rows, d = tiles.shape
   x = tiles.reshape(num_tiles * rows, d)
@@ -118,8 +125,8 @@ def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert):
     wgu = jnp.concatenate([wg_e, wu_e], axis=1)
 
     def run(start, n, bufs):
-      gu = jax.lax.dynamic_slice_in_dim(x, start, n) @ wgu
-      y = (jax.nn.silu(gu[:, :f]) * gu[:, f:]) @ wd_e
+      gu = matmul.matmul(jax.lax.dynamic_slice_in_dim(x, start, n), wgu, mkl=mkl)
+      y = matmul.matmul(jax.nn.silu(gu[:, :f]) * gu[:, f:], wd_e, mkl=mkl)
       return tuple(
         jax.lax.dynamic_update_slice_in_dim(b, v, start, 0) for b, v in zip(bufs, (y, gu))
       )
@@ -132,7 +139,7 @@ def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert):
   return y.reshape(tiles.shape), (x, gu, wg, wu, wd, spans)
 
 
-def _tiled_swiglu_bwd(res, g):
+def _tiled_swiglu_bwd(mkl, res, g):
   x, gu, wg, wu, wd, spans = res
   d, f = wg.shape[1:]
   num_tiles, rows = g.shape[:2]
@@ -148,12 +155,15 @@ def _tiled_swiglu_bwd(res, g):
       gate, up = gu_t[:, :f], gu_t[:, f:]
       sig = jax.nn.sigmoid(gate)
       act = gate * sig
-      d_h = g_t @ wd_e.T
+      d_h = matmul.matmul(g_t, wd_e, mkl=mkl, trans_b=True)
       d_gu = jnp.concatenate([d_h * up * sig * (1 + gate * (1 - sig)), d_h * act], axis=1)
+      x_t = jax.lax.dynamic_slice_in_dim(x, start, n)
       return (
-        d_wgu + (jax.lax.dynamic_slice_in_dim(x, start, n).T @ d_gu).astype(d_wgu.dtype),
-        d_wd + ((act * up).T @ g_t).astype(d_wd.dtype),
-        jax.lax.dynamic_update_slice_in_dim(d_x, d_gu @ wgu.T, start, 0),
+        d_wgu + matmul.matmul(x_t, d_gu, mkl=mkl, trans_a=True).astype(d_wgu.dtype),
+        d_wd + matmul.matmul(act * up, g_t, mkl=mkl, trans_a=True).astype(d_wd.dtype),
+        jax.lax.dynamic_update_slice_in_dim(
+          d_x, matmul.matmul(d_gu, wgu, mkl=mkl, trans_b=True), start, 0
+        ),
       )
 
     zeros = (jnp.zeros((d, 2 * f), jnp.float32), jnp.zeros((f, d), jnp.float32))
@@ -188,7 +198,7 @@ take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def expert_ffn(
-  x: jax.Array, slot_expert: jax.Array, wg, wu, wd, impl: str, block: int
+  x: jax.Array, slot_expert: jax.Array, wg, wu, wd, impl: str, block: int, mkl: bool = False
 ) -> jax.Array:
   """SwiGLU of expert ``slot_expert[i]`` on row ``x[i // k]`` for every slot i, with k =
   N / T slots per token.
@@ -231,7 +241,7 @@ def expert_ffn(
   # E for the tiles after the last expert's rows (not computed).
   tile_expert = jnp.searchsorted(padded_end, jnp.arange(num_tiles) * block, side="right")
   tiles = buf.reshape(num_tiles, block, -1)
-  out = tiled_swiglu(tiles, wg, wu, wd, tile_expert).reshape(num_rows, -1)
+  out = tiled_swiglu(tiles, wg, wu, wd, tile_expert, mkl).reshape(num_rows, -1)
   return take_rows(out, dest, row_slot[:, None])
 
 
@@ -263,13 +273,14 @@ def gathered_experts(x, top_idx, top_w, wg, wu, wd):
   return combine(jnp.einsum("nf,nfd->nd", h, wd[e]), top_w)
 
 
-def local_experts(x, top_idx, top_w, wg, wu, wd, impl: str, block: int):
-  """Dropless MoE over the tokens of one device: x (T, D) -> (T, D)."""
+def local_experts(x, top_idx, top_w, wg, wu, wd, impl: str, block: int, mkl: bool = False):
+  """Dropless MoE over the tokens of one device: x (T, D) -> (T, D); `mkl`: the blocked
+  experts' products through oneMKL."""
   if impl == "dense":
     return dense_reference(x, top_idx, top_w, wg, wu, wd)
   if top_idx.size <= wg.shape[0]:
     return gathered_experts(x, top_idx, top_w, wg, wu, wd)
-  y = expert_ffn(x, top_idx.reshape(-1), wg, wu, wd, impl, block)
+  y = expert_ffn(x, top_idx.reshape(-1), wg, wu, wd, impl, block, mkl)
   return combine(y, top_w)
 
 
@@ -375,6 +386,7 @@ def moe_experts(x, top_idx, top_w, wg, wu, wd, impl: ImplConfig):
       wd,
       path,
       impl.moe_block_size,
+      matmul.use_mkl(impl),
     )
     return out.reshape(b, s, d), jnp.zeros((), jnp.int32)
 

@@ -316,6 +316,7 @@ def get(name: str) -> ml_collections.ConfigDict:
     moe_exchange="auto",
     scan_unroll=1,
     context_load_balance=True,
+    cpu_matmul="auto",
   )
   return ml_collections.ConfigDict(d)
 

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omnijax.models import matmul
 from omnijax.models.config import ImplConfig, TalkerConfig
 from omnijax.models.decoder import Decoder
 from omnijax.models.layers import (
@@ -154,7 +155,7 @@ class Talker(nn.Module):
     codebook-0 logits (B, S, V), MoE stats), and with a cache the updated cache."""
     out = self.model(x, positions, segment_ids, cache=cache)
     h = out[0]
-    logits = head_logits(h, self.codec_head)
+    logits = head_logits(h, self.codec_head, matmul.use_mkl(self.impl))
     return (h, logits) + tuple(out[1:])
 
   def __call__(

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omnijax.models import tm_rope
+from omnijax.models import matmul, tm_rope
 from omnijax.models.audio import AudioEncoder
 from omnijax.models.config import ThinkerConfig
 from omnijax.models.decoder import Decoder
@@ -124,6 +124,6 @@ class Thinker(nn.Module):
     lm_head = logical_param(
       self, "lm_head", (text.hidden_size, text.vocab_size), ("embed", "vocab"), pdt
     )
-    logits = head_logits(h, lm_head)
+    logits = head_logits(h, lm_head, matmul.use_mkl(impl))
     out = (logits, stats) if cache is None else (logits, stats, cache)
     return out if capture is None else out + (dec[-1],)
