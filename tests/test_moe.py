@@ -6,11 +6,16 @@ import numpy as np
 import pytest
 
 from omnijax import sharding as shd
-from omnijax.models import moe
+from omnijax.models import matmul, moe
 from omnijax.models.config import ImplConfig
 from omnijax.train.step import mesh_context
 
 E, D, F, K = 8, 16, 24, 2
+# (expert path, its products through oneMKL): the blocked path's in-place row products too
+# where this host has them.
+PATHS = [("ragged_dot", False), ("blocked", False)] + [("blocked", True)] * (
+  matmul.unavailable() is None
+)
 
 
 def _inputs(tokens, seed=0, skew=False):
@@ -42,14 +47,16 @@ def test_local_path_gradients_match_dense(tokens, block):
     rows = np.bincount(np.asarray(top_i).reshape(-1), minlength=E)
     assert np.all(rows // block > moe.RUN_TILES) and np.any(rows // block % moe.RUN_TILES)
 
-  def loss(path, x, ws):
+  def loss(path, x, ws, mkl=False):
     if path == "dense":
       return jnp.sum(moe.dense_reference(x, top_i, top_w, *ws) ** 2)
-    return jnp.sum(moe.local_experts(x, top_i, top_w, *ws, path, block) ** 2)
+    return jnp.sum(moe.local_experts(x, top_i, top_w, *ws, path, block, mkl) ** 2)
 
   ref = jax.grad(loss, argnums=(1, 2))("dense", x, ws)
-  for path in ("ragged_dot", "blocked"):
-    got = jax.grad(loss, argnums=(1, 2))(path, x, ws)
+  for path, mkl in PATHS:
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=(0, 3))
+    assert ("omnijax_sgemm_rows" in grad.lower(path, x, ws, mkl).as_text()) == mkl
+    got = grad(path, x, ws, mkl)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
       np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 

@@ -20,8 +20,10 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TARGET = "omnijax_sgemm"
+ROWS_TARGET = "omnijax_sgemm_rows"
 _MKL_THREADING_GNU = 3
 
 
@@ -51,6 +53,7 @@ def unavailable() -> str | None:
   lib = ctypes.CDLL(spec.origin)
   lib.omnijax_set_sgemm(ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p))
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.OmnijaxSgemm), platform="cpu")
+  jax.ffi.register_ffi_target(ROWS_TARGET, jax.ffi.pycapsule(lib.OmnijaxSgemmRows), platform="cpu")
   return None
 
 
@@ -129,6 +132,29 @@ def matmul(
     return _mkl_matmul(a, b, trans_a, trans_b)
   return jnp.dot(
     a.T if trans_a else a, b.T if trans_b else b, preferred_element_type=preferred_element_type
+  )
+
+
+def matmul_rows(
+  c, a, b, offsets, *, m: int, k: int, trans_a=False, trans_b=False, accumulate=False
+):
+  """c (float32, R x n) with its rows offsets[2] .. + m set to op(A) op(B) (or, `accumulate`,
+  increased by it), where A and B are a and b from their stored rows offsets[0] and
+  offsets[1] on and m x k is the product's size, in place through oneMKL: the rows of one
+  expert's tile run read and written where they lie, no slices copied out and back.
+  Only where `use_mkl` holds."""
+  return jax.ffi.ffi_call(
+    ROWS_TARGET, jax.ShapeDtypeStruct(c.shape, c.dtype), input_output_aliases={2: 0}
+  )(
+    a,
+    b,
+    c,
+    jnp.stack(offsets).astype(jnp.int32),
+    trans_a=trans_a,
+    trans_b=trans_b,
+    m=np.int64(m),
+    k=np.int64(k),
+    accumulate=accumulate,
   )
 
 

@@ -90,7 +90,8 @@ def tiled_swiglu(
   gathered weights runs at about half the speed, and unfused intermediates cost more memory
   traffic than the matmuls (benchmarks/train_step.py). Saves the gate and up pre-activations
   for the backward pass, which accumulates an expert's weight gradients in the loops' carry.
-  `mkl`: the products through oneMKL (`matmul.use_mkl`).
+  `mkl` (`matmul.use_mkl`; float32 only): the products through oneMKL, reading and writing
+  each run's rows in place (`matmul.matmul_rows`).
   """
   return _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert, mkl)[0]
 
@@ -125,13 +126,20 @@ def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert, mkl):
     wgu = jnp.concatenate([wg_e, wu_e], axis=1)
 
     def run(start, n, bufs):
-      gu = matmul.matmul(jax.lax.dynamic_slice_in_dim(x, start, n), wgu, mkl=mkl)
-      y = matmul.matmul(jax.nn.silu(gu[:, :f]) * gu[:, f:], wd_e, mkl=mkl)
+      gu = jax.lax.dynamic_slice_in_dim(x, start, n) @ wgu
+      y = (jax.nn.silu(gu[:, :f]) * gu[:, f:]) @ wd_e
       return tuple(
         jax.lax.dynamic_update_slice_in_dim(b, v, start, 0) for b, v in zip(bufs, (y, gu))
       )
 
-    return _runs(first, count, rows, num_tiles, bufs, run), None
+    def run_mkl(start, n, bufs):
+      y, gu = bufs
+      gu = matmul.matmul_rows(gu, x, wgu, (start, 0, start), m=n, k=d)
+      gu_t = jax.lax.dynamic_slice_in_dim(gu, start, n)
+      h = jax.nn.silu(gu_t[:, :f]) * gu_t[:, f:]
+      return matmul.matmul_rows(y, h, wd_e, (0, 0, start), m=n, k=f), gu
+
+    return _runs(first, count, rows, num_tiles, bufs, run_mkl if mkl else run), None
 
   bufs = (jnp.zeros_like(x), jnp.zeros((x.shape[0], 2 * f), x.dtype))
   spans = _expert_tiles(tile_expert, wg.shape[0])
@@ -149,25 +157,43 @@ def _tiled_swiglu_bwd(mkl, res, g):
     wg_e, wu_e, wd_e, first, count = xs
     wgu = jnp.concatenate([wg_e, wu_e], axis=1)
 
-    def run(start, n, carry):
-      d_wgu, d_wd, d_x = carry
-      gu_t, g_t = (jax.lax.dynamic_slice_in_dim(a, start, n) for a in (gu, g))
+    def swiglu_grad(start, n, d_h_of):
+      """(act * up, d_gu) of the run's rows, d_h_of(act) giving the hidden gradient."""
+      gu_t = jax.lax.dynamic_slice_in_dim(gu, start, n)
       gate, up = gu_t[:, :f], gu_t[:, f:]
       sig = jax.nn.sigmoid(gate)
       act = gate * sig
-      d_h = matmul.matmul(g_t, wd_e, mkl=mkl, trans_b=True)
+      d_h = d_h_of()
       d_gu = jnp.concatenate([d_h * up * sig * (1 + gate * (1 - sig)), d_h * act], axis=1)
+      return act * up, d_gu
+
+    def run(start, n, carry):
+      d_wgu, d_wd, d_x = carry
+      g_t = jax.lax.dynamic_slice_in_dim(g, start, n)
+      h, d_gu = swiglu_grad(start, n, lambda: g_t @ wd_e.T)
       x_t = jax.lax.dynamic_slice_in_dim(x, start, n)
       return (
-        d_wgu + matmul.matmul(x_t, d_gu, mkl=mkl, trans_a=True).astype(d_wgu.dtype),
-        d_wd + matmul.matmul(act * up, g_t, mkl=mkl, trans_a=True).astype(d_wd.dtype),
-        jax.lax.dynamic_update_slice_in_dim(
-          d_x, matmul.matmul(d_gu, wgu, mkl=mkl, trans_b=True), start, 0
-        ),
+        d_wgu + (x_t.T @ d_gu).astype(d_wgu.dtype),
+        d_wd + (h.T @ g_t).astype(d_wd.dtype),
+        jax.lax.dynamic_update_slice_in_dim(d_x, d_gu @ wgu.T, start, 0),
+      )
+
+    def run_mkl(start, n, carry):
+      d_wgu, d_wd, d_x = carry
+      rows_of = matmul.matmul_rows
+      fresh = jnp.zeros((n, f), jnp.float32)
+      h, d_gu = swiglu_grad(
+        start, n, lambda: rows_of(fresh, g, wd_e, (start, 0, 0), m=n, k=d, trans_b=True)
+      )
+      return (
+        rows_of(d_wgu, x, d_gu, (start, 0, 0), m=d, k=n, trans_a=True, accumulate=True),
+        rows_of(d_wd, h, g, (0, start, 0), m=f, k=n, trans_a=True, accumulate=True),
+        rows_of(d_x, d_gu, wgu, (0, 0, start), m=n, k=2 * f, trans_b=True),
       )
 
     zeros = (jnp.zeros((d, 2 * f), jnp.float32), jnp.zeros((f, d), jnp.float32))
-    d_wgu, d_wd, d_x = _runs(first, count, rows, num_tiles, (*zeros, d_x), run)
+    body = run_mkl if mkl else run
+    d_wgu, d_wd, d_x = _runs(first, count, rows, num_tiles, (*zeros, d_x), body)
     return d_x, (d_wgu[:, :f], d_wgu[:, f:], d_wd)
 
   d_x, d_ws = jax.lax.scan(expert, jnp.zeros_like(x), (wg, wu, wd, *spans))
@@ -241,6 +267,7 @@ def expert_ffn(
   # E for the tiles after the last expert's rows (not computed).
   tile_expert = jnp.searchsorted(padded_end, jnp.arange(num_tiles) * block, side="right")
   tiles = buf.reshape(num_tiles, block, -1)
+  mkl = mkl and tiles.dtype == wg.dtype == wu.dtype == wd.dtype == jnp.float32
   out = tiled_swiglu(tiles, wg, wu, wd, tile_expert, mkl).reshape(num_rows, -1)
   return take_rows(out, dest, row_slot[:, None])
 
