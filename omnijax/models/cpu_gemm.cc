@@ -1,6 +1,7 @@
 // XLA:CPU custom call for float32 matrix products with a BLAS sgemm (oneMKL's, set at load
 // time by omnijax/models/matmul.py): C = op(A) op(B), row-major, op a transpose or not. BLAS
 // takes transposed operands in place, so a weight gradient (X^T dY) needs no layout copy.
+#include <algorithm>
 #include <cstdint>
 
 #include "xla/ffi/api/ffi.h"
@@ -29,28 +30,57 @@ ffi::Error Gemm(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuf
   return ffi::Error::Success();
 }
 
-// C[c0:c0+m] (+)= op(A[a0:]) op(B[b0:]) in place: A, B and C row-major with their stored rows
-// offset by `offsets` = (a0, b0, c0) (the rows of one expert's tile run in a buffer of all
-// tiles), m x k the product's static sizes, n = C's columns; C is the aliased input `c`.
-ffi::Error GemmRows(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> c,
-                    ffi::Buffer<ffi::S32> offsets, ffi::ResultBuffer<ffi::F32> out, bool trans_a,
-                    bool trans_b, int64_t m, int64_t k, bool accumulate) {
-  if (sgemm == nullptr) return ffi::Error::Internal("omnijax_sgemm_rows: no BLAS sgemm was set");
-  auto ad = a.dimensions(), bd = b.dimensions(), cd = out->dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2 || offsets.element_count() != 3) {
-    return ffi::Error::InvalidArgument("omnijax_sgemm_rows takes 2-D operands and 3 offsets");
+// Grouped products over row groups of `sizes` (consecutive, from row 0; rows past their sum
+// are zeros): out[rows of g] = x[rows of g] op(w[g]), with w (G, K, N), or (G, N, K) when
+// trans_w.
+ffi::Error GroupedGemm(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> out,
+                       bool trans_w) {
+  if (sgemm == nullptr) return ffi::Error::Internal("omnijax_grouped_sgemm: no BLAS sgemm set");
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || sizes.element_count() != wd[0]) {
+    return ffi::Error::InvalidArgument("omnijax_grouped_sgemm: x (M, K), w (G, K, N), sizes (G,)");
   }
-  const int32_t* off = offsets.typed_data();
-  int64_t n = cd[1];
-  int64_t a_rows = trans_a ? k : m, b_rows = trans_b ? n : k;
-  int64_t a_cols = trans_a ? m : k, b_cols = trans_b ? k : n;
-  if (off[0] < 0 || off[0] + a_rows > ad[0] || a_cols != ad[1] || off[1] < 0 ||
-      off[1] + b_rows > bd[0] || b_cols != bd[1] || off[2] < 0 || off[2] + m > cd[0]) {
-    return ffi::Error::InvalidArgument("omnijax_sgemm_rows: rows out of range");
+  int64_t m = xd[0], k = xd[1], n = trans_w ? wd[1] : wd[2];
+  const int32_t* size = sizes.typed_data();
+  float* o = out->typed_data();
+  int64_t row = 0;
+  for (int64_t g = 0; g < wd[0]; ++g) {
+    if (size[g] < 0 || row + size[g] > m) {
+      return ffi::Error::InvalidArgument("omnijax_grouped_sgemm: group sizes exceed the rows");
+    }
+    if (size[g] > 0) {
+      sgemm(kRowMajor, kNoTrans, trans_w ? kTrans : kNoTrans, size[g], n, k, 1.0f,
+            x.typed_data() + row * k, k, w.typed_data() + g * k * n, trans_w ? k : n, 0.0f,
+            o + row * n, n);
+    }
+    row += size[g];
   }
-  sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, m, n, k, 1.0f,
-        a.typed_data() + off[0] * ad[1], ad[1], b.typed_data() + off[1] * bd[1], bd[1],
-        accumulate ? 1.0f : 0.0f, out->typed_data() + off[2] * n, n);
+  std::fill(o + row * n, o + m * n, 0.0f);
+  return ffi::Error::Success();
+}
+
+// The weight gradient of GroupedGemm: out[g] = x[rows of g]^T dy[rows of g], (G, K, N).
+ffi::Error GroupedGemmWeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                                 ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> out) {
+  if (sgemm == nullptr) return ffi::Error::Internal("omnijax_grouped_sgemm: no BLAS sgemm set");
+  auto xd = x.dimensions(), yd = dy.dimensions(), od = out->dimensions();
+  int64_t m = xd[0], k = xd[1], n = yd[1];
+  const int32_t* size = sizes.typed_data();
+  float* o = out->typed_data();
+  int64_t row = 0;
+  for (int64_t g = 0; g < od[0]; ++g) {
+    if (size[g] < 0 || row + size[g] > m) {
+      return ffi::Error::InvalidArgument("omnijax_grouped_sgemm: group sizes exceed the rows");
+    }
+    if (size[g] > 0) {
+      sgemm(kRowMajor, kTrans, kNoTrans, k, n, size[g], 1.0f, x.typed_data() + row * k, k,
+            dy.typed_data() + row * n, n, 0.0f, o + g * k * n, n);
+    } else {
+      std::fill(o + g * k * n, o + (g + 1) * k * n, 0.0f);
+    }
+    row += size[g];
+  }
   return ffi::Error::Success();
 }
 
@@ -66,15 +96,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OmnijaxSgemm, Gemm,
                                   .Attr<bool>("trans_a")
                                   .Attr<bool>("trans_b"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OmnijaxSgemmRows, GemmRows,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OmnijaxGroupedSgemm, GroupedGemm,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("trans_a")
-                                  .Attr<bool>("trans_b")
-                                  .Attr<int64_t>("m")
-                                  .Attr<int64_t>("k")
-                                  .Attr<bool>("accumulate"));
+                                  .Attr<bool>("trans_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OmnijaxGroupedSgemmWeightGrad, GroupedGemmWeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -20,10 +20,10 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 TARGET = "omnijax_sgemm"
-ROWS_TARGET = "omnijax_sgemm_rows"
+GROUPED_TARGET = "omnijax_grouped_sgemm"
+GROUPED_GRAD_TARGET = "omnijax_grouped_sgemm_weight_grad"
 _MKL_THREADING_GNU = 3
 
 
@@ -53,7 +53,11 @@ def unavailable() -> str | None:
   lib = ctypes.CDLL(spec.origin)
   lib.omnijax_set_sgemm(ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p))
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.OmnijaxSgemm), platform="cpu")
-  jax.ffi.register_ffi_target(ROWS_TARGET, jax.ffi.pycapsule(lib.OmnijaxSgemmRows), platform="cpu")
+  for target, handler in (
+    (GROUPED_TARGET, lib.OmnijaxGroupedSgemm),
+    (GROUPED_GRAD_TARGET, lib.OmnijaxGroupedSgemmWeightGrad),
+  ):
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
   return None
 
 
@@ -135,27 +139,20 @@ def matmul(
   )
 
 
-def matmul_rows(
-  c, a, b, offsets, *, m: int, k: int, trans_a=False, trans_b=False, accumulate=False
-):
-  """c (float32, R x n) with its rows offsets[2] .. + m set to op(A) op(B) (or, `accumulate`,
-  increased by it), where A and B are a and b from their stored rows offsets[0] and
-  offsets[1] on and m x k is the product's size, in place through oneMKL: the rows of one
-  expert's tile run read and written where they lie, no slices copied out and back.
-  Only where `use_mkl` holds."""
-  return jax.ffi.ffi_call(
-    ROWS_TARGET, jax.ShapeDtypeStruct(c.shape, c.dtype), input_output_aliases={2: 0}
-  )(
-    a,
-    b,
-    c,
-    jnp.stack(offsets).astype(jnp.int32),
-    trans_a=trans_a,
-    trans_b=trans_b,
-    m=np.int64(m),
-    k=np.int64(k),
-    accumulate=accumulate,
+def grouped_matmul(x, w, sizes, *, trans_w: bool = False):
+  """x (M, K) in consecutive row groups of `sizes` (G,) from row 0, each times its w[g]: w (G,
+  K, N), or (G, N, K) used transposed (`trans_w`) -> (M, N), rows past the groups zeros; one
+  oneMKL product per group (`ragged_dot`'s product). Float32, where `use_mkl` holds."""
+  n = w.shape[1] if trans_w else w.shape[2]
+  return jax.ffi.ffi_call(GROUPED_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(
+    x, w, sizes.astype(jnp.int32), trans_w=trans_w
   )
+
+
+def grouped_weight_grad(x, dy, sizes):
+  """The weights' gradient of `grouped_matmul`: (G, K, N) of x[group g]^T dy[group g]."""
+  out = jax.ShapeDtypeStruct((sizes.shape[0], x.shape[1], dy.shape[1]), jnp.float32)
+  return jax.ffi.ffi_call(GROUPED_GRAD_TARGET, out)(x, dy, sizes.astype(jnp.int32))
 
 
 def contract(x, w, *, mkl: bool, n_in: int = 1):

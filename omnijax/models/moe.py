@@ -72,14 +72,9 @@ def _sorted_layout(slot_expert: jax.Array, num_experts: int):
   return order, sizes, starts
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@jax.custom_vjp
 def tiled_swiglu(
-  tiles: jax.Array,
-  wg: jax.Array,
-  wu: jax.Array,
-  wd: jax.Array,
-  tile_expert: jax.Array,
-  mkl: bool = False,
+  tiles: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, tile_expert: jax.Array
 ) -> jax.Array:
   """SwiGLU of expert ``tile_expert[t]`` on row tile t: tiles (T, b, D) -> (T, b, D), the tiles
   sorted by expert (E after the last used tile: not computed, their outputs are zeros).
@@ -90,10 +85,8 @@ def tiled_swiglu(
   gathered weights runs at about half the speed, and unfused intermediates cost more memory
   traffic than the matmuls (benchmarks/train_step.py). Saves the gate and up pre-activations
   for the backward pass, which accumulates an expert's weight gradients in the loops' carry.
-  `mkl` (`matmul.use_mkl`; float32 only): the products through oneMKL, reading and writing
-  each run's rows in place (`matmul.matmul_rows`).
   """
-  return _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert, mkl)[0]
+  return _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert)[0]
 
 
 def _expert_tiles(tile_expert: jax.Array, num_experts: int):
@@ -116,7 +109,7 @@ def _runs(first, count, rows: int, num_tiles: int, carry, body):
   return carry
 
 
-def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert, mkl):
+def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert):
   f = wg.shape[2]
   num_tiles, rows, d = tiles.shape
   x = tiles.reshape(num_tiles * rows, d)
@@ -132,14 +125,7 @@ def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert, mkl):
         jax.lax.dynamic_update_slice_in_dim(b, v, start, 0) for b, v in zip(bufs, (y, gu))
       )
 
-    def run_mkl(start, n, bufs):
-      y, gu = bufs
-      gu = matmul.matmul_rows(gu, x, wgu, (start, 0, start), m=n, k=d)
-      gu_t = jax.lax.dynamic_slice_in_dim(gu, start, n)
-      h = jax.nn.silu(gu_t[:, :f]) * gu_t[:, f:]
-      return matmul.matmul_rows(y, h, wd_e, (0, 0, start), m=n, k=f), gu
-
-    return _runs(first, count, rows, num_tiles, bufs, run_mkl if mkl else run), None
+    return _runs(first, count, rows, num_tiles, bufs, run), None
 
   bufs = (jnp.zeros_like(x), jnp.zeros((x.shape[0], 2 * f), x.dtype))
   spans = _expert_tiles(tile_expert, wg.shape[0])
@@ -147,7 +133,7 @@ def _tiled_swiglu_fwd(tiles, wg, wu, wd, tile_expert, mkl):
   return y.reshape(tiles.shape), (x, gu, wg, wu, wd, spans)
 
 
-def _tiled_swiglu_bwd(mkl, res, g):
+def _tiled_swiglu_bwd(res, g):
   x, gu, wg, wu, wd, spans = res
   d, f = wg.shape[1:]
   num_tiles, rows = g.shape[:2]
@@ -157,43 +143,22 @@ def _tiled_swiglu_bwd(mkl, res, g):
     wg_e, wu_e, wd_e, first, count = xs
     wgu = jnp.concatenate([wg_e, wu_e], axis=1)
 
-    def swiglu_grad(start, n, d_h_of):
-      """(act * up, d_gu) of the run's rows, d_h_of(act) giving the hidden gradient."""
-      gu_t = jax.lax.dynamic_slice_in_dim(gu, start, n)
+    def run(start, n, carry):
+      d_wgu, d_wd, d_x = carry
+      gu_t, g_t = (jax.lax.dynamic_slice_in_dim(a, start, n) for a in (gu, g))
       gate, up = gu_t[:, :f], gu_t[:, f:]
       sig = jax.nn.sigmoid(gate)
       act = gate * sig
-      d_h = d_h_of()
+      d_h = g_t @ wd_e.T
       d_gu = jnp.concatenate([d_h * up * sig * (1 + gate * (1 - sig)), d_h * act], axis=1)
-      return act * up, d_gu
-
-    def run(start, n, carry):
-      d_wgu, d_wd, d_x = carry
-      g_t = jax.lax.dynamic_slice_in_dim(g, start, n)
-      h, d_gu = swiglu_grad(start, n, lambda: g_t @ wd_e.T)
-      x_t = jax.lax.dynamic_slice_in_dim(x, start, n)
       return (
-        d_wgu + (x_t.T @ d_gu).astype(d_wgu.dtype),
-        d_wd + (h.T @ g_t).astype(d_wd.dtype),
+        d_wgu + (jax.lax.dynamic_slice_in_dim(x, start, n).T @ d_gu).astype(d_wgu.dtype),
+        d_wd + ((act * up).T @ g_t).astype(d_wd.dtype),
         jax.lax.dynamic_update_slice_in_dim(d_x, d_gu @ wgu.T, start, 0),
       )
 
-    def run_mkl(start, n, carry):
-      d_wgu, d_wd, d_x = carry
-      rows_of = matmul.matmul_rows
-      fresh = jnp.zeros((n, f), jnp.float32)
-      h, d_gu = swiglu_grad(
-        start, n, lambda: rows_of(fresh, g, wd_e, (start, 0, 0), m=n, k=d, trans_b=True)
-      )
-      return (
-        rows_of(d_wgu, x, d_gu, (start, 0, 0), m=d, k=n, trans_a=True, accumulate=True),
-        rows_of(d_wd, h, g, (0, start, 0), m=f, k=n, trans_a=True, accumulate=True),
-        rows_of(d_x, d_gu, wgu, (0, 0, start), m=n, k=2 * f, trans_b=True),
-      )
-
     zeros = (jnp.zeros((d, 2 * f), jnp.float32), jnp.zeros((f, d), jnp.float32))
-    body = run_mkl if mkl else run
-    d_wgu, d_wd, d_x = _runs(first, count, rows, num_tiles, (*zeros, d_x), body)
+    d_wgu, d_wd, d_x = _runs(first, count, rows, num_tiles, (*zeros, d_x), run)
     return d_x, (d_wgu[:, :f], d_wgu[:, f:], d_wd)
 
   d_x, d_ws = jax.lax.scan(expert, jnp.zeros_like(x), (wg, wu, wd, *spans))
@@ -202,6 +167,39 @@ def _tiled_swiglu_bwd(mkl, res, g):
 
 
 tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
+
+
+@jax.custom_vjp
+def grouped_swiglu(rows, wg, wu, wd, sizes):
+  """SwiGLU of expert e on its rows, the `sizes[e]` rows after those of experts < e (rows past
+  them: zeros): rows (M, D) -> (M, D), each expert's products one oneMKL call
+  (`matmul.grouped_matmul`), gate and up side by side, the activations over all rows at once."""
+  return _grouped_swiglu_fwd(rows, wg, wu, wd, sizes)[0]
+
+
+def _grouped_swiglu_fwd(rows, wg, wu, wd, sizes):
+  f = wg.shape[2]
+  wgu = jnp.concatenate([wg, wu], axis=2)
+  gu = matmul.grouped_matmul(rows, wgu, sizes)
+  y = matmul.grouped_matmul(jax.nn.silu(gu[:, :f]) * gu[:, f:], wd, sizes)
+  return y, (rows, gu, wgu, wd, sizes)
+
+
+def _grouped_swiglu_bwd(res, g):
+  rows, gu, wgu, wd, sizes = res
+  f = wd.shape[1]
+  gate, up = gu[:, :f], gu[:, f:]
+  sig = jax.nn.sigmoid(gate)
+  act = gate * sig
+  d_h = matmul.grouped_matmul(g, wd, sizes, trans_w=True)
+  d_gu = jnp.concatenate([d_h * up * sig * (1 + gate * (1 - sig)), d_h * act], axis=1)
+  d_wgu = matmul.grouped_weight_grad(rows, d_gu, sizes)
+  d_wd = matmul.grouped_weight_grad(act * up, g, sizes)
+  d_rows = matmul.grouped_matmul(d_gu, wgu, sizes, trans_w=True)
+  return d_rows, d_wgu[..., :f], d_wgu[..., f:], d_wd, None
+
+
+grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
 
 
 @jax.custom_vjp
@@ -250,8 +248,10 @@ def expert_ffn(
     raise ValueError(f"unknown expert path {impl!r}")
   # Pad each expert's rows up to whole tiles of `block` rows; tile t belongs to one expert.
   # Buffer rows are gathered from x (padding rows read zeros) and slot outputs gathered
-  # back; the slot <-> row maps make both backward passes gathers too (`take_rows`).
-  block = min(block, max(8, 1 << (n - 1).bit_length()))
+  # back; the slot <-> row maps make both backward passes gathers too (`take_rows`). oneMKL's
+  # grouped products (`mkl`) take any number of rows: 8-row tiles, to pad little.
+  mkl = mkl and x.dtype == wg.dtype == wu.dtype == wd.dtype == jnp.float32
+  block = 8 if mkl else min(block, max(8, 1 << (n - 1).bit_length()))
   padded = (sizes + block - 1) // block * block
   padded_end = jnp.cumsum(padded)
   padded_start = padded_end - padded
@@ -264,11 +264,13 @@ def expert_ffn(
   row_slot = jnp.full((num_rows,), n, jnp.int32).at[dest].set(jnp.arange(n), mode="drop")
   row_token = jnp.where(row_slot < n, row_slot // k, x.shape[0])
   buf = take_rows(x, row_token, dest.reshape(-1, k))
-  # E for the tiles after the last expert's rows (not computed).
-  tile_expert = jnp.searchsorted(padded_end, jnp.arange(num_tiles) * block, side="right")
-  tiles = buf.reshape(num_tiles, block, -1)
-  mkl = mkl and tiles.dtype == wg.dtype == wu.dtype == wd.dtype == jnp.float32
-  out = tiled_swiglu(tiles, wg, wu, wd, tile_expert, mkl).reshape(num_rows, -1)
+  if mkl:
+    out = grouped_swiglu(buf, wg, wu, wd, padded)
+  else:
+    # E for the tiles after the last expert's rows (not computed).
+    tile_expert = jnp.searchsorted(padded_end, jnp.arange(num_tiles) * block, side="right")
+    tiles = buf.reshape(num_tiles, block, -1)
+    out = tiled_swiglu(tiles, wg, wu, wd, tile_expert).reshape(num_rows, -1)
   return take_rows(out, dest, row_slot[:, None])
 
 
@@ -302,7 +304,7 @@ def gathered_experts(x, top_idx, top_w, wg, wu, wd):
 
 def local_experts(x, top_idx, top_w, wg, wu, wd, impl: str, block: int, mkl: bool = False):
   """Dropless MoE over the tokens of one device: x (T, D) -> (T, D); `mkl`: the blocked
-  experts' products through oneMKL."""
+  path's products as oneMKL's grouped products (`grouped_swiglu`)."""
   if impl == "dense":
     return dense_reference(x, top_idx, top_w, wg, wu, wd)
   if top_idx.size <= wg.shape[0]:
