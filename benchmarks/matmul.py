@@ -88,7 +88,7 @@ def main():
     f"{torch.get_num_threads()} threads; jax {jax.__version__} on {jax.devices()[0]}"
   )
   mkl = matmul.unavailable() is None
-  side = "mkl" if ImplConfig().resolved("cpu").cpu_matmul == "mkl" else "xla"  # omnijax's
+  omnijax = "mkl" if ImplConfig().resolved("cpu").cpu_matmul == "mkl" else "xla"
   print(
     f"{'product':18s} {'pass':12s} {'shape (r x i x o)':20s} {'XLA GF/s':>9s} "
     + (f"{'oneMKL GF/s':>12s} " if mkl else "")
@@ -120,7 +120,7 @@ def main():
       secs = {side: float(np.median(times[side][1:])) for side in sides}
       flops = 2.0 * r * i * o
       totals.update({side: calls * s for side, s in secs.items()})
-      ours = secs[side]
+      ours = secs[omnijax]
       print(
         f"{name:18s} {pass_name:12s} {f'{r} x {i} x {o}':20s} {flops / secs['xla'] / 1e9:9.0f} "
         + (f"{flops / secs['mkl'] / 1e9:12.0f} " if mkl else "")
@@ -131,7 +131,7 @@ def main():
     + (f"oneMKL {totals['mkl']:.3f} s, " if mkl else "")
     + f"torch {totals['torch']:.3f} s"
   )
-  print(f"ratio_vs_transformers={totals['torch'] / totals[side]:.3f}")
+  print(f"ratio_vs_transformers={totals['torch'] / totals[omnijax]:.3f}")
 
 
 if __name__ == "__main__":

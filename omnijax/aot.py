@@ -217,6 +217,7 @@ def compile_step(config, devices, chip: Chip, topology: str = "") -> Report:
   from omnijax.train import step as step_lib
   from omnijax.train import trainer
 
+  config.model.impl.cpu_matmul = "xla"  # oneMKL's custom calls are XLA:CPU's; this is a TPU's step
   model_cfg = ThinkerConfig.from_dict(config.model)
   rules = shd.axis_rules(config.sharding.rules)
   mesh = shd.make_mesh(config.mesh, devices)

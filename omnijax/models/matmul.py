@@ -4,7 +4,8 @@ XLA:CPU runs a float32 product with YNNPACK or, when it contracts the left opera
 axis (every weight gradient), with its own `dot`; on Intel hosts both run at 50-95% of oneMKL's
 speed on the train step's shapes (`benchmarks/matmul.py`). `matmul` calls oneMKL instead, as
 an XLA FFI custom call (`cpu_gemm.cc`, built at install), transposes given to BLAS rather than
-copied. oneMKL runs its GNU OpenMP threading layer, as in torch's CPU build: its Intel layer
+copied; the blocked experts' products become grouped ones, one oneMKL call per expert
+(`grouped_matmul`, `moe.grouped_swiglu`). oneMKL runs its GNU OpenMP threading layer, as in torch's CPU build: its Intel layer
 gave wrong products in a process that had also loaded torch's libgomp.
 """
 
