@@ -72,6 +72,16 @@ def _sorted_layout(slot_expert: jax.Array, num_experts: int):
   return order, sizes, starts
 
 
+def _swiglu_grad(gu, d_h):
+  """(silu(gate) * up, the gradient of (gate | up)) from gu = (gate | up) side by side and the
+  gradient d_h of silu(gate) * up."""
+  f = d_h.shape[1]
+  gate, up = gu[:, :f], gu[:, f:]
+  sig = jax.nn.sigmoid(gate)
+  act = gate * sig
+  return act * up, jnp.concatenate([d_h * up * sig * (1 + gate * (1 - sig)), d_h * act], axis=1)
+
+
 @jax.custom_vjp
 def tiled_swiglu(
   tiles: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, tile_expert: jax.Array
@@ -146,14 +156,10 @@ def _tiled_swiglu_bwd(res, g):
     def run(start, n, carry):
       d_wgu, d_wd, d_x = carry
       gu_t, g_t = (jax.lax.dynamic_slice_in_dim(a, start, n) for a in (gu, g))
-      gate, up = gu_t[:, :f], gu_t[:, f:]
-      sig = jax.nn.sigmoid(gate)
-      act = gate * sig
-      d_h = g_t @ wd_e.T
-      d_gu = jnp.concatenate([d_h * up * sig * (1 + gate * (1 - sig)), d_h * act], axis=1)
+      h, d_gu = _swiglu_grad(gu_t, g_t @ wd_e.T)
       return (
         d_wgu + (jax.lax.dynamic_slice_in_dim(x, start, n).T @ d_gu).astype(d_wgu.dtype),
-        d_wd + ((act * up).T @ g_t).astype(d_wd.dtype),
+        d_wd + (h.T @ g_t).astype(d_wd.dtype),
         jax.lax.dynamic_update_slice_in_dim(d_x, d_gu @ wgu.T, start, 0),
       )
 
@@ -188,13 +194,9 @@ def _grouped_swiglu_fwd(rows, wg, wu, wd, sizes):
 def _grouped_swiglu_bwd(res, g):
   rows, gu, wgu, wd, sizes = res
   f = wd.shape[1]
-  gate, up = gu[:, :f], gu[:, f:]
-  sig = jax.nn.sigmoid(gate)
-  act = gate * sig
-  d_h = matmul.grouped_matmul(g, wd, sizes, trans_w=True)
-  d_gu = jnp.concatenate([d_h * up * sig * (1 + gate * (1 - sig)), d_h * act], axis=1)
+  h, d_gu = _swiglu_grad(gu, matmul.grouped_matmul(g, wd, sizes, trans_w=True))
   d_wgu = matmul.grouped_weight_grad(rows, d_gu, sizes)
-  d_wd = matmul.grouped_weight_grad(act * up, g, sizes)
+  d_wd = matmul.grouped_weight_grad(h, g, sizes)
   d_rows = matmul.grouped_matmul(d_gu, wgu, sizes, trans_w=True)
   return d_rows, d_wgu[..., :f], d_wgu[..., f:], d_wd, None
 
