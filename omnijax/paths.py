@@ -1,0 +1,61 @@
+"""Every path omnijax reads or writes, local or in a bucket: `etils.epath.Path`, as orbax and grain
+use. A URL (`gs://bucket/run`, any fsspec protocol) stays a URL; a local path is made absolute.
+
+`pathlib.Path("gs://bucket/run")` is `gs:/bucket/run`, a local folder: nothing in omnijax may
+build a run's paths with pathlib or os.path.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from etils import epath
+
+from omnijax.errors import ConfigError
+
+PathLike = str | os.PathLike
+
+
+def is_url(path: PathLike) -> bool:
+  return "://" in os.fspath(path)
+
+
+def path(p: PathLike) -> epath.Path:
+  """The epath.Path of a local path (absolute) or a URL (unchanged)."""
+  if isinstance(p, epath.Path) and is_url(p):
+    return p
+  s = os.fspath(p)
+  return epath.Path(s if is_url(s) else os.path.abspath(s))
+
+
+def local(p: PathLike, what: str, hint: str) -> pathlib.Path:
+  """A path that must be on this machine's file system (a memory map, a subprocess's input):
+  a URL is a ConfigError that names `what` and says what to do (`hint`)."""
+  if is_url(p):
+    raise ConfigError(f"{what}={os.fspath(p)!r} must be a local path: {hint}")
+  return pathlib.Path(os.fspath(p)).absolute()
+
+
+def check_reachable(p: PathLike, what: str) -> epath.Path:
+  """`p` as an epath.Path; for a URL, first checks that its bucket answers, so a wrong bucket
+  name or missing credentials fail before anything compiles."""
+  out = path(p)
+  if not is_url(out):
+    return out
+  scheme, _, rest = os.fspath(out).partition("://")
+  bucket = epath.Path(f"{scheme}://{rest.split('/', 1)[0]}")
+  try:
+    ok = bucket.exists()
+  except Exception as e:  # noqa: BLE001: any client error means the same to the user
+    raise ConfigError(
+      f"{what}={os.fspath(p)!r}: cannot reach {bucket} ({type(e).__name__}: {e}); check the "
+      "bucket name and the credentials (gcloud auth application-default login, or the VM's "
+      "service account)."
+    ) from e
+  if not ok:
+    raise ConfigError(
+      f"{what}={os.fspath(p)!r}: the bucket {bucket} does not exist or is not visible with "
+      "these credentials; create it or fix the name."
+    )
+  return out
