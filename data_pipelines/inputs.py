@@ -11,14 +11,15 @@
 from __future__ import annotations
 
 import copy
+import os
 import dataclasses
-from pathlib import Path
 from typing import Any, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 
+from omnijax import paths
 from omnijax.errors import ConfigError
 from omnijax.processing import batch as batch_lib
 
@@ -119,7 +120,13 @@ def _check_sources(d) -> None:
       if not s.get("tfds"):
         sources[f"data.mixture.{name}.path"] = s.get("path")
   for name, path in sources.items():
-    if not path or not Path(path).exists():
+    if path and paths.is_url(path):
+      raise ConfigError(
+        f"{name}={path!r} is in a bucket, but ArrayRecord shards are read with random access "
+        "from a file system: mount the bucket with Cloud Storage FUSE (gcsfuse, as MaxText "
+        "documents; docs/pods.md) and pass the mounted path, or copy the shards to local disk."
+      )
+    if not path or not os.path.exists(path):
       raise ConfigError(
         f"{name}={path!r} does not exist; prepare shards there (python -m "
         "data_pipelines.prepare), name a TFDS builder (data.mixture.NAME.tfds) "
@@ -138,11 +145,16 @@ def load_tokenizer(config, model_cfg):
       "set data.tokenizer (a tokenizer.json) or data.tokenizer_corpus (text "
       "shards to train a BPE on)."
     )
-  tokenizer = (
-    tok_lib.load_tokenizer(d.tokenizer)
-    if d.tokenizer
-    else tok_lib.local_tokenizer(corpus, vocab_size=d.tokenizer_vocab_size)
-  )
+  if d.tokenizer:
+    try:
+      tokenizer = tok_lib.load_tokenizer(paths.check_reachable(d.tokenizer, "data.tokenizer"))
+    except FileNotFoundError as e:
+      raise ConfigError(
+        f"data.tokenizer={d.tokenizer!r}: {e} Pass a tokenizer.json, or a directory that holds "
+        "one (an omnijax workdir, an exported or a Hugging Face checkpoint)."
+      ) from e
+  else:
+    tokenizer = tok_lib.local_tokenizer(corpus, vocab_size=d.tokenizer_vocab_size)
   check_tokenizer(tokenizer, model_cfg)
   return tokenizer
 

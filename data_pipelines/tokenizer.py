@@ -24,6 +24,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from data_pipelines import records
 from data_pipelines.ops import BadRecord
+from omnijax import paths
 
 # Qwen3-Omni special tokens, in the id order a locally trained tokenizer uses.
 SPECIAL_TOKENS = (
@@ -73,17 +74,24 @@ class TextTokenizer:
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
   def save(self, path: str | os.PathLike[str]) -> None:
-    """Atomically writes the tokenizer.json to ``path``."""
-    path = pathlib.Path(path)
+    """Atomically writes the tokenizer.json to ``path`` (local, or an object in a bucket)."""
+    path = paths.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    self._tokenizer.save(str(tmp))
-    os.replace(tmp, path)
+    tmp = path if paths.is_url(path) else path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(self._tokenizer.to_str())
+    if tmp != path:
+      tmp.replace(path)
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> TextTokenizer:
-  """Loads a HF ``tokenizer.json``."""
-  return TextTokenizer(tokenizers.Tokenizer.from_file(os.fspath(path)))
+  """Loads a HF ``tokenizer.json``, or the one in a directory (an omnijax workdir, an exported
+  or a transformers checkpoint); local or in a bucket."""
+  path = paths.path(path)
+  if path.is_dir():
+    path = path / "tokenizer.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no tokenizer.json there.")
+  return TextTokenizer(tokenizers.Tokenizer.from_str(path.read_text()))
 
 
 def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096) -> TextTokenizer:

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from omnijax import decode, speech
+from omnijax import decode, paths, speech
 from omnijax.hf import convert, safetensors_io
 from omnijax.processing import media as media_lib
 from omnijax.processing import positions as positions_lib
@@ -301,7 +300,7 @@ class Model:
 
   def save_hf(
     self,
-    out_dir: str | Path,
+    out_dir: paths.PathLike,
     *,
     dtype: str = "float32",
     max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE,
@@ -326,7 +325,7 @@ class Model:
     )
 
 
-def load(path: str | Path, *, step: int | None = None, dtype: str | None = None):
+def load(path: paths.PathLike, *, step: int | None = None, dtype: str | None = None):
   """A Model from an omnijax workdir (model.json + checkpoints/ or init_params/; newest step
   unless `step`) or a transformers directory (config.json + safetensors), with the directory's
   tokenizer.json as `tokenizer` (None without one), its Talker (workdir talker.json and the
@@ -337,7 +336,7 @@ def load(path: str | Path, *, step: int | None = None, dtype: str | None = None)
   `omnijax.codec.tokenizer.SpeechTokenizer` instead."""
   from omnijax.codec import tokenizer as codec_tokenizer  # pylint: disable=import-outside-toplevel
 
-  path = Path(path)
+  path = paths.path(path)
   if codec_tokenizer.is_codec_run(path):
     if dtype is not None:
       raise ValueError(f"{path} is a speech codec run, which takes no dtype=; drop it.")

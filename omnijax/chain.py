@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from pathlib import Path
 
 from experiments.recipe import CHAIN
+from omnijax import paths
 from omnijax.errors import ConfigError
 from omnijax.launch import load_experiment
 
@@ -38,9 +38,9 @@ def plan(root: str, local: bool, stages: list[str] | None) -> list[tuple[str, st
     if local:
       exp += ",local" if ":" in exp else ":local"
     load_experiment(exp)
-    args = [f"--exp={exp}", f"--workdir={Path(root) / name}"]
+    args = [f"--exp={exp}", f"--workdir={paths.path(root) / name}"]
     if i:
-      args.append(f"--config.train.init_from={Path(root) / CHAIN[i - 1][0]}")
+      args.append(f"--config.train.init_from={paths.path(root) / CHAIN[i - 1][0]}")
     out.append((name, exp, args))
   return out
 
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
   )
   args, overrides = parser.parse_known_args(argv)
   try:
+    paths.check_reachable(args.root, "--root")
     stages = plan(args.root, args.local, [s for s in args.stages.split(",") if s])
   except ConfigError as e:
     print(f"omnijax.chain: config error: {e}", file=sys.stderr)

@@ -10,11 +10,16 @@ from __future__ import annotations
 import os
 import pathlib
 
+import fsspec
 from etils import epath
 
 from omnijax.errors import ConfigError
 
 PathLike = str | os.PathLike
+
+# Other processes (the run's other hosts, the next launch) and tensorstore (orbax's arrays)
+# write to the bucket behind gcsfs's back: a cached listing would hide their objects.
+fsspec.config.conf.setdefault("gcs", {})["use_listings_cache"] = False
 
 
 def is_url(path: PathLike) -> bool:
@@ -47,7 +52,7 @@ def check_reachable(p: PathLike, what: str) -> epath.Path:
   bucket = epath.Path(f"{scheme}://{rest.split('/', 1)[0]}")
   try:
     ok = bucket.exists()
-  except Exception as e:  # noqa: BLE001: any client error means the same to the user
+  except Exception as e:  # any client error means the same to the user
     raise ConfigError(
       f"{what}={os.fspath(p)!r}: cannot reach {bucket} ({type(e).__name__}: {e}); check the "
       "bucket name and the credentials (gcloud auth application-default login, or the VM's "

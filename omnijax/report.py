@@ -15,16 +15,17 @@ import argparse
 import json
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
+
+from omnijax import paths
 
 SWEEP_JSON = "sweep.json"
 
 
-def load_sweep(root: str | Path) -> dict:
+def load_sweep(root: paths.PathLike) -> dict:
   """{"runs": [{name, args, workdir, metrics: {step: {...}}}], ...} of a sweep directory."""
-  root = Path(root)
+  root = paths.path(root)
   path = root / SWEEP_JSON
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: run `python -m omnijax.sweep --root={root}` first.")
@@ -34,10 +35,10 @@ def load_sweep(root: str | Path) -> dict:
   return sweep
 
 
-def read_metrics(workdir: str | Path) -> dict[int, dict]:
+def read_metrics(workdir: paths.PathLike) -> dict[int, dict]:
   """step -> every scalar logged at that step (train and eval lines merged)."""
   out: dict[int, dict] = defaultdict(dict)
-  path = Path(workdir) / "metrics.jsonl"
+  path = paths.path(workdir) / "metrics.jsonl"
   if path.exists():
     for line in path.read_text().splitlines():
       m = json.loads(line)
@@ -149,7 +150,7 @@ def judge(table: dict, metric: str, a: str, b: str, kind: str) -> str | None:
   return f"{verdict}; {detail}"
 
 
-def plot(sweep: dict, arms: list[str], table: dict, out: Path) -> list[str]:
+def plot(sweep: dict, arms: list[str], table: dict, out: paths.epath.Path) -> list[str]:
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")
@@ -176,7 +177,8 @@ def plot(sweep: dict, arms: list[str], table: dict, out: Path) -> list[str]:
     ax.set_xlabel("step")
   axes[0].legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(out / "learning_curves.png", dpi=110)
+  with (out / "learning_curves.png").open("wb") as f:
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
   files.append("learning_curves.png")
 
@@ -196,15 +198,16 @@ def plot(sweep: dict, arms: list[str], table: dict, out: Path) -> list[str]:
   for ax in list(axes.flat)[len(metrics) :]:
     ax.axis("off")
   fig.tight_layout()
-  fig.savefig(out / "eval_metrics.png", dpi=110)
+  with (out / "eval_metrics.png").open("wb") as f:
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
   files.append("eval_metrics.png")
   return files
 
 
-def write_report(root: str | Path, out: str | Path, command: str = "") -> Path:
+def write_report(root: paths.PathLike, out: paths.PathLike, command: str = "") -> paths.epath.Path:
   sweep = load_sweep(root)
-  out = Path(out)
+  out = paths.path(out)
   out.mkdir(parents=True, exist_ok=True)
   arms, table = summarize(sweep)
   if not table:
@@ -268,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
   )
   args = parser.parse_args(argv)
   try:
-    path = write_report(args.sweep, args.out or Path(args.sweep) / "report", args.command)
+    path = write_report(args.sweep, args.out or paths.path(args.sweep) / "report", args.command)
   except (FileNotFoundError, ValueError) as e:
     print(f"omnijax.report: {e}", file=sys.stderr)
     return 2

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+from omnijax import paths
 from omnijax.errors import ConfigError
 from omnijax.launch import load_experiment
 
@@ -66,13 +67,16 @@ def main(argv: list[str] | None = None) -> int:
       load_experiment(exp)  # a bad arm or argument fails here, before anything runs
       runs.append(
         dict(
-          name=run_name(point), exp=exp, args=point, workdir=str(Path(args.root) / run_name(point))
+          name=run_name(point),
+          exp=exp,
+          args=point,
+          workdir=os.fspath(paths.path(args.root) / run_name(point)),
         )
       )
+    root = paths.check_reachable(args.root, "--root")
   except ConfigError as e:
     print(f"omnijax.sweep: config error: {e}", file=sys.stderr)
     return 2
-  root = Path(args.root)
   root.mkdir(parents=True, exist_ok=True)
   (root / SWEEP_JSON).write_text(
     json.dumps(dict(exp=args.exp, grid=args.grid, overrides=overrides, runs=runs), indent=2)

@@ -37,6 +37,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from omnijax import paths
+
 SAMPLE_RATE = 24000
 FRAME_RATE = 12.5
 HOP_LENGTH = 1920  # SAMPLE_RATE / FRAME_RATE
@@ -162,19 +164,18 @@ class MimiCodes:
 
 def is_mimi_dir(path: str | os.PathLike[str]) -> bool:
   """A directory whose ``config.json`` says ``"model_type": "mimi"``."""
-  return _read_json(os.path.join(path, "config.json")).get("model_type") == "mimi"
+  return _read_json(paths.path(path) / "config.json").get("model_type") == "mimi"
 
 
 def is_codec_run(path: str | os.PathLike[str]) -> bool:
   """An omnijax codec workdir: its ``model.json`` is ``{"codec": CodecConfig, "stage": ...}``
   (``omnijax.codec.tokenizer.write_run_config``; checked here without importing JAX)."""
-  return "codec" in _read_json(os.path.join(path, "model.json"))
+  return "codec" in _read_json(paths.path(path) / "model.json")
 
 
-def _read_json(path: str) -> dict:
+def _read_json(path) -> dict:
   try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
+    value = json.loads(path.read_text())
   except (OSError, ValueError):
     return {}
   return value if isinstance(value, dict) else {}
@@ -188,7 +189,7 @@ def codec_kind(path: str | os.PathLike[str]) -> str:
     ValueError: it is neither kind; the message says what it must contain.
   """
   path = os.fspath(path)
-  if not os.path.isdir(path):
+  if not paths.path(path).is_dir():
     raise FileNotFoundError(f"Speech codec {path!r} is not a directory")
   if is_mimi_dir(path):
     return "mimi"
@@ -214,7 +215,10 @@ def load_code_provider(
   """
   path = os.fspath(path)
   if codec_kind(path) == "mimi":
-    return MimiCodes(path, num_quantizers)
+    return MimiCodes(
+      paths.local(path, "a Mimi codec", "transformers loads it from a local directory; copy it."),
+      num_quantizers,
+    )
   from omnijax.codec.tokenizer import load_speech_tokenizer  # pylint: disable=import-outside-toplevel
 
   provider = load_speech_tokenizer(path)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
+import os
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ from omnijax.codec.model import (
   export_code2wav,
   normalize_latent,
 )
+from omnijax import paths
 from omnijax.models import code2wav as code2wav_lib
 from omnijax.train import checkpoint as ckpt_lib
 
@@ -35,19 +36,19 @@ BUCKET_FRAMES = code2wav_lib.BUCKET_FRAMES  # encode pads lengths to multiples o
 
 
 def write_run_config(workdir, cfg: CodecConfig, stage: str, tokenizer: str | None) -> None:
-  tokenizer = str(Path(tokenizer).absolute()) if tokenizer else None
-  (Path(workdir) / RUN_JSON).write_text(
+  tokenizer = os.fspath(paths.path(tokenizer)) if tokenizer else None
+  (paths.path(workdir) / RUN_JSON).write_text(
     json.dumps(dict(codec=cfg.to_dict(), stage=stage, tokenizer=tokenizer), indent=2)
   )
 
 
 def is_codec_run(path) -> bool:
-  p = Path(path) / RUN_JSON
+  p = paths.path(path) / RUN_JSON
   return p.exists() and "codec" in json.loads(p.read_text())
 
 
 def read_run_config(workdir) -> tuple[CodecConfig, str, str | None]:
-  path = Path(workdir) / RUN_JSON
+  path = paths.path(workdir) / RUN_JSON
   if not is_codec_run(workdir):
     raise FileNotFoundError(f"{path} is not an omnijax codec run (experiments/codec.py).")
   d = json.loads(path.read_text())

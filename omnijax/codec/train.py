@@ -21,7 +21,6 @@ import functools
 import json
 import logging
 import time
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -36,6 +35,7 @@ from omnijax.codec import metrics as metrics_lib
 from omnijax.codec import tokenizer as tokenizer_lib
 from omnijax.codec.discriminators import Discriminators
 from omnijax.codec.model import CodecConfig, SpeechCodec, ema_update, init_codebooks
+from omnijax import paths
 from omnijax.errors import ConfigError
 from omnijax.models.code2wav import Code2Wav
 from omnijax.train import checkpoint as ckpt_lib
@@ -78,7 +78,7 @@ def check_config(config, cfg: CodecConfig, devices: int) -> None:
 
 def train(config, workdir) -> dict:
   # ------------------------------------------------------------------ setup
-  workdir = Path(workdir)
+  workdir = paths.check_reachable(workdir, "--workdir")
   workdir.mkdir(parents=True, exist_ok=True)
   cfg = CodecConfig.from_dict(config.model)
   devices = jax.devices()[: config.train.num_devices or None]

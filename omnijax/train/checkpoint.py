@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -28,6 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from omnijax import paths
 from omnijax.models.config import Code2WavConfig, TalkerConfig, ThinkerConfig
 
 CHECKPOINTS = "checkpoints"
@@ -44,7 +44,7 @@ log = logging.getLogger("omnijax")
 class Checkpointer:
   def __init__(
     self,
-    workdir: str | Path,
+    workdir: paths.PathLike,
     *,
     save_interval_steps: int,
     max_to_keep: int,
@@ -56,7 +56,7 @@ class Checkpointer:
       enable_async_checkpointing=async_save,
       create=True,
     )
-    self.directory = Path(workdir).absolute() / CHECKPOINTS
+    self.directory = paths.path(workdir) / CHECKPOINTS
     self.manager = ocp.CheckpointManager(
       self.directory, options=options, item_names=("state", "data")
     )
@@ -97,15 +97,15 @@ class Checkpointer:
     self.manager.close()
 
 
-def save_params(path: str | Path, params) -> None:
+def save_params(path: paths.PathLike, params) -> None:
   """A params-only checkpoint (what `export from-hf` writes for a run to start from)."""
   with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(Path(path).absolute(), params, force=True)
+    ckpt.save(paths.path(path), params, force=True)
 
 
-def restore_params(path: str | Path, abstract_params=None, shardings=None):
+def restore_params(path: paths.PathLike, abstract_params=None, shardings=None):
   """Params from `save_params`; onto `shardings` when given, else as host numpy arrays."""
-  path = Path(path).absolute()
+  path = paths.path(path)
   with ocp.StandardCheckpointer() as ckpt:
     if abstract_params is None:
       return ckpt.restore(path)
@@ -115,20 +115,20 @@ def restore_params(path: str | Path, abstract_params=None, shardings=None):
     return ckpt.restore(path, target)
 
 
-def checkpoint_steps(workdir: str | Path) -> list[int]:
-  ckpt_dir = Path(workdir) / CHECKPOINTS
+def checkpoint_steps(workdir: paths.PathLike) -> list[int]:
+  ckpt_dir = paths.path(workdir) / CHECKPOINTS
   return (
     sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
   )
 
 
 def latest_params(
-  workdir: str | Path, step: int | None = None, abstract_params=None, shardings=None
+  workdir: paths.PathLike, step: int | None = None, abstract_params=None, shardings=None
 ) -> tuple[Any, int | None]:
   """(params, step) of a workdir's newest (or given) train checkpoint, else its init_params
   (step None). Onto `shardings` when given (nothing unsharded is materialised), else as host
   numpy arrays."""
-  workdir = Path(workdir).absolute()
+  workdir = paths.path(workdir)
   ckpt_dir = workdir / CHECKPOINTS
   steps = checkpoint_steps(workdir)
   if step is not None and step not in steps:
@@ -163,10 +163,10 @@ def latest_params(
   )
 
 
-def restore_host(workdir: str | Path, names: tuple[str, ...], step: int | None = None):
+def restore_host(workdir: paths.PathLike, names: tuple[str, ...], step: int | None = None):
   """({name: numpy tree} of the named entries of a checkpoint's state, step): the newest or
   given step, without building the model (other entries are not read)."""
-  workdir = Path(workdir).absolute()
+  workdir = paths.path(workdir)
   steps = checkpoint_steps(workdir)
   if not steps or (step is not None and step not in steps):
     raise FileNotFoundError(
@@ -185,65 +185,65 @@ def restore_host(workdir: str | Path, names: tuple[str, ...], step: int | None =
   return {n: state[n] for n in names}, step
 
 
-def write_model_config(workdir: str | Path, cfg: ThinkerConfig) -> None:
-  path = Path(workdir) / MODEL_JSON
+def write_model_config(workdir: paths.PathLike, cfg: ThinkerConfig) -> None:
+  path = paths.path(workdir) / MODEL_JSON
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(cfg.to_dict(), indent=2))
 
 
-def read_model_config(workdir: str | Path) -> ThinkerConfig:
-  path = Path(workdir) / MODEL_JSON
+def read_model_config(workdir: paths.PathLike) -> ThinkerConfig:
+  path = paths.path(workdir) / MODEL_JSON
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: not an omnijax workdir.")
   return ThinkerConfig.from_dict(json.loads(path.read_text()))
 
 
-def write_talker_config(workdir: str | Path, cfg: TalkerConfig) -> None:
-  path = Path(workdir) / TALKER_JSON
+def write_talker_config(workdir: paths.PathLike, cfg: TalkerConfig) -> None:
+  path = paths.path(workdir) / TALKER_JSON
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(cfg.to_dict(), indent=2))
 
 
-def read_talker_config(workdir: str | Path) -> TalkerConfig | None:
+def read_talker_config(workdir: paths.PathLike) -> TalkerConfig | None:
   """The workdir's TalkerConfig, None when its model has no Talker."""
-  path = Path(workdir) / TALKER_JSON
+  path = paths.path(workdir) / TALKER_JSON
   if not path.exists():
     return None
   return TalkerConfig.from_dict(json.loads(path.read_text()), where=str(path))
 
 
-def split_params(workdir: str | Path, params) -> tuple[Any, Any]:
+def split_params(workdir: paths.PathLike, params) -> tuple[Any, Any]:
   """(Thinker params, Talker params or None) of a params tree of this workdir."""
-  if not (Path(workdir) / TALKER_JSON).exists():
+  if not (paths.path(workdir) / TALKER_JSON).exists():
     return params, None
   return params["thinker"], params["talker"]
 
 
-def save_tokenizer(workdir: str | Path, tokenizer) -> None:
+def save_tokenizer(workdir: paths.PathLike, tokenizer) -> None:
   """Keeps the run's tokenizer (a data_pipelines.tokenizer.TextTokenizer) in its workdir."""
-  tokenizer.save(Path(workdir) / TOKENIZER_JSON)
+  tokenizer.save(paths.path(workdir) / TOKENIZER_JSON)
 
 
-def load_tokenizer(workdir: str | Path):
+def load_tokenizer(workdir: paths.PathLike):
   """The TextTokenizer kept in a workdir (or a transformers directory), None if it has none."""
   from data_pipelines import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
 
-  path = Path(workdir) / TOKENIZER_JSON
+  path = paths.path(workdir) / TOKENIZER_JSON
   return tok_lib.load_tokenizer(path) if path.exists() else None
 
 
-def save_code2wav(workdir: str | Path, cfg: Code2WavConfig, params) -> None:
+def save_code2wav(workdir: paths.PathLike, cfg: Code2WavConfig, params) -> None:
   """Keeps a Code2Wav vocoder (released-form params) in workdir/code2wav/."""
-  path = Path(workdir) / CODE2WAV
+  path = paths.path(workdir) / CODE2WAV
   path.mkdir(parents=True, exist_ok=True)
   (path / CODE2WAV_JSON).write_text(json.dumps(cfg.to_dict(), indent=2))
   save_params(path / "params", params)
 
 
-def load_code2wav(workdir: str | Path) -> tuple[Code2WavConfig, Any] | None:
+def load_code2wav(workdir: paths.PathLike) -> tuple[Code2WavConfig, Any] | None:
   """(Code2WavConfig, numpy params) of workdir/code2wav/ (or of a directory laid out as it),
   None when there is none."""
-  path = Path(workdir)
+  path = paths.path(workdir)
   if not (path / CODE2WAV_JSON).exists():
     path = path / CODE2WAV
   if not (path / CODE2WAV_JSON).exists():

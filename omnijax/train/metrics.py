@@ -4,9 +4,10 @@ JSONL log and console lines with progress."""
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
+import tempfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from tensorboardX import SummaryWriter
 
+from omnijax import paths
 from omnijax.models.thinker import MODALITIES
 
 CONSOLE_KEYS = (
@@ -100,7 +102,7 @@ class MetricWriter:
 
   def __init__(
     self,
-    workdir: str | Path,
+    workdir: paths.PathLike,
     total_steps: int,
     first_step: int = 0,
     console_keys: tuple[str, ...] = CONSOLE_KEYS,
@@ -110,9 +112,16 @@ class MetricWriter:
     self.console = Console(stderr=True)
     if not self.enabled:
       return
-    workdir = Path(workdir)
-    self.tb = SummaryWriter(str(workdir / "tensorboard"))
-    self.jsonl = open(workdir / "metrics.jsonl", "a")
+    workdir = paths.path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self.jsonl = _GrowingFile(workdir / "metrics.jsonl")
+    # tensorboardX's own bucket writer is broken: in a bucket, the event files are written
+    # locally and copied up at each flush.
+    self.tb_dir = workdir / "tensorboard"
+    self.tb_stage = (
+      tempfile.TemporaryDirectory(prefix="omnijax-tb-") if paths.is_url(workdir) else None
+    )
+    self.tb = SummaryWriter(self.tb_stage.name if self.tb_stage else str(self.tb_dir))
     self.progress = Progress(
       TextColumn("[bold]train"),
       BarColumn(),
@@ -130,9 +139,8 @@ class MetricWriter:
       return
     for k, v in scalars.items():
       self.tb.add_scalar(k, v, step)
-    self.tb.flush()
+    self._flush_tb()
     self.jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
-    self.jsonl.flush()
     keys = [k for k in self.console_keys if k in scalars]
     if not keys:  # an evaluation: its figures, not their token and example counts
       keys = [k for k in scalars if not {"tokens", "examples"} & set(k.split("/"))]
@@ -143,13 +151,48 @@ class MetricWriter:
   def text(self, tag: str, value: str) -> None:
     if self.enabled:
       self.tb.add_text(tag, value)
+      self._flush_tb()
       self.progress.console.print(value, soft_wrap=True)
+
+  def _flush_tb(self) -> None:
+    self.tb.flush()
+    if self.tb_stage:
+      self.tb_dir.mkdir(parents=True, exist_ok=True)
+      for f in pathlib.Path(self.tb_stage.name).iterdir():
+        (self.tb_dir / f.name).write_bytes(f.read_bytes())
 
   def close(self) -> None:
     if self.enabled:
       self.progress.stop()
+      self._flush_tb()
       self.tb.close()
       self.jsonl.close()
+      if self.tb_stage:
+        self.tb_stage.cleanup()
+
+
+class _GrowingFile:
+  """A text file written line by line: appended on a local disk; in a bucket, whose objects
+  cannot be appended to, the whole text is rewritten at each line (a metrics log is small)."""
+
+  def __init__(self, path):
+    self.path = path
+    if paths.is_url(path):
+      self.text, self.file = path.read_text() if path.exists() else "", None
+    else:
+      self.file = open(path, "a", encoding="utf-8")
+
+  def write(self, line: str) -> None:
+    if self.file is None:
+      self.text += line
+      self.path.write_text(self.text)
+    else:
+      self.file.write(line)
+      self.file.flush()
+
+  def close(self) -> None:
+    if self.file is not None:
+      self.file.close()
 
 
 def _fmt(v: float) -> str:

@@ -15,7 +15,6 @@ import math
 import signal
 import threading
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,6 +23,7 @@ from jax.experimental import multihost_utils
 from data_pipelines import inputs as inputs_lib
 from data_pipelines.omni import TALKER_TASKS
 from omnijax import evaluators as eval_lib
+from omnijax import paths
 from omnijax import sharding as shd
 from omnijax.errors import ConfigError
 from omnijax.models.config import TalkerConfig, ThinkerConfig
@@ -242,10 +242,10 @@ def train_program(config, model, mesh, rules, total_steps: int, num_tasks: int):
   return tx, schedule, init_fn, abstract_state, state_sharding, train_step
 
 
-def parse_init_from(spec: str, model_cfg: ThinkerConfig) -> tuple[Path, int | None]:
+def parse_init_from(spec: str, model_cfg: ThinkerConfig) -> tuple[paths.epath.Path, int | None]:
   """'WORKDIR[:STEP]' -> (workdir, step); the run there must have this model's architecture."""
   path, _, step = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
-  workdir = Path(path)
+  workdir = paths.check_reachable(path, "train.init_from")
   if not (workdir / ckpt_lib.MODEL_JSON).exists():
     raise ConfigError(
       f"train.init_from={spec!r}: {workdir} is not an omnijax workdir (no "
@@ -279,10 +279,11 @@ def _flat_diff(a: dict, b: dict, prefix: str = ""):
       yield f"{prefix}{k}", x, y
 
 
-def train(config, workdir: str | Path) -> dict[str, float]:
-  """Trains (or resumes) in `workdir`; returns the last logged metrics."""
+def train(config, workdir: paths.PathLike) -> dict[str, float]:
+  """Trains (or resumes) in `workdir` (local, or in a bucket); returns the last logged
+  metrics."""
   # ------------------------------------------------------------------ setup
-  workdir = Path(workdir)
+  workdir = paths.check_reachable(workdir, "--workdir")
   model_cfg = ThinkerConfig.from_dict(config.model)
   rules = shd.axis_rules(config.sharding.rules)
   mesh = shd.make_mesh(config.mesh)
@@ -471,10 +472,10 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   return last
 
 
-def evaluate_workdir(workdir: str | Path, config, step: int | None = None) -> dict[str, float]:
+def evaluate_workdir(workdir: paths.PathLike, config, step: int | None = None) -> dict[str, float]:
   """Runs `config`'s evaluators on a finished run's params (newest or `step`) and logs them
   beside its train metrics."""
-  workdir = Path(workdir)
+  workdir = paths.check_reachable(workdir, "--workdir")
   if not (workdir / ckpt_lib.MODEL_JSON).exists():
     raise ConfigError(
       f"--mode=eval: {workdir} holds no omnijax run (no {ckpt_lib.MODEL_JSON}); pass the "

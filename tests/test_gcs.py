@@ -1,0 +1,106 @@
+"""Runs whose workdir is a bucket, against a real GCS API (tests/gcs_emulator.py): checkpoints,
+metrics, TensorBoard events and the tokenizer go to the bucket and nowhere else; a preempted
+run resumes from the bucket; bad cloud paths fail before anything compiles."""
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from etils import epath
+
+from omnijax import paths, report
+from omnijax.errors import ConfigError
+from omnijax.train import checkpoint as ckpt_lib
+from omnijax.train import trainer
+from tests import gcs_emulator
+from tests.helpers import tiny_config, write_text_corpus
+
+N = 3  # the bucket run is preempted after N of 2N steps
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+  """gs://omnijax-test on a fake-gcs-server started for this module."""
+  # gcsfs asks the real GCS API for the bucket's type and warns on every call without credentials
+  logging.getLogger("gcsfs").setLevel(logging.ERROR)
+  try:
+    emulator = gcs_emulator.Emulator(tmp_path_factory.mktemp("gcs"))
+  except (ImportError, OSError, RuntimeError) as e:
+    pytest.skip(f"fake-gcs-server cannot run here: {e}")
+  before = gcs_emulator.set_env(emulator.env)
+  yield emulator.create_bucket("omnijax-test")
+  emulator.stop()
+  for k, v in before.items():
+    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return write_text_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _losses(workdir, steps):
+  m = report.read_metrics(workdir)
+  return np.array([m[s]["loss"] for s in steps])
+
+
+def test_run_in_a_bucket_is_preempted_and_resumes_from_it(bucket, corpus, tmp_path, monkeypatch):
+  """SIGTERM during step N of a run whose workdir is gs://...: step N is checkpointed in the
+  bucket, the next launch starts at step N (its first logged step is N+1) and its losses equal
+  a local run's; no local `gs:` folder is ever made."""
+  monkeypatch.chdir(tmp_path)
+  local = tmp_path / "local"
+  trainer.train(tiny_config(corpus, steps=2 * N), local)
+
+  run = f"{bucket}/preempted"
+  write = trainer.MetricWriter.write
+
+  def write_then_sigterm(self, step, scalars):
+    write(self, step, scalars)
+    if step == N:
+      signal.raise_signal(signal.SIGTERM)
+
+  with monkeypatch.context() as m:
+    m.setattr(trainer.MetricWriter, "write", write_then_sigterm)
+    trainer.train(tiny_config(corpus, steps=2 * N), run)
+  assert ckpt_lib.checkpoint_steps(run)[-1] == N  # (and step 1: orbax saves a run's first)
+  assert max(report.read_metrics(run)) == N
+
+  texts = []
+  text = trainer.MetricWriter.text
+  monkeypatch.setattr(
+    trainer.MetricWriter, "text", lambda s, t, v: texts.append(v) or text(s, t, v)
+  )
+  trainer.train(tiny_config(corpus, steps=2 * N), run)
+  assert f"start_step={N}" in texts[0]
+  metrics = report.read_metrics(run)
+  assert sorted(metrics) == list(range(1, 2 * N + 1))  # the relaunch logged N+1 .. 2N
+  steps = range(1, 2 * N + 1)
+  np.testing.assert_array_equal(_losses(run, steps), _losses(local, steps))
+
+  root = epath.Path(run)
+  assert ckpt_lib.checkpoint_steps(run)[-2:] == [N, 2 * N]
+  for name in ("model.json", "config.json", "tokenizer.json", "metrics.jsonl"):
+    assert (root / name).exists(), name
+  events = list((root / "tensorboard").iterdir())
+  assert len(events) == 2  # one file per launch
+  assert not any(p.name.startswith("gs:") for p in tmp_path.iterdir())
+  assert not Path("gs:").exists() and not (Path(__file__).parent.parent / "gs:").exists()
+
+
+def test_cloud_mistakes_fail_before_compiling(bucket, corpus):
+  config = tiny_config(corpus, steps=2)
+  with pytest.raises(ConfigError, match="cannot reach|does not exist"):
+    trainer.train(config, "gs://no-such-bucket/run")
+  config.train.init_from = f"{bucket}/missing"
+  with pytest.raises(ConfigError, match="is not an omnijax workdir"):
+    trainer.train(config, f"{bucket}/fresh")
+  config = tiny_config(corpus, steps=2)
+  config.data.path = f"{bucket}/shards"
+  with pytest.raises(ConfigError, match="Cloud Storage FUSE"):
+    trainer.train(config, f"{bucket}/fresh2")
+  with pytest.raises(ConfigError, match="must be a local path"):
+    paths.local(f"{bucket}/x", "--out", "write it locally.")
