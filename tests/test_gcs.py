@@ -2,15 +2,18 @@
 metrics, TensorBoard events and the tokenizer go to the bucket and nowhere else; a preempted
 run resumes from the bucket; bad cloud paths fail before anything compiles."""
 
-import logging
+import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from etils import epath
 
+import omnijax
 from omnijax import paths, report
 from omnijax.errors import ConfigError
 from omnijax.train import checkpoint as ckpt_lib
@@ -18,14 +21,13 @@ from omnijax.train import trainer
 from tests import gcs_emulator
 from tests.helpers import tiny_config, write_text_corpus
 
+REPO = Path(__file__).resolve().parent.parent
 N = 3  # the bucket run is preempted after N of 2N steps
 
 
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
   """gs://omnijax-test on a fake-gcs-server started for this module."""
-  # gcsfs asks the real GCS API for the bucket's type and warns on every call without credentials
-  logging.getLogger("gcsfs").setLevel(logging.ERROR)
   try:
     emulator = gcs_emulator.Emulator(tmp_path_factory.mktemp("gcs"))
   except (ImportError, OSError, RuntimeError) as e:
@@ -104,3 +106,49 @@ def test_cloud_mistakes_fail_before_compiling(bucket, corpus):
     trainer.train(config, f"{bucket}/fresh2")
   with pytest.raises(ConfigError, match="must be a local path"):
     paths.local(f"{bucket}/x", "--out", "write it locally.")
+
+
+def _launch(env, *args):
+  cmd = [sys.executable, "-m", "omnijax.launch", *args]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def test_local_omni_launch_eval_load_and_report_in_a_bucket(bucket, tmp_path):
+  """README's local omni experiment launched with --workdir=gs://...: everything lands in the
+  bucket; --mode=eval, omnijax.load and a sweep report read it from there."""
+  run = f"{bucket}/omni"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  exp = ["--exp=pretrain_general:local", f"--workdir={run}"]
+  exp += [f"--config.eval.evaluators.{e}.max_examples=2" for e in ("asr", "image_scenes", "video_scenes")]
+  _launch(
+    env,
+    *exp,
+    "--config.train.total_steps=2",
+    "--config.train.log_every=1",
+    "--config.optim.warmup_steps=1",
+  )
+  root = epath.Path(run)
+  metrics = report.read_metrics(run)
+  assert sorted(metrics) == [1, 2] and "eval/heldout/loss/text" in metrics[2]
+  assert ckpt_lib.checkpoint_steps(run)[-1] == 2
+  assert (root / "tokenizer.json").exists() and list((root / "tensorboard").iterdir())
+  assert not (REPO / "gs:").exists()
+
+  _launch(env, *exp, "--mode=eval")
+  again = report.read_metrics(run)[2]
+  assert again["eval/heldout/loss/text"] == pytest.approx(metrics[2]["eval/heldout/loss/text"])
+
+  model = omnijax.load(run)
+  assert model.step == 2 and model.tokenizer is not None
+  ids = model.tokenizer.encode("a red cube")[None]
+  assert np.isfinite(model.logits(ids)).all()
+
+  sweep = epath.Path(f"{bucket}/sweep")
+  sweep.mkdir(parents=True)
+  runs = [dict(name="arm=omni,seed=0", args=dict(arm="omni", seed=0), workdir=run)]
+  (sweep / report.SWEEP_JSON).write_text(json.dumps(dict(exp="x", grid="", runs=runs)))
+  out = report.write_report(str(sweep), f"{sweep}/report")
+  assert os.fspath(out).startswith("gs://") and "heldout" in out.read_text()
+  assert (sweep / "report" / "eval_metrics.png").exists()
