@@ -14,7 +14,7 @@ import pytest
 from etils import epath
 
 import omnijax
-from omnijax import paths, report
+from omnijax import chain, paths, report, sweep
 from omnijax.errors import ConfigError
 from omnijax.train import checkpoint as ckpt_lib
 from omnijax.train import trainer
@@ -121,7 +121,9 @@ def test_local_omni_launch_eval_load_and_report_in_a_bucket(bucket, tmp_path):
   run = f"{bucket}/omni"
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   exp = ["--exp=pretrain_general:local", f"--workdir={run}"]
-  exp += [f"--config.eval.evaluators.{e}.max_examples=2" for e in ("asr", "image_scenes", "video_scenes")]
+  exp += [
+    f"--config.eval.evaluators.{e}.max_examples=2" for e in ("asr", "image_scenes", "video_scenes")
+  ]
   _launch(
     env,
     *exp,
@@ -152,3 +154,19 @@ def test_local_omni_launch_eval_load_and_report_in_a_bucket(bucket, tmp_path):
   out = report.write_report(str(sweep), f"{sweep}/report")
   assert os.fspath(out).startswith("gs://") and "heldout" in out.read_text()
   assert (sweep / "report" / "eval_metrics.png").exists()
+
+
+def test_chain_and_sweep_keep_bucket_roots(bucket, tmp_path, capsys):
+  """Each stage's workdir and init_from are URLs under the root (pathlib would make gs:/...);
+  a sweep writes its plan to the bucket."""
+  stages = chain.plan(f"{bucket}/chain", True, ["s1_adapters", "s1_encoders"])
+  args = dict((name, a) for name, _, a in stages)
+  assert f"--workdir={bucket}/chain/s1_adapters" in args["s1_adapters"]
+  assert f"--config.train.init_from={bucket}/chain/s1_adapters" in args["s1_encoders"]
+  root = f"{bucket}/sweep_plan"
+  assert sweep.main(["--exp=ablation:local", f"--root={root}", "--grid=arm=omni", "--dry_run"]) == 0
+  plan = json.loads((epath.Path(root) / report.SWEEP_JSON).read_text())
+  assert plan["runs"][0]["workdir"] == f"{root}/arm-omni"
+  assert f"--workdir={root}/arm-omni" in capsys.readouterr().out
+  assert chain.main(["--root=gs://no-such-bucket/chain", "--dry_run"]) == 2
+  assert "cannot reach" in capsys.readouterr().err
