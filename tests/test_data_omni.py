@@ -153,7 +153,7 @@ def test_hosts_read_disjoint_examples_covering_the_source(corpora):
   spec = ml_collections.ConfigDict(dict(path=str(media / "caption"), task="caption", weight=1.0))
   seen = []
   for host in range(2):
-    ds, n = omni._source_dataset(
+    _, ds = omni._source_dataset(
       "image",
       spec,
       0,
@@ -167,10 +167,29 @@ def test_hosts_read_disjoint_examples_covering_the_source(corpora):
       num_epochs=1,
     )
     seen.append([tok.decode(el["targets"][el["loss_mask"] > 0]) for el in ds])
-    assert n == len(seen[-1])
   everything = records.open_shards(str(media / "caption"), "train")
   assert set(seen[0]).isdisjoint(seen[1])
   assert len(seen[0]) + len(seen[1]) == len(everything)
+
+
+@pytest.mark.parametrize("by", ["tokens", "epochs"])
+def test_hosts_compute_bit_identical_sampling_weights(corpora, by):
+  """Every process draws the same examples to measure tokens per example and counts the examples
+  of the whole source, so the sampling weights are equal to the last bit on every host, here on
+  sources whose examples do not split evenly over 3 hosts and that are sampled in part."""
+  media, text, tok = corpora
+  cfg = _cfg(media, text, mixture_by=by, estimate_samples=4)
+  sizes = {n: len(records.open_shards(cfg.mixture[n].path, "train")) for n in cfg.mixture}
+  assert any(size % 3 for size in sizes.values()) and min(sizes.values()) > 4
+  names = omni.task_names(cfg)
+  per_host = [_dataset(cfg, tok, process_index=p, process_count=3).sources for p in range(3)]
+  weights = [np.array([s[n]["sampling_weight"] for n in names]) for s in per_host]
+  tokens = [np.array([s[n]["tokens_per_example"] for n in names]) for s in per_host]
+  for p in (1, 2):
+    assert weights[p].tobytes() == weights[0].tobytes()
+    assert tokens[p].tobytes() == tokens[0].tobytes()
+  assert [sum(s[n]["examples"] for s in per_host) for n in names] == [sizes[n] for n in names]
+  np.testing.assert_allclose(weights[0].sum(), 1.0)
 
 
 def test_bad_inputs_are_counted_and_good_examples_all_arrive(corpora, tmp_path):
