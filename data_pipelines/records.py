@@ -29,9 +29,15 @@ from array_record.python import array_record_module
 import grain
 
 from data_pipelines.ops import BadRecord
+from omnijax import paths
 
 MANIFEST_NAME = "manifest.json"
 SHARD_INFIX = ".array_record-"
+WRITER_OPTIONS = "group_size:1"  # Every record its own chunk: read one at random.
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+  return f"{split}{SHARD_INFIX}{index:05d}-of-{num_shards:05d}"
 
 
 def encode_example(example: Mapping[str, Any]) -> bytes:
@@ -80,9 +86,9 @@ class ShardWriter:
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in shard_paths(out_dir, split):
       os.remove(stale)
-    self._names = [f"{split}{SHARD_INFIX}{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
+    self._names = [shard_name(split, i, num_shards) for i in range(num_shards)]
     self._writers = [
-      array_record_module.ArrayRecordWriter(str(out_dir / n), "group_size:1") for n in self._names
+      array_record_module.ArrayRecordWriter(str(out_dir / n), WRITER_OPTIONS) for n in self._names
     ]
     self.num_records = self.num_bytes = 0
 
@@ -139,8 +145,19 @@ def open_shards(
 
   Returns:
     A ``grain.sources.ArrayRecordDataSource`` yielding the raw record bytes.
+
+  Raises:
+    ConfigError: ``path`` is a bucket URL (ArrayRecord reads local files only).
   """
-  path = os.fspath(path)
+  path = os.fspath(
+    paths.local(
+      path,
+      "the shards' path",
+      "ArrayRecord reads local files only; mount the bucket with Cloud Storage FUSE (gcsfuse "
+      "--implicit-dirs BUCKET /mnt/BUCKET, as MaxText does for its ArrayRecord data) and name the "
+      "shards under the mount point.",
+    )
+  )
   if os.path.isdir(path):
     files = shard_paths(path, split)
   else:
