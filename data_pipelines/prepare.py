@@ -80,6 +80,11 @@ The summary (counts per modality and task, skips per reason and per task,
 media and record bytes, the shards of each "task/split") goes to stdout and to
 ``OUT/manifest.json`` (written last: it marks OUT complete); each skipped
 line is listed in ``OUT/skipped.jsonl`` (line, id, task, reason, detail).
+
+The manifest is streamed (read twice: shard sizes, then the conversion), so memory does not grow
+with its length. OUT must be local (ArrayRecord writes local files only): copy the shards to a
+bucket afterwards or mount it with Cloud Storage FUSE. ``data_pipelines.prepare_beam`` runs the
+same conversion (``convert``) as an Apache Beam pipeline, on many machines and into a bucket.
 """
 
 import argparse
@@ -288,32 +293,22 @@ def prepare_line(
   return record
 
 
-def describe(raw: bytes) -> tuple[str | None, str, str]:
-  """(id, task, split) of a (possibly bad) manifest line, for shard sizes and skip statistics."""
+def describe(raw: bytes, root: str) -> tuple[str | None, str, str, int]:
+  """(id, task, split, bytes) of a (possibly bad) manifest line, for skip statistics and shard
+  sizes: the bytes are the line's and its media files'."""
+  example_id, task, split, size = None, "unknown", "train", len(raw)
   try:
     line = json.loads(raw)
     task = line.get("task") or infer_task(line)
-    example_id = line.get("id")
-    return (
-      None if example_id is None else str(example_id),
-      task if task in TASKS else "unknown",
-      str(line.get("split", "train")),
-    )
-  except (ValueError, AttributeError):
-    return None, "unknown", "train"
-
-
-def line_bytes(raw: bytes, root: str) -> int:
-  """A manifest line's bytes and its media files' (what shard counts are sized by)."""
-  size = len(raw)
-  try:
-    line = json.loads(raw)
+    task = task if task in TASKS else "unknown"
+    example_id = None if line.get("id") is None else str(line["id"])
+    split = str(line.get("split", "train"))
     for media in ("image", "audio", "video"):
       if isinstance(line.get(media), str):
         size += os.path.getsize(os.path.join(root, line[media]))
-  except (ValueError, AttributeError, OSError):
+  except (ValueError, AttributeError, TypeError, OSError):
     pass  # Counted for real (and skipped) by the conversion.
-  return size
+  return example_id, task, split, size
 
 
 def num_shards(group_bytes: int, shard_mb: float) -> int:
@@ -323,7 +318,7 @@ def num_shards(group_bytes: int, shard_mb: float) -> int:
 def convert(line_no: int, raw: bytes, config: dict[str, Any]) -> tuple[str, Any]:
   """One manifest line -> ("ok", (split, record)) or ("skip", its skip log entry): the
   conversion of this command and of ``data_pipelines.prepare_beam``."""
-  example_id, task, split = describe(raw)
+  example_id, task, split, _ = describe(raw, config["root"])
   try:
     if not _SPLIT_NAME.match(split):
       raise BadRecord("missing_field", f"invalid split name {split!r}")
@@ -497,8 +492,8 @@ def prepare(
       stale.unlink()
   group_bytes, num_lines = collections.Counter(), 0
   for _, raw in _lines(manifest):
-    _, task, split = describe(raw)
-    group_bytes[task, split] += line_bytes(raw, config["root"])
+    _, task, split, size = describe(raw, config["root"])
+    group_bytes[task, split] += size
     num_lines += 1
   writers = _Writers(out, group_bytes, shard_mb)
   stats = Stats()

@@ -85,10 +85,8 @@ class _Convert(beam.DoFn):
 
   def process(self, line: tuple[int, bytes]) -> Iterator[Any]:
     line_no, raw = line
-    _, task, split = prepare_lib.describe(raw)
-    yield beam.pvalue.TaggedOutput(
-      "size", ((task, split), prepare_lib.line_bytes(raw, self._config["root"]))
-    )
+    _, task, split, size = prepare_lib.describe(raw, self._config["root"])
+    yield beam.pvalue.TaggedOutput("size", ((task, split), size))
     status, payload = prepare_lib.convert(line_no, raw, self._config)
     yield beam.pvalue.TaggedOutput("stats", prepare_lib.Stats().add(status, payload))
     if status == "ok":
