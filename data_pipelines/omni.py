@@ -509,7 +509,16 @@ def open_source(spec) -> grain.sources.RandomAccessDataSource:
     from data_pipelines import tfds_source  # pylint: disable=import-outside-toplevel
 
     return tfds_source.TfdsSource(spec.tfds, split, data_dir=spec.get("tfds_data_dir") or None)
-  return records.open_shards(spec.path, split)
+  source = records.open_shards(spec.path, split)
+  recorded = records.recorded_size(spec.path, split)
+  if recorded is not None and recorded != len(source):
+    # Hosts that see different shards would read and weigh different mixtures.
+    raise ValueError(
+      f"{spec.path} ({split}) holds {len(source)} records but its manifest.json lists "
+      f"{recorded}: the shards are stale or partly copied; re-run data_pipelines.prepare or "
+      "finish copying them."
+    )
+  return source
 
 
 def _source_dataset(
@@ -579,7 +588,17 @@ def estimate_tokens_per_example(sequences: grain.MapDataset, name: str, samples:
       break
   if not lengths:
     raise ValueError("no decodable example among the sampled ones of the source")
-  return float(np.mean(lengths))
+  mean, error = np.mean(lengths), np.std(lengths) / np.sqrt(len(lengths))
+  if len(lengths) < n and error > 0.05 * mean:
+    logging.warning(
+      "data.mixture.%s: %.1f +- %.1f tokens per example (%d examples); raise its "
+      "estimate_samples for sampling weights within 5%%.",
+      name,
+      mean,
+      error,
+      len(lengths),
+    )
+  return float(mean)
 
 
 def mixture_weights(

@@ -193,3 +193,15 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     if not all((directory / name).is_file() for name in entry.get("files", [])):
       return None
   return manifest
+
+
+def recorded_size(path: str | os.PathLike[str], split: str) -> int | None:
+  """The records of ``split`` at ``path`` that a complete manifest lists: ``path``'s own (a
+  dataset directory) or its parent's (``path`` a task folder of ``data_pipelines.prepare``'s
+  output, whose manifest lists "task/split"); None when neither lists it."""
+  path = pathlib.Path(path)
+  for directory, key in ((path, split), (path.parent, f"{path.name}/{split}")):
+    entry = ((read_manifest(directory) or {}).get("splits") or {}).get(key)
+    if entry is not None:
+      return entry.get("num_records")
+  return None

@@ -3,6 +3,7 @@ disjoint hosts, counted skips of bad inputs, bounded media shapes."""
 
 import copy
 import io
+import shutil
 
 import ml_collections
 import numpy as np
@@ -190,6 +191,23 @@ def test_hosts_compute_bit_identical_sampling_weights(corpora, by):
     assert tokens[p].tobytes() == tokens[0].tobytes()
   assert [sum(s[n]["examples"] for s in per_host) for n in names] == [sizes[n] for n in names]
   np.testing.assert_allclose(weights[0].sum(), 1.0)
+
+
+def test_shards_that_disagree_with_their_manifest_are_refused(corpora, tmp_path):
+  """A stale shard beside a prepared split (or a partial copy) would give hosts different
+  sources: the split's manifest count must match what the shards hold."""
+  media, _, _ = corpora
+  prepared = shutil.copytree(media, tmp_path / "media")
+  spec = ml_collections.ConfigDict(dict(path=str(prepared / "caption"), task="caption"))
+  n = len(omni.open_source(spec))
+  assert n == records.read_manifest(media)["splits"]["caption/train"]["num_records"]
+  records.write_shards([{"text": "stale"}], tmp_path / "stale", "train", 1)
+  shutil.copy(
+    tmp_path / "stale" / records.shard_name("train", 0, 1),
+    prepared / "caption" / records.shard_name("train", 0, 7),
+  )
+  with pytest.raises(ValueError, match=f"holds {n + 1} records but its manifest.json lists {n}"):
+    omni.open_source(spec)
 
 
 def test_bad_inputs_are_counted_and_good_examples_all_arrive(corpora, tmp_path):
