@@ -654,7 +654,7 @@ def make_omni_dataset(
       raise ValueError(
         f"data.mixture.{name}.task={cfg.mixture[name].task!r} is not one of {sorted(TASK_OPS)}."
       )
-  sources, per_example, examples, host_examples = {}, {}, {}, {}
+  sources, per_example, examples = {}, {}, {}
   for task_id, name in enumerate(names):
     spec = cfg.mixture[name]
     whole, ds = _source_dataset(
@@ -673,7 +673,6 @@ def make_omni_dataset(
       talker_seq_len=cfg.get("talker_seq_len", 0),
     )
     examples[name] = len(whole)
-    host_examples[name] = len(whole[process_index::process_count])
     try:
       per_example[name] = estimate_tokens_per_example(
         whole, name, spec.get("estimate_samples") or cfg.estimate_samples
@@ -712,11 +711,10 @@ def make_omni_dataset(
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
   it = CountSkippedIterDataset(it)
-  # What a pass over the mixture holds on this host (by="epochs": each source `weight` times).
+  # What a pass over the mixture holds, all hosts (by="epochs": each source `weight` times): the
+  # same numbers on every host.
   it.sources = {
-    n: dict(
-      examples=host_examples[n], tokens_per_example=per_example[n], sampling_weight=weights[n]
-    )
+    n: dict(examples=examples[n], tokens_per_example=per_example[n], sampling_weight=weights[n])
     for n in names
   }
   return it

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from data_pipelines import inputs as inputs_lib
 from data_pipelines import local_media_corpus, omni, records, tokenizer as tok_lib
 from omnijax.models import presets
 from omnijax.processing import batch as batch_lib
@@ -189,7 +190,11 @@ def test_hosts_compute_bit_identical_sampling_weights(corpora, by):
   for p in (1, 2):
     assert weights[p].tobytes() == weights[0].tobytes()
     assert tokens[p].tobytes() == tokens[0].tobytes()
-  assert [sum(s[n]["examples"] for s in per_host) for n in names] == [sizes[n] for n in names]
+  assert [s[n]["examples"] for s in per_host for n in names] == [sizes[n] for n in names] * 3
+  # The run's length under train.epochs: one pass over every source, on every host.
+  want = sum(cfg.mixture[n].weight * sizes[n] * tokens[0][i] for i, n in enumerate(names))
+  for s in per_host:
+    assert inputs_lib.Inputs(None, True, names, tok, s).tokens_per_epoch(cfg.mixture) == want
   np.testing.assert_allclose(weights[0].sum(), 1.0)
 
 
