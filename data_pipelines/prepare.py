@@ -306,7 +306,7 @@ def describe(raw: bytes, root: str) -> tuple[str | None, str, str, int]:
     for media in ("image", "audio", "video"):
       if isinstance(line.get(media), str):
         size += os.path.getsize(os.path.join(root, line[media]))
-  except (ValueError, AttributeError, TypeError, OSError):
+  except (ValueError, AttributeError, OSError):
     pass  # Counted for real (and skipped) by the conversion.
   return example_id, task, split, size
 
