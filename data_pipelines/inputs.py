@@ -42,13 +42,14 @@ class Inputs:
   checkpointable: bool  # whether the iterator state goes into checkpoints (grain)
   task_names: list[str]  # mixture sources in task-id order (`task_ids` index it)
   tokenizer: Any  # data_pipelines.tokenizer.TextTokenizer, or None (synthetic)
-  # kind=omni: per source, its examples on this host, tokens per example, sampling weight
+  # kind=omni: per source, its examples (all hosts), tokens per example, sampling weight: the
+  # same on every host
   sources: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
   def tokens_per_epoch(self, mixture) -> float:
     """Tokens of one pass over the mixture, all hosts (sources `weight` times each:
-    data.mixture_by=epochs)."""
-    return jax.process_count() * sum(
+    data.mixture_by=epochs); the same on every host, as the run's length derived from it."""
+    return sum(
       mixture[n].weight * s["examples"] * s["tokens_per_example"] for n, s in self.sources.items()
     )
 

@@ -7,6 +7,8 @@
       .map(decode + task ops)          e.g. decode_audio, log_mel; bad inputs -> skip markers
       .map(ToSequence)                 prompt template, placeholders, TM-RoPE positions
   IterDataset.mix({name: source}, weights)     weights = token ratio / mean tokens per example
+                                               (of examples drawn from the whole source by a
+                                               seed of its name: the same on every host)
   pack                                 greedy first-fit into rows of seq_len (checkpointable)
   batch(batch_fn=assemble)             per-row bucketed media buffers (omnijax.processing.media)
   [mp_prefetch]                        worker processes (config.data.worker_count)
@@ -507,7 +509,16 @@ def open_source(spec) -> grain.sources.RandomAccessDataSource:
     from data_pipelines import tfds_source  # pylint: disable=import-outside-toplevel
 
     return tfds_source.TfdsSource(spec.tfds, split, data_dir=spec.get("tfds_data_dir") or None)
-  return records.open_shards(spec.path, split)
+  source = records.open_shards(spec.path, split)
+  recorded = records.recorded_size(spec.path, split)
+  if recorded is not None and recorded != len(source):
+    # Hosts that see different shards would read and weigh different mixtures.
+    raise ValueError(
+      f"{spec.path} ({split}) holds {len(source)} records but its manifest.json lists "
+      f"{recorded}: the shards are stale or partly copied; re-run data_pipelines.prepare or "
+      "finish copying them."
+    )
+  return source
 
 
 def _source_dataset(
@@ -525,8 +536,9 @@ def _source_dataset(
   num_epochs: int | None = None,
   talker_cfg=None,
   talker_seq_len: int = 0,
-) -> tuple[grain.MapDataset, int]:
-  """(sequences of a source for this host, its number of examples on this host)."""
+) -> tuple[grain.MapDataset, grain.MapDataset]:
+  """(the sequences of the whole source, those this host reads: its examples, shuffled and
+  repeated). ``max_examples`` keeps the source's first examples, before hosts split them."""
   task = spec.task
   op_specs = list(spec.get("ops", None) or TASK_OPS[task])
   if task in TALKER_TASKS and not spec.get("ops", None):
@@ -537,13 +549,9 @@ def _source_dataset(
       )
     op_specs.insert(1, f"speech_codes(codec={str(spec.codec)!r})")
   ops = build_ops(op_specs, OpContext(tokenizer=tokenizer))
-  ds = grain.MapDataset.source(open_source(spec))
-  ds = ds[process_index::process_count]
+  source = grain.MapDataset.source(open_source(spec))
   if spec.get("max_examples"):
-    ds = ds[: -(-spec.max_examples // process_count)]
-  examples = len(ds)
-  if shuffle:
-    ds = ds.seed(seed + zlib.crc32(name.encode())).shuffle()
+    source = source[: spec.max_examples]
   to_sequence = ToSequence(
     task,
     task_id,
@@ -555,21 +563,42 @@ def _source_dataset(
     talker_seq_len,
     spec.get("speaker", "ethan"),
   )
-  return ds.repeat(num_epochs).map(ApplyOps(ops)).map(to_sequence), examples
+  host = source[process_index::process_count]
+  if shuffle:
+    host = host.seed(seed + zlib.crc32(name.encode())).shuffle()
+  sequences = lambda ds: ds.map(ApplyOps(ops)).map(to_sequence)
+  return sequences(source), sequences(host.repeat(num_epochs))
 
 
-def estimate_tokens_per_example(ds: grain.MapDataset, samples: int) -> float:
-  """Mean sequence length over the first `samples` good examples of a source."""
+def estimate_tokens_per_example(sequences: grain.MapDataset, name: str, samples: int) -> float:
+  """Mean sequence length of `samples` good examples of a whole source (all of them when it has
+  no more). The examples are drawn with a seed of the source's name alone, so every process
+  measures the same ones and computes the same sampling weights, whatever its index."""
+  n = len(sequences)
+  candidates = range(n)
+  if samples < n:
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    candidates = rng.choice(n, size=min(samples * 4, n), replace=False)
   lengths = []
-  for i in range(min(samples * 4, len(ds))):
-    el = ds[i]
+  for i in candidates:
+    el = sequences[int(i)]
     if SKIPPED_KEY not in el:
       lengths.append(len(el["inputs"]))
     if len(lengths) == samples:
       break
   if not lengths:
-    raise ValueError("no decodable example among the first ones of the source")
-  return float(np.mean(lengths))
+    raise ValueError("no decodable example among the sampled ones of the source")
+  mean, error = np.mean(lengths), np.std(lengths) / np.sqrt(len(lengths))
+  if len(lengths) < n and error > 0.05 * mean:
+    logging.warning(
+      "data.mixture.%s: %.1f +- %.1f tokens per example (%d examples); raise its "
+      "estimate_samples for sampling weights within 5%%.",
+      name,
+      mean,
+      error,
+      len(lengths),
+    )
+  return float(mean)
 
 
 def mixture_weights(
@@ -612,8 +641,9 @@ def make_omni_dataset(
   split, max_examples, estimate_samples]}}, `mixture_by` ("tokens": weights are token ratios; "epochs": passes
   over each source),
   `shuffle`, `num_epochs` (None: forever; the mixture ends when a source does),
-  `worker_count`, `estimate_samples` (examples per source used to turn token
-  ratios into sampling weights), `buckets` (audio_frames, audios_per_row, image_patches,
+  `worker_count`, `estimate_samples` (examples per source, drawn from the whole source by a seed
+  of its name, whose mean length turns token ratios into sampling weights: every host computes the
+  same weights), `buckets` (audio_frames, audios_per_row, image_patches,
   video_patches: the media buffer sizes a batch may take; the largest are a row's capacity).
   """
   names = sorted(cfg.mixture)
@@ -627,7 +657,7 @@ def make_omni_dataset(
   sources, per_example, examples = {}, {}, {}
   for task_id, name in enumerate(names):
     spec = cfg.mixture[name]
-    ds, examples[name] = _source_dataset(
+    whole, ds = _source_dataset(
       name,
       spec,
       task_id,
@@ -642,9 +672,10 @@ def make_omni_dataset(
       talker_cfg=talker_cfg,
       talker_seq_len=cfg.get("talker_seq_len", 0),
     )
+    examples[name] = len(whole)
     try:
       per_example[name] = estimate_tokens_per_example(
-        ds, spec.get("estimate_samples") or cfg.estimate_samples
+        whole, name, spec.get("estimate_samples") or cfg.estimate_samples
       )
     except ValueError as e:
       raise ValueError(
@@ -680,7 +711,8 @@ def make_omni_dataset(
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
   it = CountSkippedIterDataset(it)
-  # What a pass over the mixture holds on this host (by="epochs": each source `weight` times).
+  # What a pass over the mixture holds, all hosts (by="epochs": each source `weight` times): the
+  # same numbers on every host.
   it.sources = {
     n: dict(examples=examples[n], tokens_per_example=per_example[n], sampling_weight=weights[n])
     for n in names

@@ -80,10 +80,16 @@ The summary (counts per modality and task, skips per reason and per task,
 media and record bytes, the shards of each "task/split") goes to stdout and to
 ``OUT/manifest.json`` (written last: it marks OUT complete); each skipped
 line is listed in ``OUT/skipped.jsonl`` (line, id, task, reason, detail).
+
+The manifest is streamed (read twice: shard sizes, then the conversion), so memory does not grow
+with its length. OUT must be local (ArrayRecord writes local files only): copy the shards to a
+bucket afterwards or mount it with Cloud Storage FUSE. ``data_pipelines.prepare_beam`` runs the
+same conversion (``convert``) as an Apache Beam pipeline, on many machines and into a bucket.
 """
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import multiprocessing
@@ -91,6 +97,7 @@ import os
 import pathlib
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
@@ -109,6 +116,7 @@ from data_pipelines import speech_codes as speech_codes_lib
 from data_pipelines import video as video_lib
 from data_pipelines import vision
 from data_pipelines.ops import BadRecord, read_media_bytes
+from omnijax import paths
 
 KIND = "prepared_media"
 VERSION = 1
@@ -285,35 +293,138 @@ def prepare_line(
   return record
 
 
-def _work(args: tuple) -> tuple[int, str, Any]:
-  """Pool task: (line, "ok", (split, record)) or (line, "skip", (reason, detail))."""
-  line_no, raw, split, config = args
+def describe(raw: bytes, root: str) -> tuple[str | None, str, str, int]:
+  """(id, task, split, bytes) of a (possibly bad) manifest line, for skip statistics and shard
+  sizes: the bytes are the line's and its media files'."""
+  example_id, task, split, size = None, "unknown", "train", len(raw)
+  try:
+    line = json.loads(raw)
+    task = line.get("task") or infer_task(line)
+    task = task if task in TASKS else "unknown"
+    example_id = None if line.get("id") is None else str(line["id"])
+    split = str(line.get("split", "train"))
+    for media in ("image", "audio", "video"):
+      if isinstance(line.get(media), str):
+        size += os.path.getsize(os.path.join(root, line[media]))
+  except (ValueError, AttributeError, OSError):
+    pass  # Counted for real (and skipped) by the conversion.
+  return example_id, task, split, size
+
+
+def num_shards(group_bytes: int, shard_mb: float) -> int:
+  return max(1, math.ceil(group_bytes / (shard_mb * 2**20)))
+
+
+def convert(line_no: int, raw: bytes, config: dict[str, Any]) -> tuple[str, Any]:
+  """One manifest line -> ("ok", (split, record)) or ("skip", its skip log entry): the
+  conversion of this command and of ``data_pipelines.prepare_beam``."""
+  example_id, task, split, _ = describe(raw, config["root"])
   try:
     if not _SPLIT_NAME.match(split):
       raise BadRecord("missing_field", f"invalid split name {split!r}")
-    return line_no, "ok", (split, prepare_line(raw, line_no, **config))
+    return "ok", (split, prepare_line(raw, line_no, **config))
   except BadRecord as e:
-    return line_no, "skip", (e.reason, str(e))
+    entry = {"line": line_no, "id": example_id, "task": task, "reason": e.reason, "detail": str(e)}
+    return "skip", entry
 
 
-def _scan(manifest: pathlib.Path) -> list[tuple[int, bytes, str, int]]:
-  """Manifest lines with their split and media size (for shard counts)."""
-  lines = []
+class Stats:
+  """What a summary counts: records by modality and task, media bytes, speech codes, skips by
+  reason and by task. Mergeable (the Beam pipeline combines the workers' stats)."""
+
+  def __init__(self):
+    self.modality, self.task, self.media_bytes = (collections.Counter() for _ in range(3))
+    self.codes, self.skipped = collections.Counter(), collections.Counter()
+    self.skipped_by_task = collections.defaultdict(collections.Counter)
+
+  def add(self, status: str, payload: Any) -> "Stats":
+    if status == "ok":
+      _, record = payload
+      self.modality[record["modality"]] += 1
+      self.task[record["task"]] += 1
+      for media in ("image", "audio", "video"):
+        if media in record:
+          self.media_bytes[media] += len(record[media])
+      if "speech_codes" in record:
+        self.codes["examples"] += 1
+        self.codes["frames"] += record["speech_codes_frames"]
+    else:
+      self.skipped[payload["reason"]] += 1
+      self.skipped_by_task[payload["task"]][payload["reason"]] += 1
+    return self
+
+  def merge(self, other: "Stats") -> "Stats":
+    for name in ("modality", "task", "media_bytes", "codes", "skipped"):
+      getattr(self, name).update(getattr(other, name))
+    for task, counts in other.skipped_by_task.items():
+      self.skipped_by_task[task].update(counts)
+    return self
+
+
+def summary(
+  manifest: str,
+  num_lines: int,
+  stats: Stats,
+  splits: dict[str, Any],
+  speech_codes: str | None,
+  seconds: float,
+  extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+  """``OUT/manifest.json``: see the module doc."""
+  return {
+    "kind": KIND,
+    "version": VERSION,
+    "encoding": "msgpack",
+    "manifest": manifest,
+    "num_lines": num_lines,
+    "num_examples": sum(s["num_records"] for s in splits.values()),
+    "num_skipped": sum(stats.skipped.values()),
+    "counts": {k: dict(sorted(getattr(stats, k).items())) for k in ("modality", "task")},
+    "skipped": dict(sorted(stats.skipped.items())),
+    "skipped_by_task": {
+      t: dict(sorted(c.items())) for t, c in sorted(stats.skipped_by_task.items())
+    },
+    "media_bytes": dict(sorted(stats.media_bytes.items())),
+    "record_bytes": sum(s["num_bytes"] for s in splits.values()),
+    "splits": dict(sorted(splits.items())),
+    **({"speech_codes": _codes_summary(speech_codes, stats.codes)} if speech_codes else {}),
+    "seconds": round(seconds, 2),
+    **(extra or {}),
+  }
+
+
+def check_out(out: str | os.PathLike[str]) -> pathlib.Path:
+  """The output folder, which must be local: ArrayRecord's writer opens local files only."""
+  return paths.local(
+    out,
+    "--out",
+    "ArrayRecord writes local files only; prepare into a local folder and copy the shards to the "
+    "bucket (gcloud storage cp -r OUT gs://...), or mount the bucket with Cloud Storage FUSE and "
+    "name its mount point (python -m data_pipelines.prepare_beam writes to a bucket itself).",
+  )
+
+
+def _lines(manifest: pathlib.Path) -> Iterator[tuple[int, bytes]]:
+  """(line number, bytes) of the manifest's non-blank lines, read as they are needed."""
   with open(manifest, "rb") as f:
     for line_no, raw in enumerate(f, start=1):
-      if not raw.strip():
-        continue
-      split, size = "train", len(raw)
-      try:
-        line = json.loads(raw)
-        split = str(line.get("split", "train"))
-        for media in ("image", "audio", "video"):
-          if isinstance(line.get(media), str):
-            size += os.path.getsize(manifest.parent / line[media])
-      except (ValueError, AttributeError, OSError):
-        pass  # Counted for real (and skipped) by the worker.
-      lines.append((line_no, raw, split, size))
-  return lines
+      if raw.strip():
+        yield line_no, raw
+
+
+def _work(args: tuple[int, bytes, dict[str, Any]]) -> tuple[str, Any]:
+  return convert(*args)
+
+
+@contextlib.contextmanager
+def _converted(tasks: Iterator[tuple], workers: int, codes: bool) -> Iterator[Iterator[tuple]]:
+  """The conversions of `tasks`, in order, in this process or in `workers` processes."""
+  if workers <= 1:
+    yield map(_work, tasks)
+    return
+  context = multiprocessing.get_context("spawn")
+  with context.Pool(workers, initializer=init_worker, initargs=(codes,)) as pool:
+    yield pool.imap(_work, tasks, chunksize=4)
 
 
 class _Writers:
@@ -325,9 +436,8 @@ class _Writers:
 
   def write(self, task: str, split: str, record: dict[str, Any]) -> None:
     if (task, split) not in self._writers:
-      size = self._bytes.get((task, split), 0)
       self._writers[task, split] = records.ShardWriter(
-        self._out / task, split, max(1, math.ceil(size / (self._shard_mb * 2**20)))
+        self._out / task, split, num_shards(self._bytes.get((task, split), 0), self._shard_mb)
       )
     self._writers[task, split].write(record)
 
@@ -355,9 +465,12 @@ def prepare(
 ) -> dict[str, Any]:
   """Runs the preparation; returns the summary written to ``OUT/manifest.json``.
 
+  The manifest is read twice, line by line (shard sizes, then the conversion): memory holds
+  the (task, split) sizes, the lines being converted and the open shards, not the manifest.
+
   Args:
     manifest: the JSONL manifest.
-    out: output folder (its shards and manifest are replaced).
+    out: output folder (its shards and manifest are replaced); local (see ``check_out``).
     workers: validation processes (1: in this process).
     source: default ``source`` field (default: the manifest's folder name).
     shard_mb: target shard size; a task's split gets ceil(its bytes / this)
@@ -369,58 +482,22 @@ def prepare(
     extra: fields merged into the summary (e.g. a corpus's kind and version).
   """
   start = time.time()
+  out = check_out(out)
   manifest = pathlib.Path(manifest).resolve()
-  if speech_codes is not None:
-    speech_codes = os.path.abspath(os.fspath(speech_codes))
-    speech_codes_lib.providers.codec_kind(speech_codes)  # Fails fast on a wrong directory.
-  out = pathlib.Path(out)
+  config = conversion_config(manifest, source, max_audio_seconds, speech_codes)
   out.mkdir(parents=True, exist_ok=True)
   (out / records.MANIFEST_NAME).unlink(missing_ok=True)  # Incomplete now.
   for task in TASKS:
     for stale in (out / task).glob(f"*{records.SHARD_INFIX}*"):
       stale.unlink()
-  lines = _scan(manifest)
-  group_bytes = collections.Counter()
-  for _, raw, split, size in lines:
-    group_bytes[_describe(raw)[1], split] += size
+  group_bytes, num_lines = collections.Counter(), 0
+  for _, raw in _lines(manifest):
+    _, task, split, size = describe(raw, config["root"])
+    group_bytes[task, split] += size
+    num_lines += 1
   writers = _Writers(out, group_bytes, shard_mb)
-  config = {
-    "root": str(manifest.parent),
-    "default_id": manifest.stem,
-    "default_source": source or manifest.parent.name,
-    "max_audio_seconds": max_audio_seconds,
-    "speech_codes": speech_codes,
-  }
-  tasks = [(line_no, raw, split, config) for line_no, raw, split, _ in lines]
-  counts = {"modality": collections.Counter(), "task": collections.Counter()}
-  skipped = collections.Counter()
-  skipped_by_task = collections.defaultdict(collections.Counter)
-  media_bytes = collections.Counter()
-  code_counts = collections.Counter()
-  skip_log = []
-  raw_lines = {line_no: raw for line_no, raw, _, _ in lines}
-
-  def handle(line_no: int, status: str, payload: Any) -> None:
-    if status == "ok":
-      split, record = payload
-      writers.write(record["task"], split, record)
-      counts["modality"][record["modality"]] += 1
-      counts["task"][record["task"]] += 1
-      for media in ("image", "audio", "video"):
-        if media in record:
-          media_bytes[media] += len(record[media])
-      if "speech_codes" in record:
-        code_counts["examples"] += 1
-        code_counts["frames"] += record["speech_codes_frames"]
-    else:
-      reason, detail = payload
-      example_id, task = _describe(raw_lines[line_no])
-      skipped[reason] += 1
-      skipped_by_task[task][reason] += 1
-      skip_log.append(
-        {"line": line_no, "id": example_id, "task": task, "reason": reason, "detail": detail}
-      )
-
+  stats = Stats()
+  tasks = ((line_no, raw, config) for line_no, raw in _lines(manifest))
   bar = Progress(
     TextColumn("prepare"),
     BarColumn(),
@@ -430,49 +507,49 @@ def prepare(
     console=Console(stderr=True),
     disable=not progress,
   )
+  codes = config["speech_codes"] is not None
   try:
-    with bar:
-      job = bar.add_task("prepare", total=len(tasks))
-      if workers <= 1:
-        for result in map(_work, tasks):
-          handle(*result)
+    with bar, open(out / "skipped.jsonl", "w", encoding="utf-8") as skip_log:
+      with _converted(tasks, workers, codes) as results:
+        job = bar.add_task("prepare", total=num_lines)
+        for status, payload in results:
+          stats.add(status, payload)
+          if status == "ok":
+            split, record = payload
+            writers.write(record["task"], split, record)
+          else:
+            skip_log.write(json.dumps(payload, ensure_ascii=False) + "\n")
           bar.advance(job)
-      else:
-        pool = multiprocessing.get_context("spawn").Pool(
-          workers, initializer=_init_worker, initargs=(speech_codes is not None,)
-        )
-        with pool:
-          for result in pool.imap(_work, tasks, chunksize=4):
-            handle(*result)
-            bar.advance(job)
   finally:
     splits = writers.close()
-  with open(out / "skipped.jsonl", "w", encoding="utf-8") as f:
-    for entry in skip_log:
-      f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-  summary = {
-    "kind": KIND,
-    "version": VERSION,
-    "encoding": "msgpack",
-    "manifest": str(manifest),
-    "num_lines": len(lines),
-    "num_examples": sum(s["num_records"] for s in splits.values()),
-    "num_skipped": sum(skipped.values()),
-    "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
-    "skipped": dict(sorted(skipped.items())),
-    "skipped_by_task": {t: dict(sorted(c.items())) for t, c in sorted(skipped_by_task.items())},
-    "media_bytes": dict(sorted(media_bytes.items())),
-    "record_bytes": sum(s["num_bytes"] for s in splits.values()),
-    "splits": splits,
-    **({"speech_codes": _codes_summary(speech_codes, code_counts)} if speech_codes else {}),
-    "seconds": round(time.time() - start, 2),
-    **(extra or {}),
+  result = summary(
+    str(manifest), num_lines, stats, splits, config["speech_codes"], time.time() - start, extra
+  )
+  records.write_manifest(out, result)
+  return result
+
+
+def conversion_config(
+  manifest: os.PathLike[str],
+  source: str | None,
+  max_audio_seconds: float | None,
+  speech_codes: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
+  """``convert``'s `config`: ``prepare_line``'s arguments but the line's (a codec directory is
+  checked here)."""
+  if speech_codes is not None:
+    speech_codes = os.path.abspath(os.fspath(speech_codes))
+    speech_codes_lib.providers.codec_kind(speech_codes)  # Fails fast on a wrong directory.
+  return {
+    "root": str(manifest.parent),
+    "default_id": manifest.stem,
+    "default_source": source or manifest.parent.name,
+    "max_audio_seconds": max_audio_seconds,
+    "speech_codes": speech_codes,
   }
-  records.write_manifest(out, summary)
-  return summary
 
 
-def _init_worker(codes: bool) -> None:
+def init_worker(codes: bool) -> None:
   """One compute thread per worker process when it runs a PyTorch codec (no oversubscription)."""
   if codes:
     try:
@@ -493,17 +570,6 @@ def _codes_summary(codec: str, counts: collections.Counter) -> dict[str, Any]:
     "num_examples": counts["examples"],
     "num_frames": counts["frames"],
   }
-
-
-def _describe(raw: bytes) -> tuple[str | None, str]:
-  """(id, task) of a (possibly bad) manifest line, for skip statistics."""
-  try:
-    line = json.loads(raw)
-    task = line.get("task") or infer_task(line)
-    example_id = line.get("id")
-    return (None if example_id is None else str(example_id), task if task in TASKS else "unknown")
-  except (ValueError, AttributeError):
-    return None, "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,9 +29,15 @@ from array_record.python import array_record_module
 import grain
 
 from data_pipelines.ops import BadRecord
+from omnijax import paths
 
 MANIFEST_NAME = "manifest.json"
 SHARD_INFIX = ".array_record-"
+WRITER_OPTIONS = "group_size:1"  # Every record its own chunk: read one at random.
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+  return f"{split}{SHARD_INFIX}{index:05d}-of-{num_shards:05d}"
 
 
 def encode_example(example: Mapping[str, Any]) -> bytes:
@@ -80,9 +86,9 @@ class ShardWriter:
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in shard_paths(out_dir, split):
       os.remove(stale)
-    self._names = [f"{split}{SHARD_INFIX}{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
+    self._names = [shard_name(split, i, num_shards) for i in range(num_shards)]
     self._writers = [
-      array_record_module.ArrayRecordWriter(str(out_dir / n), "group_size:1") for n in self._names
+      array_record_module.ArrayRecordWriter(str(out_dir / n), WRITER_OPTIONS) for n in self._names
     ]
     self.num_records = self.num_bytes = 0
 
@@ -139,8 +145,19 @@ def open_shards(
 
   Returns:
     A ``grain.sources.ArrayRecordDataSource`` yielding the raw record bytes.
+
+  Raises:
+    ConfigError: ``path`` is a bucket URL (ArrayRecord reads local files only).
   """
-  path = os.fspath(path)
+  path = os.fspath(
+    paths.local(
+      path,
+      "the shards' path",
+      "ArrayRecord reads local files only; mount the bucket with Cloud Storage FUSE (gcsfuse "
+      "--implicit-dirs BUCKET /mnt/BUCKET, as MaxText does for its ArrayRecord data) and name the "
+      "shards under the mount point.",
+    )
+  )
   if os.path.isdir(path):
     files = shard_paths(path, split)
   else:
@@ -176,3 +193,15 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     if not all((directory / name).is_file() for name in entry.get("files", [])):
       return None
   return manifest
+
+
+def recorded_size(path: str | os.PathLike[str], split: str) -> int | None:
+  """The records of ``split`` at ``path`` that a complete manifest lists: ``path``'s own (a
+  dataset directory) or its parent's (``path`` a task folder of ``data_pipelines.prepare``'s
+  output, whose manifest lists "task/split"); None when neither lists it."""
+  path = pathlib.Path(path)
+  for directory, key in ((path, split), (path.parent, f"{path.name}/{split}")):
+    entry = ((read_manifest(directory) or {}).get("splits") or {}).get(key)
+    if entry is not None:
+      return entry.get("num_records")
+  return None

