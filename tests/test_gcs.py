@@ -169,4 +169,4 @@ def test_chain_and_sweep_keep_bucket_roots(bucket, tmp_path, capsys):
   assert plan["runs"][0]["workdir"] == f"{root}/arm-omni"
   assert f"--workdir={root}/arm-omni" in capsys.readouterr().out
   assert chain.main(["--root=gs://no-such-bucket/chain", "--dry_run"]) == 2
-  assert "cannot reach" in capsys.readouterr().err
+  assert "gs://no-such-bucket does not exist" in capsys.readouterr().err
