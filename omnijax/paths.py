@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 import fsspec
 from etils import epath
@@ -64,3 +66,21 @@ def check_reachable(p: PathLike, what: str) -> epath.Path:
       "these credentials; create it or fix the name."
     )
   return out
+
+
+def staged(p: PathLike) -> pathlib.Path:
+  """Where a writer that only knows local files (the profiler) writes what belongs at `p`: `p`
+  itself when local, else a fresh local directory for `upload` to copy up."""
+  return local(p, "", "") if not is_url(p) else pathlib.Path(tempfile.mkdtemp(prefix="omnijax-"))
+
+
+def upload(stage: pathlib.Path, p: PathLike) -> None:
+  """Copies a `staged` directory's files to `p` (a URL) and removes it; nothing when local."""
+  if not is_url(p):
+    return
+  for f in stage.rglob("*"):
+    if f.is_file():
+      target = path(p) / f.relative_to(stage).as_posix()
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(f.read_bytes())
+  shutil.rmtree(stage)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -398,7 +399,8 @@ def train(config, workdir: paths.PathLike) -> dict[str, float]:
   preemption = Preemption()
   for step in range(start, end):
     if profile and step == profile[0]:
-      jax.profiler.start_trace(str(workdir / "profile"))
+      trace_dir = paths.staged(workdir / "profile")
+      jax.profiler.start_trace(os.fspath(trace_dir))
     host_batch = same_media_shapes({k: np.asarray(v) for k, v in next(data.iterator).items()})
     shardings = step_lib.batch_shardings(host_batch, mesh, rules)
     batch = {
@@ -416,6 +418,7 @@ def train(config, workdir: paths.PathLike) -> dict[str, float]:
     if profile and done == profile[1]:
       jax.block_until_ready(metrics)
       jax.profiler.stop_trace()
+      paths.upload(trace_dir, workdir / "profile")
     if timer_start is None:  # the first step compiles: time from its end
       jax.block_until_ready(metrics)
       timer_start, timed_steps = time.perf_counter(), 0
