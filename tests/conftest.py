@@ -37,3 +37,11 @@ def codec_run(local_speech_dir, tmp_path_factory):
 
   workdir = tmp_path_factory.mktemp("codec") / "tokenizer"
   return workdir, helpers.run_codec(workdir, local_speech_dir, steps=4, num_devices=1)
+
+
+@pytest.fixture(scope="session")
+def bucket(tmp_path_factory):
+  """gs://omnijax-test on a GCS emulator (fake-gcs-server) for the session: tests/gcs_emulator.py."""
+  from tests import gcs_emulator
+
+  yield from gcs_emulator.bucket(tmp_path_factory)

@@ -59,8 +59,20 @@ class Emulator:
     self.log.close()
 
 
-def set_env(env: dict[str, str]) -> dict[str, str | None]:
-  """Sets the emulator's variables in this process; returns what they were."""
-  before = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  return before
+def bucket(tmp_path_factory):
+  """(pytest fixture body) gs://omnijax-test on an emulator started for the session, with its
+  variables set in this process (and so in the processes it starts) until the session ends."""
+  import pytest
+
+  try:
+    emulator = Emulator(tmp_path_factory.mktemp("gcs"))
+  except (ImportError, OSError, RuntimeError) as e:
+    pytest.skip(f"fake-gcs-server cannot run here: {e}")
+  before = {k: os.environ.get(k) for k in emulator.env}
+  os.environ.update(emulator.env)
+  try:
+    yield emulator.create_bucket("omnijax-test")
+  finally:
+    emulator.stop()
+    for k, v in before.items():
+      os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -18,25 +18,10 @@ from omnijax import chain, paths, report, sweep
 from omnijax.errors import ConfigError
 from omnijax.train import checkpoint as ckpt_lib
 from omnijax.train import trainer
-from tests import gcs_emulator
 from tests.helpers import tiny_config, write_text_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 N = 3  # the bucket run is preempted after N of 2N steps
-
-
-@pytest.fixture(scope="module")
-def bucket(tmp_path_factory):
-  """gs://omnijax-test on a fake-gcs-server started for this module."""
-  try:
-    emulator = gcs_emulator.Emulator(tmp_path_factory.mktemp("gcs"))
-  except (ImportError, OSError, RuntimeError) as e:
-    pytest.skip(f"fake-gcs-server cannot run here: {e}")
-  before = gcs_emulator.set_env(emulator.env)
-  yield emulator.create_bucket("omnijax-test")
-  emulator.stop()
-  for k, v in before.items():
-    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 from flax import traverse_util
 
 from data_pipelines import inputs as inputs_lib
@@ -94,10 +95,12 @@ def _changed(a, b, names):
 
 
 @pytest.mark.slow
-def test_stage_chain(corpora, tmp_path):
+def test_stage_chain(corpora, tmp_path, bucket):
   """Stage 1 freezes the LLM bit-exactly, trains adapters then encoders; stages 2 and 3 start
-  from the previous stage's params; stage 3 trains at the longer length."""
-  s1a, s1b, s2, s3 = (tmp_path / n for n in ("s1a", "s1b", "s2", "s3"))
+  from the previous stage's params; stage 3 trains at the longer length. Stages 2 and 3 run in
+  a bucket (gs://, a GCS emulator), stage 3 starting from stage 2 there."""
+  s1a, s1b = tmp_path / "s1a", tmp_path / "s1b"
+  s2, s3 = (epath.Path(f"{bucket}/chain/{n}") for n in ("s2", "s3"))
   trainer.train(
     _local("pretrain_s1_align:local,phase=adapters", corpora, 3, profile_steps=(1, 2)), s1a
   )
