@@ -495,7 +495,6 @@ def train(config, workdir: str | Path) -> dict[str, float]:
       break
 
   # ------------------------------------------------------------------ finish
-  preemption.close()
   with goodput.measure("checkpoint"):
     ckpt.wait()
   ckpt.close()
@@ -503,6 +502,7 @@ def train(config, workdir: str | Path) -> dict[str, float]:
   run = goodput.run_summary()
   writer.write(done, run)
   writer.text("goodput", goodput_lib.line(run))
+  preemption.close()  # until here a (second) notice does not cut the last checkpoint short
   writer.close()
   return last | run
 
