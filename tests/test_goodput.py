@@ -61,7 +61,8 @@ def test_regions_count_only_the_time_the_device_idled():
 
 
 DATA_S = CKPT_S = 0.2  # injected: each batch's fetch, each checkpoint save call
-STEPS, LOG_EVERY = 6, 3
+# test_train's 8-step tiny run: the same train step, compiled once for both (conftest's cache)
+STEPS, LOG_EVERY = 8, 4
 
 
 class SlowIterator:
@@ -97,7 +98,6 @@ def test_a_runs_parts_sum_to_its_wall_time_and_land_where_the_time_went(tmp_path
 
   monkeypatch.setattr(ckpt_lib.Checkpointer, "save", slow_save)
   c = tiny_config(write_text_corpus(tmp_path / "corpus"), steps=STEPS)
-  c.model.text.num_hidden_layers = 1
   c.train.log_every = LOG_EVERY
   c.train.peak_flops_per_device = 1e12
   workdir = tmp_path / "run"
@@ -108,7 +108,7 @@ def test_a_runs_parts_sum_to_its_wall_time_and_land_where_the_time_went(tmp_path
   for r in intervals:
     print({k: round(v, 3) for k, v in r.items() if k.startswith(("goodput", "step_", "tok"))})
   print({k: round(v, 3) for k, v in run.items()})
-  assert [r["step"] for r in intervals] == [3, 6] and run["step"] == STEPS
+  assert [r["step"] for r in intervals] == [4, 8] and run["step"] == STEPS
 
   for r, prefix in [*((r, "") for r in intervals), (run, "run_")]:
     parts = [r[f"goodput/{prefix}{p}_s"] for p in PARTS]
@@ -118,19 +118,19 @@ def test_a_runs_parts_sum_to_its_wall_time_and_land_where_the_time_went(tmp_path
   first, second = intervals
   assert first["goodput/restore_s"] >= DATA_S  # the first batch is setup's
   assert first["goodput/compile_s"] > 0 and second["goodput/compile_s"] == 0
-  # steps 2-3 and 4-6 fetch their batches in the first and second interval
-  for r, fetches in ((first, 2), (second, 3)):
+  # steps 2-4 and 5-8 fetch their batches in the first and second interval
+  for r, fetches in ((first, 3), (second, 4)):
     assert fetches * DATA_S <= r["goodput/data_wait_s"] < fetches * DATA_S * 1.3
-  # the saves after steps 3, 4, 5 fall in the second interval; the device's work on a step
+  # the saves after steps 4-7 fall in the second interval; the device's work on a step
   # overlaps its save's sleep
-  assert 3 * CKPT_S - second["goodput/productive_s"] <= second["goodput/checkpoint_s"]
-  assert second["goodput/checkpoint_s"] < 3 * CKPT_S * 1.3
+  assert 4 * CKPT_S - second["goodput/productive_s"] <= second["goodput/checkpoint_s"]
+  assert second["goodput/checkpoint_s"] < 4 * CKPT_S * 1.3
   assert run["goodput/run_data_wait_s"] >= (STEPS - 1) * DATA_S
   assert run["goodput/run_restore_s"] >= first["goodput/restore_s"]
   assert last["goodput/run_fraction"] == run["goodput/run_fraction"]
 
   flops = trainer.training_flops(c, ThinkerConfig.from_dict(c.model), None)
-  for r, timed in ((first, 2), (second, 3)):  # the first step is compile time
+  for r, timed in ((first, 3), (second, 4)):  # the first step is compile time
     step_time = (r["goodput/productive_s"] + r["goodput/data_wait_s"]) / timed
     assert r["step_time_s"] == pytest.approx(step_time) and step_time >= DATA_S
     assert r["tokens_per_sec"] == pytest.approx(8 * 64 / step_time)
