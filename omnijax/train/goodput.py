@@ -25,7 +25,7 @@ import time
 import jax
 
 PARTS = ("compile", "data_wait", "checkpoint", "eval", "restore", "other")
-# Outermost spans only: a compile can happen inside a trace (e.g. of a constant).
+# JAX's compile stages; one that runs inside another (a compile within a trace) counts once.
 _COMPILE_EVENTS = (
   "/jax/core/compile/jaxpr_trace_duration",
   "/jax/core/compile/jaxpr_to_mlir_module_duration",

@@ -420,7 +420,7 @@ def train(config, workdir: str | Path) -> dict[str, float]:
     if profile and step == profile[0]:
       with goodput.measure("other"):
         jax.profiler.start_trace(str(workdir / "profile"))
-    with goodput.measure("data_wait" if step > start else "restore"):  # a pipeline's start
+    with goodput.measure("data_wait" if step > start else "restore"):  # the first: setup's
       host_batch = same_media_shapes({k: np.asarray(v) for k, v in next(data.iterator).items()})
       shardings = step_lib.batch_shardings(host_batch, mesh, rules)
       batch = {
