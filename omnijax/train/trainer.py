@@ -57,13 +57,7 @@ class Preemption:
     if self.distributed:
       # The agreed step is the furthest step a process has reported + 1: report the first
       # one, so that a notice before the first step ends picks a step this launch reaches.
-      try:
-        multihost_utils.reached_preemption_sync_point(start)
-      except RuntimeError as e:
-        raise ConfigError(
-          "several processes stop together on SIGTERM through JAX's preemption service: "
-          "leave jax_enable_preemption_service on."
-        ) from e
+      multihost_utils.reached_preemption_sync_point(start)
     elif threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -121,6 +115,11 @@ def check_config(config, model_cfg: ThinkerConfig, mesh) -> None:
       f"the batch is split over {batch_shards} devices (mesh data x fsdp x expert); make it a "
       "multiple, e.g. --config.train.global_batch_size="
       f"{batch_shards * tr.grad_accum_steps * max(1, math.ceil(micro / batch_shards))}."
+    )
+  if jax.process_count() > 1 and not jax.config.jax_enable_preemption_service:
+    raise ConfigError(
+      "several processes stop together on SIGTERM through JAX's preemption service: leave "
+      "jax_enable_preemption_service on (unset JAX_ENABLE_PREEMPTION_SERVICE)."
     )
   if tr.global_batch_size % jax.process_count():
     raise ConfigError(
