@@ -60,6 +60,28 @@ def test_regions_count_only_the_time_the_device_idled():
   assert sum(parts[f"goodput/{p}_s"] for p in PARTS) == pytest.approx(parts["goodput/wall_s"])
 
 
+def test_a_compile_counts_once_and_within_its_region():
+  """JAX reports compile stages (wall-clock durations) as they end: a stage within another counts
+  once, and a duration longer than the time since the region began (the wall clock jumped)
+  counts only that time, so the parts never exceed the wall time."""
+  trace, backend = goodput_lib._COMPILE_EVENTS[0], goodput_lib._COMPILE_EVENTS[2]
+  g = goodput_lib.Goodput()
+  g.setup_done()
+  with g.measure("eval"):
+    time.sleep(0.2)
+    goodput_lib._on_event(backend, 0.05)
+    goodput_lib._on_event(trace, 0.08)  # it contains the one above
+  with g.measure("eval"):
+    time.sleep(0.1)
+    goodput_lib._on_event(backend, 100.0)
+  parts = g.summary()
+  g.close()
+  print(f"\n{parts}")
+  assert parts["goodput/compile_s"] == pytest.approx(0.08 + 0.1, abs=0.01)
+  assert parts["goodput/eval_s"] == pytest.approx(0.12, abs=0.01)
+  assert 0 <= parts["goodput/productive_s"] < 0.01
+
+
 DATA_S = CKPT_S = 0.2  # injected: each batch's fetch, each checkpoint save call
 # test_train's 8-step tiny run: the same train step, compiled once for both (conftest's cache)
 STEPS, LOG_EVERY = 8, 4

@@ -39,11 +39,11 @@ class Goodput:
   for the interval's steps (the time since the previous summary is that interval's wall)."""
 
   def __init__(self):
-    self.run_start = self._interval_start = time.perf_counter()
+    self.run_start = self._interval_start = self._mark = time.perf_counter()
     self._run = dict.fromkeys(PARTS, 0.0)
     self._interval = dict.fromkeys(PARTS, 0.0)
     self._compiled = 0.0  # compile seconds heard so far (regions subtract theirs)
-    self._spans: list[tuple[float, float, float]] = []  # this interval's compiles (start, end, s)
+    self._spans: list[tuple[float, float]] = []  # the compiles since the loop's last mark
     self._loop_thread = threading.get_ident()
     self._lock = threading.Lock()
     self._pending, self._idle_since = 0, self.run_start
@@ -56,6 +56,7 @@ class Goodput:
     """The device has a train step to run until `outputs` are ready."""
     if not self._watcher.is_alive():
       self._watcher.start()
+    self._marked()
     with self._lock:
       self._pending += 1
     self._steps.put(outputs)
@@ -69,6 +70,11 @@ class Goodput:
         if not self._pending:
           self._idle_since = time.perf_counter()
 
+  def _marked(self) -> float:
+    """Now, a point of the loop outside any compile."""
+    self._mark, self._spans = time.perf_counter(), []
+    return self._mark
+
   def _idle(self, start: float, end: float) -> float:
     """Seconds of [start, end] in which the device had no dispatched step left to run."""
     with self._lock:
@@ -79,10 +85,16 @@ class Goodput:
     if threading.get_ident() != self._loop_thread:
       return
     end = time.perf_counter()
-    start = end - duration
-    inner = [s for s in self._spans if start <= s[0] and s[1] <= end]
-    seconds = self._idle(start, end) - sum(s[2] for s in inner)
-    self._spans = [s for s in self._spans if s not in inner] + [(start, end, seconds)]
+    # JAX times it on the wall clock, which may jump (a VM paused, NTP): it started after the
+    # loop's last mark (a point outside any compile). A compile within another counts once.
+    start, seconds = max(end - duration, self._mark), 0.0
+    at = start
+    for a, b in sorted(self._spans):
+      seconds += self._idle(at, a)
+      at = max(at, b)
+    seconds += self._idle(at, end)
+    within = [a for a, b in self._spans if b >= start]
+    self._spans = [(a, b) for a, b in self._spans if b < start] + [(min([start, *within]), end)]
     self._compiled += seconds
     self._add("compile", seconds)
 
@@ -93,24 +105,24 @@ class Goodput:
   @contextlib.contextmanager
   def measure(self, part: str):
     """Counts the region's time in which the device idled, its compiles apart, to `part`."""
-    start, compiled = time.perf_counter(), self._compiled
+    start, compiled = self._marked(), self._compiled
     try:
       yield
     finally:
-      idle = self._idle(start, time.perf_counter())
+      idle = self._idle(start, self._marked())
       self._add(part, max(0.0, idle - (self._compiled - compiled)))
 
   def setup_done(self) -> None:
     """The time since the run started, its compiles apart, is restore time."""
-    self._add("restore", max(0.0, time.perf_counter() - self.run_start - self._compiled))
+    self._add("restore", max(0.0, self._marked() - self.run_start - self._compiled))
 
   def summary(self) -> dict[str, float]:
     """The interval's parts, goodput and the run's goodput so far; starts the next interval."""
-    now = time.perf_counter()
+    now = self._marked()
     out = _parts(self._interval, now - self._interval_start, "")
     run = _parts(self._run, now - self.run_start, "run_")
     out.update({k: run[k] for k in ("goodput/run_wall_s", "goodput/run_fraction")})
-    self._interval, self._interval_start, self._spans = dict.fromkeys(PARTS, 0.0), now, []
+    self._interval, self._interval_start = dict.fromkeys(PARTS, 0.0), now
     return out
 
   def run_summary(self) -> dict[str, float]:
