@@ -27,6 +27,7 @@ CONSOLE_KEYS = (
   "mfu",
   "step_time_s",
   "expert_load_max_over_mean",
+  "goodput/fraction",
 )
 # Per-step values that are not averaged: the latest is what they mean.
 _LATEST = ("learning_rate", "consecutive_nonfinite")
@@ -95,6 +96,14 @@ class Interval:
           out[f"tokens/task/{name}"] = float(tokens) / n
     self.sums, self.latest, self.steps = None, None, 0
     return out
+
+
+def device_memory() -> dict[str, float]:
+  """Bytes in use and their peak on this process's most loaded device, where the backend reports
+  them (`Device.memory_stats()`; not on CPU)."""
+  stats = [s for d in jax.local_devices() if (s := d.memory_stats())]
+  keys = ("bytes_in_use", "peak_bytes_in_use")
+  return {f"memory/{k}": float(max(s[k] for s in stats)) for k in keys if stats and k in stats[0]}
 
 
 class MetricWriter:

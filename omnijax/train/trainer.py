@@ -15,7 +15,6 @@ import math
 import os
 import signal
 import threading
-import time
 
 import jax
 import numpy as np
@@ -34,30 +33,44 @@ from omnijax.processing import batch as batch_lib
 from omnijax.processing import media as media_lib
 from omnijax.train import checkpoint as ckpt_lib
 from omnijax.train import flops as flops_lib
+from omnijax.train import goodput as goodput_lib
 from omnijax.train import optimizer as optim_lib
 from omnijax.train import step as step_lib
-from omnijax.train.metrics import Interval, MetricWriter
+from omnijax.train.metrics import Interval, MetricWriter, device_memory
 
 log = logging.getLogger("omnijax")
 
 
 class Preemption:
-  """SIGTERM (a pod scheduler's notice) asks the loop to checkpoint the step it has finished
-  and return; every process stops at the same step (they agree each step)."""
+  """SIGTERM (a pod scheduler's notice) asks the loop to checkpoint a step and return.
 
-  def __init__(self):
-    self._requested, self._previous = False, None
-    if threading.current_thread() is threading.main_thread():
+  One process: a handler notes the signal; the loop stops after the step it has finished.
+  Several processes: JAX's preemption service (`jax.distributed.initialize`, on unless
+  `jax_enable_preemption_service` is off) owns SIGTERM. When any process gets it, the processes
+  agree over the coordination service, in the background, on the step after the furthest one's;
+  `reached_preemption_sync_point(step)` is True at that step on every process, so all stop at
+  the same step. Checking it is local (no host sync per step), on CPU (gloo) and TPU pods alike:
+  the agreement runs over the coordination service, not the devices' collectives. Orbax's
+  CheckpointManager consults the same sync point in `save`."""
+
+  def __init__(self, start: int):
+    self.distributed, self._requested, self._previous = jax.process_count() > 1, False, None
+    if self.distributed:
+      # The agreed step is the furthest step a process has reported + 1: report the first
+      # one, so that a notice before the first step ends picks a step this launch reaches.
+      multihost_utils.reached_preemption_sync_point(start)
+    elif threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self._requested = True
 
-  def requested(self) -> bool:
-    if jax.process_count() == 1:
-      return self._requested
-    return bool(multihost_utils.process_allgather(np.int32(self._requested)).any())
+  def requested(self, step: int) -> bool:
+    """Whether the loop stops after `step`; call it after every step."""
+    if self.distributed:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
 
   def close(self) -> None:
     if self._previous is not None:
@@ -103,6 +116,11 @@ def check_config(config, model_cfg: ThinkerConfig, mesh) -> None:
       f"the batch is split over {batch_shards} devices (mesh data x fsdp x expert); make it a "
       "multiple, e.g. --config.train.global_batch_size="
       f"{batch_shards * tr.grad_accum_steps * max(1, math.ceil(micro / batch_shards))}."
+    )
+  if jax.process_count() > 1 and not jax.config.jax_enable_preemption_service:
+    raise ConfigError(
+      "several processes stop together on SIGTERM through JAX's preemption service: leave "
+      "jax_enable_preemption_service on (unset JAX_ENABLE_PREEMPTION_SERVICE)."
     )
   if tr.global_batch_size % jax.process_count():
     raise ConfigError(
@@ -284,6 +302,7 @@ def train(config, workdir: paths.PathLike) -> dict[str, float]:
   """Trains (or resumes) in `workdir` (local, or in a bucket); returns the last logged
   metrics."""
   # ------------------------------------------------------------------ setup
+  goodput = goodput_lib.Goodput()
   workdir = paths.check_reachable(workdir, "--workdir")
   model_cfg = ThinkerConfig.from_dict(config.model)
   rules = shd.axis_rules(config.sharding.rules)
@@ -394,50 +413,62 @@ def train(config, workdir: paths.PathLike) -> dict[str, float]:
   )
   profile = tuple(tr.profile_steps)
   last: dict[str, float] = {}
-  timer_start = None
+  done = start
   end = min(total_steps, tr.stop_at_step or total_steps)
-  preemption = Preemption()
+  preemption = Preemption(start)
+  goodput.setup_done()
   for step in range(start, end):
     if profile and step == profile[0]:
-      trace_dir = paths.staged(workdir / "profile")
-      jax.profiler.start_trace(os.fspath(trace_dir))
-    host_batch = same_media_shapes({k: np.asarray(v) for k, v in next(data.iterator).items()})
-    shardings = step_lib.batch_shardings(host_batch, mesh, rules)
-    batch = {
-      k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host_batch.items()
-    }
+      with goodput.measure("other"):
+        trace_dir = paths.staged(workdir / "profile")
+        jax.profiler.start_trace(os.fspath(trace_dir))
+    with goodput.measure("data_wait" if step > start else "restore"):  # the first: setup's
+      host_batch = same_media_shapes({k: np.asarray(v) for k, v in next(data.iterator).items()})
+      shardings = step_lib.batch_shardings(host_batch, mesh, rules)
+      batch = {
+        k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in host_batch.items()
+      }
     with step_lib.mesh_context(mesh, rules):
-      if step == start and jax.process_count() > 1:
-        # CPU processes (gloo) give up on a collective whose peers do not all arrive within
-        # 30 s of its first use: they compile the step apart (minutes) and start it together.
-        train_step.lower(state, batch).compile()
-        multihost_utils.sync_global_devices("train step compiled")
-      state, metrics = train_step(state, batch)
+      if step == start:  # compile time: compiling, loading the program, its first run
+        with goodput.measure("compile"):
+          if jax.process_count() > 1:
+            # CPU processes (gloo) give up on a collective whose peers do not all arrive
+            # within 30 s of its first use: they compile the step apart (minutes) and start
+            # it together.
+            train_step.lower(state, batch).compile()
+            multihost_utils.sync_global_devices("train step compiled")
+          state, metrics = jax.block_until_ready(train_step(state, batch))
+      else:
+        state, metrics = train_step(state, batch)
+        goodput.dispatched(metrics)
     interval.add(metrics)
     done = step + 1
     if profile and done == profile[1]:
       jax.block_until_ready(metrics)
-      jax.profiler.stop_trace()
-      paths.upload(trace_dir, workdir / "profile")
-    if timer_start is None:  # the first step compiles: time from its end
-      jax.block_until_ready(metrics)
-      timer_start, timed_steps = time.perf_counter(), 0
-    else:
-      timed_steps += 1
+      with goodput.measure("other"):
+        jax.profiler.stop_trace()
+        paths.upload(trace_dir, workdir / "profile")
 
     # ---------------------------------------------------------------- metrics
     if done % tr.log_every == 0 or done == end:
-      scalars = interval.summary()
-      if timed_steps:
-        step_time = (time.perf_counter() - timer_start) / timed_steps
+      timed = interval.steps - (done - interval.steps == start)  # the first step: compile
+      scalars = interval.summary()  # waits for the interval's steps
+      with goodput.measure("other"):
+        if hasattr(data.iterator, "skipped_records"):
+          scalars.update(skipped_records(data.iterator))
+      times = goodput.summary()
+      scalars.update(times, **device_memory())
+      if timed:
+        # a step's time: the device's and its wait for data (compiles, checkpoints,
+        # evaluation and logging are goodput's other parts)
+        step_time = (times["goodput/productive_s"] + times["goodput/data_wait_s"]) / timed
         scalars.update(
           step_time_s=step_time,
           tokens_per_sec=tr.global_batch_size * seq_len / step_time,
           mfu=step_flops / (step_time * n_devices * peak),
         )
-      if hasattr(data.iterator, "skipped_records"):
-        scalars.update(skipped_records(data.iterator))
-      writer.write(done, scalars)
+      with goodput.measure("other"):
+        writer.write(done, scalars)
       last = scalars
       if scalars["consecutive_nonfinite"] > tr.max_consecutive_nonfinite:
         raise FloatingPointError(
@@ -446,33 +477,37 @@ def train(config, workdir: paths.PathLike) -> dict[str, float]:
           f"{tr.max_consecutive_nonfinite}); the run diverged: lower optim.learning_rate or "
           "resume from an earlier checkpoint."
         )
-      timer_start, timed_steps = time.perf_counter(), 0
 
     # ---------------------------------------------------------------- evaluators
     every = config.eval.every
     if evaluators and (done == end if not every else done % every == 0 or done == end):
-      with step_lib.mesh_context(mesh, rules):
+      with goodput.measure("eval"), step_lib.mesh_context(mesh, rules):
         results = evaluate(state.params)
-      writer.write(done, results)
+        writer.write(done, results)
       last = last | results
-      timer_start, timed_steps = time.perf_counter(), 0
 
     # ---------------------------------------------------------------- checkpoint
-    stop = preemption.requested()
-    ckpt.save(
-      done, state, data.iterator if data.checkpointable else None, force=done == end or stop
-    )
+    stop = preemption.requested(done)
+    with goodput.measure("checkpoint"):
+      ckpt.save(
+        done, state, data.iterator if data.checkpointable else None, force=done == end or stop
+      )
     if stop:
       writer.text("preempted", f"SIGTERM: saved step {done}; launch again to resume")
       log.warning("preempted (SIGTERM) after step %d: checkpoint saved, exiting", done)
       break
 
   # ------------------------------------------------------------------ finish
-  preemption.close()
-  ckpt.wait()
+  with goodput.measure("checkpoint"):
+    ckpt.wait()
   ckpt.close()
+  goodput.close()
+  run = goodput.run_summary()
+  writer.write(done, run)
+  writer.text("goodput", goodput_lib.line(run))
+  preemption.close()  # until here a (second) notice does not cut the last checkpoint short
   writer.close()
-  return last
+  return last | run
 
 
 def evaluate_workdir(workdir: paths.PathLike, config, step: int | None = None) -> dict[str, float]:
