@@ -53,9 +53,9 @@ def test_regions_count_only_the_time_the_device_idled():
   g.close()
   print(f"\nthe step ran {ran:.3f}s ({busy:.3f}s alone): {parts}")
   assert parts["goodput/other_s"] == 0
-  assert parts["goodput/checkpoint_s"] == pytest.approx(0.3, abs=0.03)
-  assert parts["goodput/productive_s"] == pytest.approx(ran, abs=0.05)
-  assert parts["goodput/data_wait_s"] == pytest.approx(0.2, abs=0.03)
+  assert parts["goodput/checkpoint_s"] == pytest.approx(0.3, abs=0.1)
+  assert parts["goodput/productive_s"] == pytest.approx(ran, abs=0.1)
+  assert parts["goodput/data_wait_s"] == pytest.approx(0.2, abs=0.1)
   assert parts["goodput/compile_s"] > 0 and parts["goodput/eval_s"] >= 0
   assert sum(parts[f"goodput/{p}_s"] for p in PARTS) == pytest.approx(parts["goodput/wall_s"])
 
@@ -142,11 +142,12 @@ def test_a_runs_parts_sum_to_its_wall_time_and_land_where_the_time_went(tmp_path
   assert first["goodput/compile_s"] > 0 and second["goodput/compile_s"] == 0
   # steps 2-4 and 5-8 fetch their batches in the first and second interval
   for r, fetches in ((first, 3), (second, 4)):
-    assert fetches * DATA_S <= r["goodput/data_wait_s"] < fetches * DATA_S * 1.3
+    # (the upper bounds leave a loaded 2-core CI machine a second of slack)
+    assert fetches * DATA_S <= r["goodput/data_wait_s"] < fetches * DATA_S + 1.0
   # the saves after steps 4-7 fall in the second interval; the device's work on a step
   # overlaps its save's sleep
   assert 4 * CKPT_S - second["goodput/productive_s"] <= second["goodput/checkpoint_s"]
-  assert second["goodput/checkpoint_s"] < 4 * CKPT_S * 1.3
+  assert second["goodput/checkpoint_s"] < 4 * CKPT_S + 1.0
   assert run["goodput/run_data_wait_s"] >= (STEPS - 1) * DATA_S
   assert run["goodput/run_restore_s"] >= first["goodput/restore_s"]
   assert last["goodput/run_fraction"] == run["goodput/run_fraction"]
