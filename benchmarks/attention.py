@@ -1,6 +1,7 @@
 r"""One attention core, forward and backward: omnijax's XLA path vs torch's SDPA, per head layout.
 
     python benchmarks/attention.py [--batch=4] [--seq=512] [--head_dim=64] [--query_blocks=8]
+        [--smoke]
 
 Causal attention over one document of `--seq` tokens, float32, on the host CPU: omnijax's
 `dot_product_attention` (the path CPU training and KV-cache decoding take) and
@@ -32,7 +33,12 @@ def main():
   ap.add_argument("--head_dim", type=int, default=64)
   ap.add_argument("--query_blocks", type=int, default=8)
   ap.add_argument("--repeats", type=int, default=9)
+  ap.add_argument(
+    "--smoke", action="store_true", help="tiny sizes, one repeat: checks that it runs"
+  )
   args = ap.parse_args()
+  if args.smoke:
+    vars(args).update(batch=1, seq=32, head_dim=8, query_blocks=2, repeats=1)
   rng = np.random.default_rng(0)
   b, s, d = args.batch, args.seq, args.head_dim
   seg = jnp.ones((b, s), jnp.int32)

@@ -1,7 +1,7 @@
 """Speech codec quality and speed on held-out speech, side by side with references, one run.
 
     python benchmarks/codec.py --tokenizer=workdirs/codec_tokenizer \
-        --vocoder=workdirs/codec_vocoder [--out=docs/codec_local]
+        --vocoder=workdirs/codec_vocoder [--out=docs/codec_local] [--smoke]
 
 Rows (each on the same held-out clips of the run's eval split, at 24 kHz):
   codec (vocoder)     encode -> codes -> the vocoder run's Code2Wav
@@ -71,7 +71,10 @@ def main(argv=None):
   p.add_argument("--clips", type=int, default=8)
   p.add_argument("--max_seconds", type=float, default=6.0)
   p.add_argument("--out", default=None)
+  p.add_argument("--smoke", action="store_true", help="two short clips: checks that it runs")
   args = p.parse_args(argv)
+  if args.smoke:
+    vars(args).update(clips=2, max_seconds=2.0)
 
   config = json.loads((Path(args.tokenizer) / "config.json").read_text())
   data = speech_lib.default_config(config["data"]["path"])

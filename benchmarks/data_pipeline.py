@@ -1,13 +1,15 @@
 r"""Throughput of the mixed-modality Grain pipeline against the training step it feeds.
 
     python benchmarks/data_pipeline.py [--batches=20] [--seq=512] [--batch=4] [--workers=0]
+        [--smoke]
 
 On the local corpora (built if missing: the stdlib text corpus and the multimodal corpus of
 facts), prints examples/s and tokens/s of each modality alone and of the stage-2 mixture
-(`experiments/pretrain_general.py:local`), then times the `small` preset's train step on
-synthetic batches of the same shape and prints last
+(`experiments/pretrain_general.py:local`), then times the `small` preset's train step (with
+that experiment's optimizer) on synthetic batches of the same shape and prints last
 `ratio_vs_train_step=<mixture tokens/s / train-step tokens/s>` (the pipeline runs on the same
-host as training, so it must keep well ahead of the step).
+host as training, so it must keep well ahead of the step). `--smoke`: a 24-fact media corpus,
+the `tiny` preset, tiny batches.
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ def measure(data_cfg, tok, model_cfg, seq: int, batch: int, batches: int):
   return examples / dt, tokens / dt
 
 
-def train_step_tokens_per_sec(seq: int, batch: int, steps: int = 3) -> float:
+def train_step_tokens_per_sec(
+  optim_cfg, preset: str, seq: int, batch: int, steps: int = 3
+) -> float:
   import jax
-  import ml_collections
   from omnijax import sharding as shd
   from omnijax.models import presets
   from omnijax.models.config import ThinkerConfig
@@ -61,24 +64,9 @@ def train_step_tokens_per_sec(seq: int, batch: int, steps: int = 3) -> float:
   from omnijax.train import optimizer
   from omnijax.train import step as step_lib
 
-  cfg = ThinkerConfig.from_dict(presets.get("small"))
+  cfg = ThinkerConfig.from_dict(presets.get(preset))
   model = Thinker(cfg)
-  tx, schedule = optimizer.make_optimizer(
-    ml_collections.ConfigDict(
-      dict(
-        learning_rate=1e-4,
-        warmup_steps=1,
-        min_lr_ratio=0.1,
-        b1=0.9,
-        b2=0.95,
-        eps=1e-8,
-        weight_decay=0.1,
-        weight_decay_exclude=("norm",),
-        grad_clip_norm=1.0,
-      )
-    ),
-    100,
-  )
+  tx, schedule = optimizer.make_optimizer(optim_cfg, 100)
   mesh, rules = shd.make_mesh(dict(fsdp=-1)), shd.DEFAULT_RULES
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.text.vocab_size, (batch, seq + 1)).astype(np.int32)
@@ -105,14 +93,19 @@ def main():
   p.add_argument("--seq", type=int, default=512)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--workers", type=int, default=0)
+  p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
   args = p.parse_args()
+  preset, facts = "small", local_media_corpus.NUM_FACTS
+  if args.smoke:
+    vars(args).update(batches=1, batch=1)
+    preset, facts = "tiny", 24
 
   from omnijax.models.config import ThinkerConfig
 
   config = runpy.run_path(str(EXPERIMENT))["get_config"]("local")
   d = config.data
   local_corpus.build_local_text_corpus(d.local_text)
-  local_media_corpus.build_local_media_corpus(d.local_media)
+  local_media_corpus.build_local_media_corpus(d.local_media, num_facts=facts)
   tok = tok_lib.local_tokenizer(d.tokenizer_corpus, vocab_size=d.tokenizer_vocab_size)
   model_cfg = ThinkerConfig.from_dict(config.model)
   d.worker_count = args.workers
@@ -124,8 +117,8 @@ def main():
     print(f"{name} ({d.mixture[name].task}): {ex:.1f} examples/s {tk:.0f} tokens/s")
   ex, mixture_tps = measure(d, tok, model_cfg, args.seq, args.batch, args.batches)
   print(f"stage-2 mixture: {ex:.1f} examples/s {mixture_tps:.0f} tokens/s")
-  step_tps = train_step_tokens_per_sec(args.seq, args.batch)
-  print(f"train step (small preset, {args.batch}x{args.seq}): {step_tps:.0f} tokens/s")
+  step_tps = train_step_tokens_per_sec(config.optim, preset, args.seq, args.batch)
+  print(f"train step ({preset} preset, {args.batch}x{args.seq}): {step_tps:.0f} tokens/s")
   print(f"ratio_vs_train_step={mixture_tps / step_tps:.2f}")
 
 

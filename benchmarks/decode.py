@@ -1,6 +1,6 @@
 r"""Decoding speed of omnijax's `Model.generate` vs transformers' Thinker `generate`, same model.
 
-    python benchmarks/decode.py [--preset=small] [--batch=1] [--prompt=128] [--new=256]
+    python benchmarks/decode.py [--preset=small] [--batch=1] [--prompt=128] [--new=256] [--smoke]
 
 Both sides decode greedily from the same weights (omnijax's init exported to the transformers
 layout) and the same random text prompt, float32, until exactly `--new` tokens (no EOS). Prints
@@ -56,7 +56,10 @@ def main():
   p.add_argument("--new", type=int, default=256)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--experts", default="grouped_mm", help="transformers' expert implementations")
+  p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that it runs")
   args = p.parse_args()
+  if args.smoke:
+    vars(args).update(preset="tiny", prompt=8, new=16, repeats=1)
 
   cfg = ThinkerConfig.from_dict(presets.get(args.preset))
   ids = jnp.ones((1, 8), jnp.int32)

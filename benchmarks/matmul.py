@@ -1,7 +1,7 @@
 r"""The train step's matrix products alone: XLA:CPU and oneMKL against torch's `mm`, shape by shape.
 
     python benchmarks/matmul.py [--preset=small] [--batch=8] [--seq=512] [--repeats=15]
-        [--host_malloc=tbbmalloc]
+        [--host_malloc=tbbmalloc] [--smoke]
 
 For each weight product of a Thinker train step (the q/k/v and output projections, the
 experts' gate-up and down products on a run of `RUN_TILES` row tiles, the LM head) times its
@@ -78,7 +78,10 @@ def main():
   p.add_argument("--seq", type=int, default=512)
   p.add_argument("--repeats", type=int, default=15)
   p.add_argument("--host_malloc", default="tbbmalloc", choices=hostmem.POLICIES)
+  p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that it runs")
   args = p.parse_args()
+  if args.smoke:
+    vars(args).update(preset="tiny", batch=1, seq=32, repeats=1)
   hostmem.restart_under(args.host_malloc, sys.argv)
   hostmem.set_policy(args.host_malloc)
   cfg = ThinkerConfig.from_dict(presets.get(args.preset))

@@ -1,7 +1,7 @@
 r"""Speech generation speed of omnijax vs transformers' generate(return_audio=True), same weights.
 
     python benchmarks/speech_generation.py [--size=small] [--hf=DIR] [--batch=1,4] \
-        [--prompt=48] [--text=16] [--frames=50] [--repeats=2] [--torch_threads=1]
+        [--prompt=48] [--text=16] [--frames=50] [--repeats=2] [--torch_threads=1] [--smoke]
 
 The weights: a random transformers Qwen3OmniMoeForConditionalGeneration with a Talker and a
 Code2Wav (`--size`, see SIZES; drawn so activations stay O(1), as tests/test_speech_generation.py
@@ -408,7 +408,10 @@ def main(argv=None):
     "several times faster on one thread",
   )
   p.add_argument("--experts", default="grouped_mm", help="transformers' expert implementation")
+  p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that it runs")
   args = p.parse_args(argv)
+  if args.smoke:
+    vars(args).update(size="tiny", batch="1", prompt=8, text=2, frames=2, repeats=1)
   batches = [int(b) for b in args.batch.split(",")]
 
   import torch  # pylint: disable=import-outside-toplevel

@@ -2,7 +2,7 @@ r"""Train-step throughput of omnijax vs transformers' PyTorch Thinker on the sam
 
     python benchmarks/train_step.py [--preset=small] [--batch=8] [--seq=512] [--steps=5]
         [--scan_unroll=0] [--host_malloc=tbbmalloc] [--cpu_schedule=concurrency]
-        [--cpu_matmul=auto] [--profile]
+        [--cpu_matmul=auto] [--profile] [--smoke]
 
 Both sides train the same Thinker text model (same weights: omnijax's init exported to the
 transformers layout) on the same random token batches with AdamW, float32, global-norm
@@ -350,7 +350,10 @@ def main():
     default=0,
     help="model.impl.scan_unroll: layers per scan iteration (0: all, the layer stack unrolled)",
   )
+  p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that it runs")
   args = p.parse_args()
+  if args.smoke:
+    vars(args).update(preset="tiny", batch=1, seq=32, steps=1, warmup=1)
 
   cd = presets.get(args.preset)
   cd.impl.moe_impl = args.moe_impl
@@ -403,7 +406,8 @@ def main():
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     ratio = float("inf")
-    for impl in ("grouped_mm", "eager"):  # one transformers model in memory at a time
+    # one transformers model in memory at a time
+    for impl in ("grouped_mm",) if args.smoke else ("grouped_mm", "eager"):
       theirs = Worker(transformers_worker, args.host_malloc, args.profile, hf_dir, impl)
       name = f"transformers[experts={theirs.info}]"
       ours.reset()

@@ -22,11 +22,30 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def local_speech_dir(tmp_path_factory):
-  """The asr records of a 24-fact local media corpus."""
+def media_corpus(tmp_path_factory):
+  """A 24-fact local media corpus (its caption, asr and video sources), built once a session."""
+  from data_pipelines import local_media_corpus
+
+  root = tmp_path_factory.mktemp("media")
+  return local_media_corpus.build_local_media_corpus(root, num_facts=24)
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+  """200 documents of `helpers.write_text_corpus` and a held-out validation split of 8."""
+  from data_pipelines import records
   from tests import helpers
 
-  return helpers.local_speech(tmp_path_factory.mktemp("speech"))
+  text = helpers.write_text_corpus(tmp_path_factory.mktemp("text"), num_docs=200)
+  held_out = [{"text": "the lazy dog jumps over seven red cubes", "id": f"v{i}"} for i in range(8)]
+  records.write_shards(held_out, text, "validation", num_shards=1)
+  return text
+
+
+@pytest.fixture(scope="session")
+def local_speech_dir(media_corpus):
+  """The asr records of the media corpus."""
+  return media_corpus / "asr"
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Shared test fixtures: a small text corpus on disk and a tiny-model trainer config."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,14 @@ def write_text_corpus(
   records.write_shards(docs, path, "train", num_shards=num_shards)
   records.write_manifest(path, {"train": num_docs})
   return path
+
+
+def logged_steps(workdir) -> list[int]:
+  """The steps of metrics.jsonl's training rows (those with a loss) in the order written: a
+  launch that resumed at step N goes on N + 1, N + 2, ...; one that restarted from step 0 logs
+  1, 2, ... again."""
+  rows = map(json.loads, (Path(workdir) / "metrics.jsonl").read_text().splitlines())
+  return [r["step"] for r in rows if "loss" in r]
 
 
 def tiny_config(corpus: Path, *, steps: int, seq_len: int = 64, batch: int = 8):
@@ -105,13 +114,6 @@ def write_spoken_records(path: Path, n: int = 24) -> dict[str, np.ndarray]:
   records.write_shards(examples, path, "train", num_shards=1)
   records.write_manifest(path, {"train": n})
   return codes
-
-
-def local_speech(root: Path) -> Path:
-  """The asr records (train and validation) of a 24-fact local media corpus."""
-  from data_pipelines import local_media_corpus  # pylint: disable=import-outside-toplevel
-
-  return Path(local_media_corpus.build_local_media_corpus(root / "media", num_facts=24)) / "asr"
 
 
 def tiny_codec_model(**over) -> dict:

@@ -169,6 +169,7 @@ def test_codec_training_runs_resumes_and_shards(codec_run, local_speech_dir, tmp
   assert "adv_loss" not in straight[0]
   helpers.run_codec(tmp_path / "b", local_speech_dir, steps=2, num_devices=1)
   resumed = helpers.run_codec(tmp_path / "b", local_speech_dir, steps=steps, num_devices=1)
+  assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # the relaunch went on from step 2
   for k in ("loss", "mel_loss", "d_loss"):
     assert resumed[-1][k] == straight[-1][k], k
   sharded = helpers.run_codec(tmp_path / "c", local_speech_dir, steps=steps, num_devices=8)

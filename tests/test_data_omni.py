@@ -11,24 +11,19 @@ import pytest
 import soundfile
 
 from data_pipelines import inputs as inputs_lib
-from data_pipelines import local_media_corpus, omni, records, tokenizer as tok_lib
+from data_pipelines import omni, records, tokenizer as tok_lib
 from omnijax.models import presets
 from omnijax.processing import batch as batch_lib
 from omnijax.processing import positions
 from omnijax.models.config import ThinkerConfig
-from tests.helpers import write_text_corpus
 
 SEQ = 384
 BUCKETS = dict(audio_frames=(800,), audios_per_row=8, image_patches=(512,), video_patches=(768,))
 
 
 @pytest.fixture(scope="module")
-def corpora(tmp_path_factory):
-  root = tmp_path_factory.mktemp("omni")
-  media = local_media_corpus.build_local_media_corpus(root / "media", num_facts=24)
-  text = write_text_corpus(root / "text", num_docs=200)
-  tok = tok_lib.local_tokenizer(text, vocab_size=1024)
-  return media, text, tok
+def corpora(media_corpus, text_corpus):
+  return media_corpus, text_corpus, tok_lib.local_tokenizer(text_corpus, vocab_size=1024)
 
 
 def _cfg(media, text, **overrides):

@@ -24,7 +24,13 @@ from omnijax.models.config import ThinkerConfig
 from omnijax.processing import media as media_lib
 from omnijax.train import checkpoint as ckpt_lib
 from omnijax.train import trainer
-from tests.helpers import read_metrics, tiny_omni_config, write_spoken_records, write_text_corpus
+from tests.helpers import (
+  logged_steps,
+  read_metrics,
+  tiny_omni_config,
+  write_spoken_records,
+  write_text_corpus,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PROCESSES = 2
@@ -187,6 +193,7 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch):
     host.iterator.set_state(state)
   monkeypatch.setattr(inputs_lib, "make_train_iterator", resumed.inputs)
   trainer.train(config, two)
+  assert logged_steps(two) == list(range(1, STEPS + 1))  # went on from step k
   c = _losses(two, range(k + 1, STEPS + 1))
   print(f"resumed in 1 process: {c}")
   np.testing.assert_allclose(c, a[k:], rtol=RTOL)

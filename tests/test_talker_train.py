@@ -298,6 +298,7 @@ def test_talker_run_resumes_exactly(tmp_path):
   trainer.train(_talker_run(tmp_path, 4, stop_at=2), tmp_path / "resumed")
   assert (tmp_path / "resumed" / "checkpoints" / "2").exists()
   trainer.train(_talker_run(tmp_path, 4), tmp_path / "resumed")
+  assert helpers.logged_steps(tmp_path / "resumed") == [1, 2, 3, 4]  # went on from step 2
   a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
   keys = ("loss", "ce_loss", "talker_loss", "mtp_loss", "talker_aux_loss", "grad_norm")
   for step in range(1, 5):

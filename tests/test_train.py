@@ -1,5 +1,6 @@
 """Training: sharded step == single-device step; exact resume; restore onto another mesh."""
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from omnijax.train import checkpoint as ckpt_lib
 from omnijax.train import optimizer, trainer
 from omnijax.train import step as st
 from omnijax.train.config import base_config
-from tests.helpers import read_metrics, tiny_config, write_text_corpus
+from tests.helpers import logged_steps, read_metrics, tiny_config, write_text_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -198,23 +199,23 @@ def straight(corpus, tmp_path_factory):
 def test_resume_is_exact_and_restores_onto_another_mesh(corpus, straight, tmp_path):
   n = N
 
-  resumed = tmp_path / "resumed"
+  resumed, other_mesh = tmp_path / "resumed", tmp_path / "other_mesh"
   first = tiny_config(corpus, steps=2 * n)
   first.train.stop_at_step = n
   trainer.train(first, resumed)
   assert (resumed / "checkpoints" / str(n)).exists()
+  shutil.copytree(resumed, other_mesh)  # saved on fsdp=8
   trainer.train(tiny_config(corpus, steps=2 * n), resumed)
+  assert logged_steps(resumed) == list(range(1, 2 * n + 1))  # the relaunch went on from step n
 
   a, b = _losses(straight, range(1, 2 * n + 1)), _losses(resumed, range(1, 2 * n + 1))
   print(f"\nstraight {a}\nresumed  {b}")
   np.testing.assert_array_equal(a, b)
 
-  other_mesh = tmp_path / "other_mesh"
-  first.train.stop_at_step = n
-  trainer.train(first, other_mesh)  # saved on fsdp=8
   second = tiny_config(corpus, steps=2 * n)
   second.mesh.update(dict(data=2, fsdp=2, expert=2))
   trainer.train(second, other_mesh)
+  assert logged_steps(other_mesh) == list(range(1, 2 * n + 1))
   c = _losses(other_mesh, range(n + 1, 2 * n + 1))
   np.testing.assert_allclose(c, a[n:], rtol=1e-5, atol=1e-5)
   assert a[-1] < a[0]
@@ -248,6 +249,7 @@ def test_sigterm_saves_the_step_and_the_next_launch_resumes_exactly(
   finally:
     signal.signal(signal.SIGTERM, previous)
   steps = range(1, 2 * N + 1)
+  assert logged_steps(run) == list(steps)  # the next launch went on from step N
   np.testing.assert_array_equal(_losses(run, steps), _losses(straight, steps))
 
 
@@ -278,6 +280,8 @@ def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint(corpus, stra
   assert writing, "the run ended before a checkpoint write was caught"
   kept = ckpt_lib.checkpoint_steps(run)
   assert kept and max(kept) < 2 * N  # the step being written is not among the usable ones
+  logged = len(logged_steps(run))
   trainer.train(tiny_config(corpus, steps=2 * N), run)
   steps = range(1, 2 * N + 1)
+  assert logged_steps(run)[logged:] == list(range(max(kept) + 1, 2 * N + 1))
   np.testing.assert_array_equal(_losses(run, steps), _losses(straight, steps))

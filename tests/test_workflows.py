@@ -14,7 +14,6 @@ from etils import epath
 from flax import traverse_util
 
 from data_pipelines import inputs as inputs_lib
-from data_pipelines import local_media_corpus, records
 from experiments import recipe
 from omnijax import chain, launch, sweep
 from omnijax import sharding as shd
@@ -28,17 +27,12 @@ from omnijax.train import optimizer, trainer
 from omnijax.train import step as step_lib
 from omnijax.train.config import base_config
 from omnijax.train.metrics import Interval, MetricWriter
-from tests.helpers import read_metrics, write_text_corpus
+from tests.helpers import read_metrics
 
 
 @pytest.fixture(scope="module")
-def corpora(tmp_path_factory):
-  root = tmp_path_factory.mktemp("workflows")
-  media = local_media_corpus.build_local_media_corpus(root / "media", num_facts=24)
-  text = write_text_corpus(root / "text", num_docs=200)
-  held_out = [{"text": "the lazy dog jumps over seven red cubes", "id": f"v{i}"} for i in range(8)]
-  records.write_shards(held_out, text, "validation", num_shards=1)
-  return media, text
+def corpora(media_corpus, text_corpus):
+  return media_corpus, text_corpus
 
 
 def _local(exp: str, corpora, steps: int, evaluate: bool = False, **train):
