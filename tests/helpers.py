@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines import records
+from omnijax import paths
 from omnijax.report import read_metrics  # noqa: F401  (step -> that step's train and eval lines merged)
 from omnijax.train.config import base_config
 
@@ -38,7 +39,7 @@ def logged_steps(workdir) -> list[int]:
   """The steps of metrics.jsonl's training rows (those with a loss) in the order written: a
   launch that resumed at step N goes on N + 1, N + 2, ...; one that restarted from step 0 logs
   1, 2, ... again."""
-  rows = map(json.loads, (Path(workdir) / "metrics.jsonl").read_text().splitlines())
+  rows = map(json.loads, (paths.path(workdir) / "metrics.jsonl").read_text().splitlines())
   return [r["step"] for r in rows if "loss" in r]
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from etils import epath
 
 from data_pipelines import inputs as inputs_lib
 from omnijax.models import presets
@@ -138,7 +139,9 @@ def _losses(workdir: Path, steps) -> np.ndarray:
 
 
 @pytest.mark.slow  # ~3 min: two launcher processes, then two runs in this one
-def test_two_processes_train_like_one(tmp_path, monkeypatch):
+def test_two_processes_train_like_one(tmp_path, monkeypatch, bucket):
+  """The module's run, its two processes' workdir in a bucket (gs://, a GCS emulator): both
+  write their checkpoint shards and data-iterator states there; the resume reads them back."""
   text = write_text_corpus(tmp_path / "text", TEXT_DOCS, num_shards=1, blank=BLANK)
   images = tmp_path / "images"
   write_spoken_records(images)
@@ -150,7 +153,7 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch):
     f"  return tiny_omni_config(Path({str(text)!r}), Path({str(images)!r}), steps={STEPS})\n"
   )
   config = tiny_omni_config(text, images, steps=STEPS)
-  two, straight = tmp_path / "two", tmp_path / "straight"
+  two, straight = epath.Path(f"{bucket}/two_processes"), tmp_path / "straight"
   deadline = time.monotonic() + TIMEOUT_S
   procs = _launch(exp, two, tmp_path)
   stopper = threading.Thread(target=_sigterm_after_first_step, args=(two, procs, procs[1]))
