@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
+import pathlib
 import re
-from pathlib import Path
-from typing import Iterable
+import tempfile
+from typing import Iterable, Iterator
 
 import numpy as np
 from safetensors import safe_open
+from etils import epath
 from safetensors.numpy import save_file
 
+from omnijax import paths
 from omnijax.hf.keymap import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -47,12 +49,15 @@ def parse_size(size: str | int) -> int:
 
 
 def write(
-  tensors: Iterable[tuple[str, np.ndarray]], out_dir: str | Path, max_shard_bytes: int
+  tensors: Iterable[tuple[str, np.ndarray]], out_dir: paths.PathLike, max_shard_bytes: int
 ) -> list[str]:
-  """Writes the tensors into out_dir; returns the safetensors file names written."""
-  out_dir = Path(out_dir)
+  """Writes the tensors into out_dir (local or a bucket URL: each shard is written locally,
+  uploaded and deleted); returns the safetensors file names written."""
+  out_dir = paths.path(out_dir)
   for stale in [*out_dir.glob("model*.safetensors"), out_dir / INDEX_FILE]:
-    stale.unlink(missing_ok=True)
+    if stale.exists():
+      stale.unlink()
+  staging = tempfile.TemporaryDirectory(prefix="omnijax-hf-") if paths.is_url(out_dir) else None
   shards: list[list[str]] = []
   pending: dict[str, np.ndarray] = {}
   pending_bytes = total_bytes = total_params = 0
@@ -61,7 +66,12 @@ def write(
   def flush() -> None:
     nonlocal pending, pending_bytes
     if pending:
-      save_file(pending, out_dir / f".shard-{len(shards)}.tmp", metadata=_METADATA)
+      name = f".shard-{len(shards)}.tmp"
+      local = pathlib.Path(staging.name if staging else out_dir) / name
+      save_file(pending, local, metadata=_METADATA)
+      if staging:
+        epath.Path(local).copy(out_dir / name)
+        local.unlink()
       shards.append(list(pending))
       pending, pending_bytes = {}, 0
 
@@ -78,12 +88,12 @@ def write(
   flush()
 
   if len(shards) == 1:
-    os.replace(out_dir / ".shard-0.tmp", out_dir / SINGLE_FILE)
+    (out_dir / ".shard-0.tmp").rename(out_dir / SINGLE_FILE)
     return [SINGLE_FILE]
   names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
   weight_map = {}
   for i, (name, keys) in enumerate(zip(names, shards)):
-    os.replace(out_dir / f".shard-{i}.tmp", out_dir / name)
+    (out_dir / f".shard-{i}.tmp").rename(out_dir / name)
     weight_map.update(dict.fromkeys(keys, name))
   index = dict(
     metadata=dict(total_parameters=total_params, total_size=total_bytes),
@@ -94,39 +104,65 @@ def write(
 
 
 class Reader:
-  """Tensors of a transformers checkpoint directory, by key, read lazily (memory-mapped)."""
+  """Tensors of a transformers checkpoint directory, local or a bucket URL, by key: a local file
+  is memory-mapped for each read; a bucket's file is copied into a local temporary directory,
+  one at a time (`tensors` reads them file by file, so each is copied once)."""
 
-  def __init__(self, hf_dir: str | Path):
-    self.dir = Path(hf_dir)
+  def __init__(self, hf_dir: paths.PathLike):
+    self.dir = paths.path(hf_dir)
+    self._tmp = (
+      tempfile.TemporaryDirectory(prefix="omnijax-hf-") if paths.is_url(self.dir) else None
+    )
+    self._copied: str | None = None
     if (self.dir / INDEX_FILE).exists():
-      weight_map = json.loads((self.dir / INDEX_FILE).read_text())["weight_map"]
-      self.files = {k: self.dir / v for k, v in weight_map.items()}
+      self.files = json.loads((self.dir / INDEX_FILE).read_text())["weight_map"]
     elif (self.dir / SINGLE_FILE).exists():
-      with safe_open(self.dir / SINGLE_FILE, "np") as f:
-        self.files = dict.fromkeys(f.keys(), self.dir / SINGLE_FILE)
+      with safe_open(self._local(SINGLE_FILE), "np") as f:
+        self.files = dict.fromkeys(f.keys(), SINGLE_FILE)
     else:
       raise FileNotFoundError(
         f"{self.dir} holds neither {SINGLE_FILE} nor {INDEX_FILE}: not a "
         "transformers safetensors checkpoint."
       )
-    self._open: dict[Path, object] = {}
 
   def keys(self) -> list[str]:
     return list(self.files)
 
-  def __call__(self, key: str) -> np.ndarray:
-    if key not in self.files:
-      close = difflib.get_close_matches(key, self.files, n=3)
-      raise CheckpointError(
-        f"tensor {key!r} is missing from the checkpoint in {self.dir}"
-        + (f" (similar keys: {close})" if close else "")
-        + "."
-      )
-    path = self.files[key]
-    if path not in self._open:
-      if not path.exists():
+  def check(self, keys: Iterable[str]) -> None:
+    """Raises CheckpointError naming the first of `keys` the checkpoint lacks."""
+    for key in keys:
+      if key not in self.files:
+        close = difflib.get_close_matches(key, self.files, n=3)
         raise CheckpointError(
-          f"{INDEX_FILE} in {self.dir} lists {path.name} (for {key!r}), which does not exist."
+          f"tensor {key!r} is missing from the checkpoint in {self.dir}"
+          + (f" (similar keys: {close})" if close else "")
+          + "."
         )
-      self._open[path] = safe_open(path, "np")
-    return self._open[path].get_tensor(key)
+
+  def _local(self, name: str) -> pathlib.Path:
+    """The local path of file `name`: for a bucket, a copy replacing the previous one."""
+    src = self.dir / name
+    if not src.exists():
+      raise CheckpointError(f"{INDEX_FILE} in {self.dir} lists {name}, which does not exist.")
+    if self._tmp is None:
+      return pathlib.Path(src)
+    local = pathlib.Path(self._tmp.name) / name
+    if self._copied != name:
+      if self._copied is not None:
+        (pathlib.Path(self._tmp.name) / self._copied).unlink()
+      src.copy(epath.Path(local))
+      self._copied = name
+    return local
+
+  def __call__(self, key: str) -> np.ndarray:
+    self.check([key])
+    # opened per read: closing unmaps the file, so what was read leaves the process's memory
+    with safe_open(self._local(self.files[key]), "np") as f:
+      return f.get_tensor(key)
+
+  def tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, tensor) of each of `keys` (all checked present first), file by file."""
+    keys = list(keys)
+    self.check(keys)
+    for key in sorted(keys, key=lambda k: self.files[k]):
+      yield key, self(key)
