@@ -145,9 +145,7 @@ def check_params(cfg: PartConfig, params) -> None:
 def hf_tensors(cfg: PartConfig, params, dtype: str = "float32") -> Iterator[tuple[str, Any]]:
   """(transformers key, numpy tensor in `dtype`) of every tensor of a Thinker, Talker or
   Code2Wav, lazily."""
-  np_dtype = EXPORT_DTYPES[dtype]
-  for key, w in iter_to_hf(params, _part(cfg)[2]):
-    yield key, w.astype(np_dtype, copy=False)
+  return iter_to_hf(params, _part(cfg)[2], EXPORT_DTYPES[dtype])
 
 
 def save_hf(

@@ -308,18 +308,21 @@ def hf_keys(keymap: KeyMap) -> list[str]:
   return [k for _, _, template, t in _walk(keymap) for k, _, _ in _pieces(template, t)]
 
 
-def iter_to_hf(params: Mapping, keymap: KeyMap) -> Iterator[tuple[str, Array]]:
-  """omnijax params (possibly boxed) -> (transformers key, numpy tensor), lazily (one layer's
-  slice of a leaf at a time). The leaves and their shapes are checked before the first tensor."""
+def iter_to_hf(
+  params: Mapping, keymap: KeyMap, dtype: np.dtype | None = None
+) -> Iterator[tuple[str, Array]]:
+  """omnijax params (possibly boxed; numpy, or arrays that read the part indexed, such as
+  TensorStores) -> (transformers key, numpy tensor, cast to `dtype` when given), lazily: one
+  tensor read at a time. The leaves and their shapes are checked before the first tensor."""
   flat = _flatten(params)
   _check_leaves(keymap, {k: tuple(np.shape(v)) for k, v in flat.items()})
 
   def tensors():
     for path, index, template, t in _walk(keymap):
       leaf = flat[path]
-      w = np.asarray(leaf[index] if index else leaf)
+      w = leaf[index] if index else leaf
       for key, e, piece in _pieces(template, t):
-        yield key, np.ascontiguousarray(piece.to_hf(w[e]))
+        yield key, np.asarray(piece.to_hf(np.asarray(w[e])), dtype, order="C")
 
   return tensors()
 

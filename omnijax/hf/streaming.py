@@ -31,6 +31,10 @@ from omnijax.train import checkpoint as ckpt_lib
 
 Shape = tuple[int, ...]
 
+# Chunks of at most this many bytes tile each slot: a large slot (an embedding) is encoded chunk
+# by chunk, and a host restoring its shard of a leaf decodes little more than that shard.
+CHUNK_BYTES = 64 * 2**20
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Leaf:
@@ -79,7 +83,7 @@ class _SlotWriter(ocp.type_handlers.NumpyHandler):
         local_shape=leaf.write_shape,
         dtype=leaf.dtype,
         process_index=jax.process_index() if use_ocdbt else None,
-        arg=arg,
+        arg=dataclasses.replace(arg, chunk_byte_size=CHUNK_BYTES),
       )
       t = await ts.open(ts.Spec(tspec), create=True, open=True, context=info.ts_context)
       readers[id(leaf.reader)] = leaf.reader
@@ -88,7 +92,9 @@ class _SlotWriter(ocp.type_handlers.NumpyHandler):
     for rid, by_key in targets.items():
       for key, w in readers[rid].tensors(by_key):
         t, s, dtype = by_key[key]
-        await t[s.index].write(s.from_hf(w).astype(dtype, copy=False))
+        await t[s.index].write(
+          s.from_hf(w).astype(dtype, copy=False), can_reference_source_data_indefinitely=True
+        )
     return []
 
 
