@@ -63,7 +63,7 @@ def write_checkpoint(cfg: ThinkerConfig, out: Path, shard_bytes: int) -> int:
   """Random bfloat16 tensors under every key of the Thinker of `cfg`, one at a time; returns
   the bytes written."""
   shapes = {k: v for k, (v, _) in keymap.leaf_shapes(convert.abstract_params(cfg)).items()}
-  slots = keymap.slots(convert.thinker_keymap(cfg), shapes)
+  slots = keymap.slots(convert.thinker_keymap(cfg), shapes)  # in hf_sizes' order
   rng = np.random.default_rng(0)
 
   def tensors():
@@ -72,7 +72,7 @@ def write_checkpoint(cfg: ThinkerConfig, out: Path, shard_bytes: int) -> int:
       yield s.key, (rng.standard_normal(shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
 
   out.mkdir(parents=True)
-  safetensors_io.write(tensors(), out, shard_bytes)
+  safetensors_io.write(tensors(), out, convert.hf_sizes(cfg, "bfloat16"), shard_bytes)
   d = hf_config.to_hf_config(cfg, "bfloat16")
   (out / convert.CONFIG_FILE).write_text(json.dumps(d, indent=2) + "\n")
   return sum(f.stat().st_size for f in out.glob("*.safetensors"))

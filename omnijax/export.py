@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
+
+from etils import epath
 
 from omnijax.errors import ConfigError
 from omnijax import paths
@@ -86,6 +89,16 @@ def to_hf(
   return step
 
 
+def _hf_tokenizer(hf_dir: epath.Path):
+  """The tokenizer.json of a transformers directory (local or in a bucket), None without one."""
+  src = hf_dir / ckpt_lib.TOKENIZER_JSON
+  if not src.exists():
+    return None
+  with tempfile.TemporaryDirectory() as tmp:  # tokenizers reads a local file only
+    src.copy(epath.Path(tmp) / ckpt_lib.TOKENIZER_JSON)
+    return ckpt_lib.load_tokenizer(tmp)
+
+
 def from_hf(hf_dir: paths.PathLike, workdir: paths.PathLike) -> None:
   """Writes workdir/model.json and workdir/init_params (and workdir/tokenizer.json when hf_dir
   has one, workdir/code2wav/ when it holds code2wav.* tensors, workdir/talker.json and
@@ -104,7 +117,7 @@ def from_hf(hf_dir: paths.PathLike, workdir: paths.PathLike) -> None:
   reader = safetensors_io.Reader(hf_dir)
   talker_cfg = convert.talker_config_hf(reader, cfg)
   vocoder_cfg = convert.code2wav_config_hf(reader)
-  tokenizer = ckpt_lib.load_tokenizer(hf_dir)
+  tokenizer = _hf_tokenizer(hf_dir)
   if tokenizer is not None:
     tokenizer_files.check(tokenizer, cfg)
   params = convert.stream_params(reader, cfg)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from typing import Any, Iterator
 
 import flax.linen as nn
@@ -44,6 +45,8 @@ from omnijax.hf.keymap import (
   code2wav_keymap,
   from_hf,
   iter_to_hf,
+  leaf_shapes,
+  slots,
   talker_keymap,
   text_keymap,
   vision_keymap,
@@ -142,6 +145,17 @@ def check_params(cfg: PartConfig, params) -> None:
     )
 
 
+def hf_sizes(cfg: PartConfig, dtype: str = "float32") -> list[tuple[str, int]]:
+  """(transformers key, bytes in `dtype`) of every tensor of a Thinker, Talker or Code2Wav, in
+  the order `hf_tensors` yields them."""
+  _, abstract, keymap = _part(cfg)
+  shapes = {path: shape for path, (shape, _) in leaf_shapes(abstract).items()}
+  itemsize = np.dtype(EXPORT_DTYPES[dtype]).itemsize
+  return [
+    (s.key, math.prod(s.transform.hf_shape(s.shape)) * itemsize) for s in slots(keymap, shapes)
+  ]
+
+
 def hf_tensors(cfg: PartConfig, params, dtype: str = "float32") -> Iterator[tuple[str, Any]]:
   """(transformers key, numpy tensor in `dtype`) of every tensor of a Thinker, Talker or
   Code2Wav, lazily."""
@@ -168,22 +182,25 @@ def save_hf(
     raise ValueError(f"dtype {dtype!r} is not one of {list(EXPORT_DTYPES)}.")
   # refuses unexportable configs before writing anything
   hf_config = to_hf_config(cfg, dtype, None if talker is None else talker[0])
-  check_params(cfg, params)
-  tensors = hf_tensors(cfg, params, dtype)
+  parts = [(cfg, params)]
   if talker is not None:
-    check_params(*talker)
-    tensors = itertools.chain(tensors, hf_tensors(*talker, dtype))
+    parts.append(talker)
   if code2wav is not None:
-    c2w_cfg, c2w_params = code2wav
-    c2w_cfg.validate()
-    check_params(c2w_cfg, c2w_params)
-    hf_config["code2wav_config"] = code2wav_config_to_hf(c2w_cfg)
-    tensors = itertools.chain(tensors, hf_tensors(c2w_cfg, c2w_params, dtype))
+    code2wav[0].validate()
+    hf_config["code2wav_config"] = code2wav_config_to_hf(code2wav[0])
+    parts.append(code2wav)
+  for part in parts:
+    check_params(*part)
   if tokenizer is not None:
     tokenizer_files.check(tokenizer, cfg)
   out_dir = paths.path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  files = safetensors_io.write(tensors, out_dir, safetensors_io.parse_size(max_shard_size))
+  files = safetensors_io.write(
+    itertools.chain.from_iterable(hf_tensors(*part, dtype) for part in parts),
+    out_dir,
+    [size for part_cfg, _ in parts for size in hf_sizes(part_cfg, dtype)],
+    safetensors_io.parse_size(max_shard_size),
+  )
   (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
   if tokenizer is not None:
     tokenizer_files.write(out_dir, tokenizer, cfg)

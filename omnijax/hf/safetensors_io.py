@@ -12,7 +12,7 @@ import json
 import pathlib
 import re
 import tempfile
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from safetensors import safe_open
@@ -48,58 +48,68 @@ def parse_size(size: str | int) -> int:
   return int(float(m.group(1)) * unit)
 
 
+def shard_names(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> dict[str, str]:
+  """key -> safetensors file name of tensors of `sizes` (key, bytes) in write order: shards of
+  at most `max_shard_bytes` (a larger tensor gets a shard of its own), named as transformers
+  names them."""
+  shards: list[list[str]] = []
+  shard_bytes = 0
+  for key, nbytes in sizes:
+    if not shards or shard_bytes and shard_bytes + nbytes > max_shard_bytes:
+      shards.append([])
+      shard_bytes = 0
+    shards[-1].append(key)
+    shard_bytes += nbytes
+  if len(shards) == 1:
+    return dict.fromkeys(shards[0], SINGLE_FILE)
+  n = len(shards)
+  return {k: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, ks in enumerate(shards) for k in ks}
+
+
 def write(
-  tensors: Iterable[tuple[str, np.ndarray]], out_dir: paths.PathLike, max_shard_bytes: int
+  tensors: Iterable[tuple[str, np.ndarray]],
+  out_dir: paths.PathLike,
+  sizes: Sequence[tuple[str, int]],
+  max_shard_bytes: int,
 ) -> list[str]:
-  """Writes the tensors into out_dir (local or a bucket URL: each shard is written locally,
-  uploaded and deleted); returns the safetensors file names written."""
+  """Writes the tensors, whose (key, bytes) are `sizes` in the same order, into out_dir
+  (local, or a bucket URL: each shard is written locally, uploaded and deleted), one shard held
+  at a time; returns the safetensors file names written."""
   out_dir = paths.path(out_dir)
   for stale in [*out_dir.glob("model*.safetensors"), out_dir / INDEX_FILE]:
     if stale.exists():
       stale.unlink()
+  weight_map = shard_names(sizes, max_shard_bytes)
   staging = tempfile.TemporaryDirectory(prefix="omnijax-hf-") if paths.is_url(out_dir) else None
-  shards: list[list[str]] = []
   pending: dict[str, np.ndarray] = {}
-  pending_bytes = total_bytes = total_params = 0
-  seen: set[str] = set()
 
-  def flush() -> None:
-    nonlocal pending, pending_bytes
-    if pending:
-      name = f".shard-{len(shards)}.tmp"
-      local = pathlib.Path(staging.name if staging else out_dir) / name
-      save_file(pending, local, metadata=_METADATA)
-      if staging:
-        epath.Path(local).copy(out_dir / name)
-        local.unlink()
-      shards.append(list(pending))
-      pending, pending_bytes = {}, 0
+  def flush(name: str) -> None:
+    local = pathlib.Path(staging.name if staging else out_dir) / name
+    save_file(pending, local, metadata=_METADATA)
+    if staging:
+      epath.Path(local).copy(out_dir / name)
+      local.unlink()
+    pending.clear()
 
+  planned = iter(sizes)
+  total_params = 0
   for key, w in tensors:
-    if key in seen:
-      raise ValueError(f"tensor {key!r} written twice")
-    seen.add(key)
-    if pending and pending_bytes + w.nbytes > max_shard_bytes:
-      flush()
+    if next(planned, None) != (key, w.nbytes):
+      raise ValueError(f"tensor {key!r} of {w.nbytes} bytes is not the next one of `sizes`")
+    if pending and weight_map[key] != weight_map[next(iter(pending))]:
+      flush(weight_map[next(iter(pending))])
     pending[key] = w
-    pending_bytes += w.nbytes
-    total_bytes += w.nbytes
     total_params += w.size
-  flush()
-
-  if len(shards) == 1:
-    (out_dir / ".shard-0.tmp").rename(out_dir / SINGLE_FILE)
-    return [SINGLE_FILE]
-  names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-  weight_map = {}
-  for i, (name, keys) in enumerate(zip(names, shards)):
-    (out_dir / f".shard-{i}.tmp").rename(out_dir / name)
-    weight_map.update(dict.fromkeys(keys, name))
-  index = dict(
-    metadata=dict(total_parameters=total_params, total_size=total_bytes),
-    weight_map=dict(sorted(weight_map.items())),
-  )
-  (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+  if next(planned, None) is not None or not pending:
+    raise ValueError("fewer tensors than `sizes` lists")
+  flush(weight_map[next(iter(pending))])
+  names = list(dict.fromkeys(weight_map.values()))
+  if names != [SINGLE_FILE]:
+    index = dict(
+      metadata=dict(total_parameters=total_params, total_size=sum(n for _, n in sizes)),
+      weight_map=dict(sorted(weight_map.items())),
+    )
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
   return names
 
 
@@ -142,15 +152,14 @@ class Reader:
   def _local(self, name: str) -> pathlib.Path:
     """The local path of file `name`: for a bucket, a copy replacing the previous one."""
     src = self.dir / name
-    if not src.exists():
-      raise CheckpointError(f"{INDEX_FILE} in {self.dir} lists {name}, which does not exist.")
-    if self._tmp is None:
-      return pathlib.Path(src)
-    local = pathlib.Path(self._tmp.name) / name
+    local = pathlib.Path(self._tmp.name) / name if self._tmp else pathlib.Path(src)
     if self._copied != name:
-      if self._copied is not None:
-        (pathlib.Path(self._tmp.name) / self._copied).unlink()
-      src.copy(epath.Path(local))
+      if not src.exists():
+        raise CheckpointError(f"{INDEX_FILE} in {self.dir} lists {name}, which does not exist.")
+      if self._tmp:
+        if self._copied is not None:
+          (pathlib.Path(self._tmp.name) / self._copied).unlink()
+        src.copy(epath.Path(local))
       self._copied = name
     return local
 

@@ -14,6 +14,7 @@ slice at a time.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -90,7 +91,10 @@ class _SlotWriter(ocp.type_handlers.NumpyHandler):
       for s in leaf.slots:
         targets.setdefault(id(leaf.reader), {})[s.key] = (t, s, leaf.dtype)
     for rid, by_key in targets.items():
-      for key, w in readers[rid].tensors(by_key):
+      tensors = readers[rid].tensors(by_key)
+      # read in a worker thread: a bucket's client must not block orbax's event loop
+      while (item := await asyncio.to_thread(next, tensors, None)) is not None:
+        key, w = item
         t, s, dtype = by_key[key]
         await t[s.index].write(
           s.from_hf(w).astype(dtype, copy=False), can_reference_source_data_indefinitely=True
