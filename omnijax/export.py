@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
+from etils import epath
+
 from omnijax.errors import ConfigError
-from omnijax.hf import convert, safetensors_io, tokenizer_files
+from omnijax import paths
+from omnijax.hf import convert, safetensors_io, streaming, tokenizer_files
 from omnijax.hf.keymap import CheckpointError
 from omnijax.train import checkpoint as ckpt_lib
 
@@ -49,18 +53,20 @@ def load_code2wav_source(path: str | Path):
 
 
 def to_hf(
-  workdir: str | Path,
-  out: str | Path,
+  workdir: paths.PathLike,
+  out: paths.PathLike,
   *,
   step: int | None = None,
   dtype: str = "float32",
   max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE,
-  code2wav: str | Path | None = None,
+  code2wav: paths.PathLike | None = None,
 ) -> int | None:
   """Exports a workdir's checkpoint (its Talker and tokenizer too, when it has them) to a
   transformers directory, with the Code2Wav of `code2wav` (see `load_code2wav_source`), else of
-  the workdir's code2wav/ when it has one; returns the step exported (None: init_params)."""
-  workdir = Path(workdir)
+  the workdir's code2wav/ when it has one; returns the step exported (None: init_params).
+  The params are read one layer's slice at a time, so the host holds at most a shard being
+  written (`max_shard_size`) and a slice, not the model."""
+  workdir = paths.path(workdir)
   if not workdir.is_dir():
     raise FileNotFoundError(f"workdir {workdir} does not exist.")
   cfg = ckpt_lib.read_model_config(workdir)
@@ -68,7 +74,7 @@ def to_hf(
     load_code2wav_source(code2wav) if code2wav is not None else ckpt_lib.load_code2wav(workdir)
   )
   talker_cfg = ckpt_lib.read_talker_config(workdir)
-  params, step = ckpt_lib.latest_params(workdir, step)
+  params, step = streaming.open_params(workdir, step)
   params, talker_params = ckpt_lib.split_params(workdir, params)
   convert.save_hf(
     cfg,
@@ -83,35 +89,50 @@ def to_hf(
   return step
 
 
-def from_hf(hf_dir: str | Path, workdir: str | Path) -> None:
+def _hf_tokenizer(hf_dir: epath.Path):
+  """The tokenizer.json of a transformers directory (local or in a bucket), None without one."""
+  src = hf_dir / ckpt_lib.TOKENIZER_JSON
+  if not src.exists():
+    return None
+  with tempfile.TemporaryDirectory() as tmp:  # tokenizers reads a local file only
+    src.copy(epath.Path(tmp) / ckpt_lib.TOKENIZER_JSON)
+    return ckpt_lib.load_tokenizer(tmp)
+
+
+def from_hf(hf_dir: paths.PathLike, workdir: paths.PathLike) -> None:
   """Writes workdir/model.json and workdir/init_params (and workdir/tokenizer.json when hf_dir
   has one, workdir/code2wav/ when it holds code2wav.* tensors, workdir/talker.json and
   {"thinker", "talker"} init_params when it holds talker.* tensors) from a transformers
-  checkpoint."""
-  hf_dir, workdir = Path(hf_dir), Path(workdir)
+  checkpoint. The params are written tensor by tensor (`streaming.save`): the host holds one
+  checkpoint tensor at a time, not the model."""
+  hf_dir, workdir = paths.path(hf_dir), paths.path(workdir)
   if not hf_dir.is_dir():
     raise FileNotFoundError(f"--hf directory {hf_dir} does not exist.")
-  ckpt_dir = workdir / ckpt_lib.CHECKPOINTS
-  if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+  if ckpt_lib.checkpoint_steps(workdir):
     raise FileExistsError(
       f"{workdir} already holds train checkpoints, which training would "
       f"resume from instead of {ckpt_lib.INIT_PARAMS}; use a new workdir."
     )
-  cfg, params = convert.load_hf(hf_dir)
-  talker = convert.load_talker_hf(hf_dir, cfg)
-  vocoder = convert.load_code2wav_hf(hf_dir)
-  tokenizer = ckpt_lib.load_tokenizer(hf_dir)
+  cfg = convert.thinker_config_hf(hf_dir)
+  reader = safetensors_io.Reader(hf_dir)
+  talker_cfg = convert.talker_config_hf(reader, cfg)
+  vocoder_cfg = convert.code2wav_config_hf(reader)
+  tokenizer = _hf_tokenizer(hf_dir)
   if tokenizer is not None:
     tokenizer_files.check(tokenizer, cfg)
+  params = convert.stream_params(reader, cfg)
+  if talker_cfg is not None:
+    params = {"thinker": params, "talker": convert.stream_params(reader, talker_cfg)}
+  if vocoder_cfg is not None:
+    vocoder = convert.stream_params(reader, vocoder_cfg)
+  streaming.save(workdir / ckpt_lib.INIT_PARAMS, params)
   ckpt_lib.write_model_config(workdir, cfg)
-  if talker is not None:
-    ckpt_lib.write_talker_config(workdir, talker[0])
-    params = {"thinker": params, "talker": talker[1]}
-  ckpt_lib.save_params(workdir / ckpt_lib.INIT_PARAMS, params)
+  if talker_cfg is not None:
+    ckpt_lib.write_talker_config(workdir, talker_cfg)
   if tokenizer is not None:
     ckpt_lib.save_tokenizer(workdir, tokenizer)
-  if vocoder is not None:
-    ckpt_lib.save_code2wav(workdir, *vocoder)
+  if vocoder_cfg is not None:
+    ckpt_lib.save_code2wav(workdir, vocoder_cfg, vocoder, save=streaming.save)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,8 +179,8 @@ def main(argv: list[str] | None = None) -> None:
       if convert.has_talker(args.out):
         print("with the Talker")
       if convert.has_code2wav(args.out):
-        print(f"with Code2Wav ({args.code2wav or Path(args.workdir) / ckpt_lib.CODE2WAV})")
-      if not (Path(args.workdir) / ckpt_lib.TOKENIZER_JSON).exists():
+        print(f"with Code2Wav ({args.code2wav or paths.path(args.workdir) / ckpt_lib.CODE2WAV})")
+      if not (paths.path(args.workdir) / ckpt_lib.TOKENIZER_JSON).exists():
         print(
           f"note: {args.workdir} has no {ckpt_lib.TOKENIZER_JSON}, so {args.out} has no "
           "tokenizer or processor files."
@@ -167,13 +188,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
       from_hf(args.hf, args.workdir)
       print(
-        f"wrote {Path(args.workdir) / ckpt_lib.MODEL_JSON} and "
-        f"{Path(args.workdir) / ckpt_lib.INIT_PARAMS} from {args.hf}"
+        f"wrote {paths.path(args.workdir) / ckpt_lib.MODEL_JSON} and "
+        f"{paths.path(args.workdir) / ckpt_lib.INIT_PARAMS} from {args.hf}"
       )
-      if (Path(args.workdir) / ckpt_lib.TALKER_JSON).exists():
-        print(f"wrote {Path(args.workdir) / ckpt_lib.TALKER_JSON} (Talker) from {args.hf}")
-      if (Path(args.workdir) / ckpt_lib.CODE2WAV).exists():
-        print(f"wrote {Path(args.workdir) / ckpt_lib.CODE2WAV} (Code2Wav) from {args.hf}")
+      if (paths.path(args.workdir) / ckpt_lib.TALKER_JSON).exists():
+        print(f"wrote {paths.path(args.workdir) / ckpt_lib.TALKER_JSON} (Talker) from {args.hf}")
+      if (paths.path(args.workdir) / ckpt_lib.CODE2WAV).exists():
+        print(f"wrote {paths.path(args.workdir) / ckpt_lib.CODE2WAV} (Code2Wav) from {args.hf}")
   except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
     parser.exit(1, f"{parser.prog} {args.command}: error: {e}\n")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
+import math
 from typing import Any, Iterator
 
 import flax.linen as nn
@@ -27,7 +27,8 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from omnijax.hf import safetensors_io, tokenizer_files
+from omnijax import paths
+from omnijax.hf import safetensors_io, streaming, tokenizer_files
 from omnijax.hf.hf_config import (
   code2wav_config_from_hf,
   code2wav_config_to_hf,
@@ -44,6 +45,8 @@ from omnijax.hf.keymap import (
   code2wav_keymap,
   from_hf,
   iter_to_hf,
+  leaf_shapes,
+  slots,
   talker_keymap,
   text_keymap,
   vision_keymap,
@@ -142,18 +145,27 @@ def check_params(cfg: PartConfig, params) -> None:
     )
 
 
+def hf_sizes(cfg: PartConfig, dtype: str = "float32") -> list[tuple[str, int]]:
+  """(transformers key, bytes in `dtype`) of every tensor of a Thinker, Talker or Code2Wav, in
+  the order `hf_tensors` yields them."""
+  _, abstract, keymap = _part(cfg)
+  shapes = {path: shape for path, (shape, _) in leaf_shapes(abstract).items()}
+  itemsize = np.dtype(EXPORT_DTYPES[dtype]).itemsize
+  return [
+    (s.key, math.prod(s.transform.hf_shape(s.shape)) * itemsize) for s in slots(keymap, shapes)
+  ]
+
+
 def hf_tensors(cfg: PartConfig, params, dtype: str = "float32") -> Iterator[tuple[str, Any]]:
   """(transformers key, numpy tensor in `dtype`) of every tensor of a Thinker, Talker or
   Code2Wav, lazily."""
-  np_dtype = EXPORT_DTYPES[dtype]
-  for key, w in iter_to_hf(params, _part(cfg)[2]):
-    yield key, w.astype(np_dtype, copy=False)
+  return iter_to_hf(params, _part(cfg)[2], EXPORT_DTYPES[dtype])
 
 
 def save_hf(
   cfg: ThinkerConfig,
   params,
-  out_dir: str | Path,
+  out_dir: paths.PathLike,
   *,
   dtype: str = "float32",
   max_shard_size: str | int = safetensors_io.DEFAULT_MAX_SHARD_SIZE,
@@ -170,93 +182,129 @@ def save_hf(
     raise ValueError(f"dtype {dtype!r} is not one of {list(EXPORT_DTYPES)}.")
   # refuses unexportable configs before writing anything
   hf_config = to_hf_config(cfg, dtype, None if talker is None else talker[0])
-  check_params(cfg, params)
-  tensors = hf_tensors(cfg, params, dtype)
+  parts = [(cfg, params)]
   if talker is not None:
-    check_params(*talker)
-    tensors = itertools.chain(tensors, hf_tensors(*talker, dtype))
+    parts.append(talker)
   if code2wav is not None:
-    c2w_cfg, c2w_params = code2wav
-    c2w_cfg.validate()
-    check_params(c2w_cfg, c2w_params)
-    hf_config["code2wav_config"] = code2wav_config_to_hf(c2w_cfg)
-    tensors = itertools.chain(tensors, hf_tensors(c2w_cfg, c2w_params, dtype))
+    code2wav[0].validate()
+    hf_config["code2wav_config"] = code2wav_config_to_hf(code2wav[0])
+    parts.append(code2wav)
+  for part in parts:
+    check_params(*part)
   if tokenizer is not None:
     tokenizer_files.check(tokenizer, cfg)
-  out_dir = Path(out_dir)
+  out_dir = paths.path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  files = safetensors_io.write(tensors, out_dir, safetensors_io.parse_size(max_shard_size))
+  files = safetensors_io.write(
+    itertools.chain.from_iterable(hf_tensors(*part, dtype) for part in parts),
+    out_dir,
+    [size for part_cfg, _ in parts for size in hf_sizes(part_cfg, dtype)],
+    safetensors_io.parse_size(max_shard_size),
+  )
   (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
   if tokenizer is not None:
     tokenizer_files.write(out_dir, tokenizer, cfg)
   return files
 
 
-def is_hf_dir(path: str | Path) -> bool:
-  path = Path(path)
+def is_hf_dir(path: paths.PathLike) -> bool:
+  path = paths.path(path)
   return (path / CONFIG_FILE).exists() and (
     (path / safetensors_io.SINGLE_FILE).exists() or (path / safetensors_io.INDEX_FILE).exists()
   )
 
 
-def load_hf(hf_dir: str | Path, impl: ImplConfig = ImplConfig()) -> tuple[ThinkerConfig, Any]:
-  """(ThinkerConfig, numpy params) of the Thinker in a transformers checkpoint directory."""
-  hf_dir = Path(hf_dir)
-  if not (hf_dir / CONFIG_FILE).exists():
+def _hf_config(hf_dir: paths.PathLike) -> dict:
+  path = paths.path(hf_dir) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(
-      f"{hf_dir / CONFIG_FILE} not found: --hf must be a transformers "
-      "checkpoint directory (config.json + safetensors)."
+      f"{path} not found: --hf must be a transformers checkpoint directory (config.json + "
+      "safetensors)."
     )
-  cfg = from_hf_config(json.loads((hf_dir / CONFIG_FILE).read_text()), impl)
-  reader = safetensors_io.Reader(hf_dir)
-  return cfg, from_hf(reader, abstract_params(cfg), thinker_keymap(cfg))
+  return json.loads(path.read_text())
 
 
-def _holds(hf_dir: str | Path, prefix: str) -> bool:
-  return any(k.startswith(prefix + ".") for k in safetensors_io.Reader(hf_dir).keys())
+def _holds(reader: safetensors_io.Reader, prefix: str) -> bool:
+  return any(k.startswith(prefix + ".") for k in reader.keys())
 
 
-def has_code2wav(hf_dir: str | Path) -> bool:
+def thinker_config_hf(hf_dir: paths.PathLike, impl: ImplConfig = ImplConfig()) -> ThinkerConfig:
+  """The ThinkerConfig of a transformers checkpoint directory."""
+  return from_hf_config(_hf_config(hf_dir), impl)
+
+
+def talker_config_hf(
+  reader: safetensors_io.Reader, thinker: ThinkerConfig | None = None
+) -> TalkerConfig | None:
+  """The TalkerConfig of the checkpoint `reader` reads (checked against the `thinker` it
+  follows); None when it holds no ``talker.*`` tensors."""
+  if not _holds(reader, TALKER_PREFIX):
+    return None
+  d = _hf_config(reader.dir)
+  if "talker_config" not in d:
+    raise CheckpointError(
+      f"{reader.dir} holds {TALKER_PREFIX}.* tensors but its {CONFIG_FILE} has no talker_config."
+    )
+  return talker_config_from_hf(d, thinker)
+
+
+def code2wav_config_hf(reader: safetensors_io.Reader) -> Code2WavConfig | None:
+  """The Code2WavConfig of the checkpoint `reader` reads (an omnijax export with code2wav, or a
+  released Qwen3-Omni checkpoint); None when it holds no ``code2wav.*`` tensors (transformers
+  writes a default code2wav_config into every Qwen3-Omni config.json, so the tensors decide)."""
+  if not _holds(reader, CODE2WAV_PREFIX):
+    return None
+  d = _hf_config(reader.dir)
+  if "code2wav_config" not in d:
+    raise CheckpointError(
+      f"{reader.dir} holds {CODE2WAV_PREFIX}.* tensors but its {CONFIG_FILE} has no "
+      "code2wav_config."
+    )
+  return code2wav_config_from_hf(d["code2wav_config"])
+
+
+def has_code2wav(hf_dir: paths.PathLike) -> bool:
   """Whether a transformers checkpoint directory holds ``code2wav.*`` tensors."""
-  return _holds(hf_dir, CODE2WAV_PREFIX)
+  return _holds(safetensors_io.Reader(hf_dir), CODE2WAV_PREFIX)
 
 
-def has_talker(hf_dir: str | Path) -> bool:
+def has_talker(hf_dir: paths.PathLike) -> bool:
   """Whether a transformers checkpoint directory holds ``talker.*`` tensors."""
-  return _holds(hf_dir, TALKER_PREFIX)
+  return _holds(safetensors_io.Reader(hf_dir), TALKER_PREFIX)
+
+
+def _load(reader: safetensors_io.Reader, cfg: PartConfig | None):
+  """(cfg, numpy params of its part) read by `reader`; None without a cfg."""
+  if cfg is None:
+    return None
+  _, abstract, keymap = _part(cfg)
+  return cfg, from_hf(reader, abstract, keymap)
+
+
+def load_hf(hf_dir: paths.PathLike, impl: ImplConfig = ImplConfig()) -> tuple[ThinkerConfig, Any]:
+  """(ThinkerConfig, numpy params) of the Thinker in a transformers checkpoint directory."""
+  cfg = thinker_config_hf(hf_dir, impl)
+  return _load(safetensors_io.Reader(hf_dir), cfg)
 
 
 def load_talker_hf(
-  hf_dir: str | Path, thinker: ThinkerConfig | None = None
+  hf_dir: paths.PathLike, thinker: ThinkerConfig | None = None
 ) -> tuple[TalkerConfig, Any] | None:
   """(TalkerConfig, numpy params) of the Talker in a transformers checkpoint directory (checked
   against the `thinker` it follows); None when it holds no ``talker.*`` tensors."""
-  hf_dir = Path(hf_dir)
-  if not has_talker(hf_dir):
-    return None
-  d = json.loads((hf_dir / CONFIG_FILE).read_text())
-  if "talker_config" not in d:
-    raise CheckpointError(
-      f"{hf_dir} holds {TALKER_PREFIX}.* tensors but its {CONFIG_FILE} has no talker_config."
-    )
-  cfg = talker_config_from_hf(d, thinker)
   reader = safetensors_io.Reader(hf_dir)
-  return cfg, from_hf(reader, abstract_talker_params(cfg), talker_keymap(cfg))
+  return _load(reader, talker_config_hf(reader, thinker))
 
 
-def load_code2wav_hf(hf_dir: str | Path) -> tuple[Code2WavConfig, Any] | None:
+def load_code2wav_hf(hf_dir: paths.PathLike) -> tuple[Code2WavConfig, Any] | None:
   """(Code2WavConfig, numpy float32 params) of the Code2Wav in a transformers checkpoint
-  directory (an omnijax export with code2wav, or a released Qwen3-Omni checkpoint); None when
-  it holds no ``code2wav.*`` tensors (transformers writes a default code2wav_config into every
-  Qwen3-Omni config.json, so the tensors decide)."""
-  hf_dir = Path(hf_dir)
-  if not has_code2wav(hf_dir):
-    return None
-  d = json.loads((hf_dir / CONFIG_FILE).read_text())
-  if "code2wav_config" not in d:
-    raise CheckpointError(
-      f"{hf_dir} holds {CODE2WAV_PREFIX}.* tensors but its {CONFIG_FILE} has no code2wav_config."
-    )
-  cfg = code2wav_config_from_hf(d["code2wav_config"])
+  directory; None when it holds no ``code2wav.*`` tensors."""
   reader = safetensors_io.Reader(hf_dir)
-  return cfg, from_hf(reader, abstract_code2wav_params(cfg), code2wav_keymap(cfg))
+  return _load(reader, code2wav_config_hf(reader))
+
+
+def stream_params(reader: safetensors_io.Reader, cfg: PartConfig):
+  """The params of a Thinker, Talker or Code2Wav as `streaming.Leaf`s read by `reader`: what
+  `streaming.save` writes in bounded memory."""
+  _, abstract, keymap = _part(cfg)
+  return streaming.leaves(reader, abstract, keymap)

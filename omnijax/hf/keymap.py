@@ -308,18 +308,21 @@ def hf_keys(keymap: KeyMap) -> list[str]:
   return [k for _, _, template, t in _walk(keymap) for k, _, _ in _pieces(template, t)]
 
 
-def iter_to_hf(params: Mapping, keymap: KeyMap) -> Iterator[tuple[str, Array]]:
-  """omnijax params (possibly boxed) -> (transformers key, numpy tensor), lazily (one layer's
-  slice of a leaf at a time). The leaves and their shapes are checked before the first tensor."""
+def iter_to_hf(
+  params: Mapping, keymap: KeyMap, dtype: np.dtype | None = None
+) -> Iterator[tuple[str, Array]]:
+  """omnijax params (possibly boxed; numpy, or arrays that read the part indexed, such as
+  TensorStores) -> (transformers key, numpy tensor, cast to `dtype` when given), lazily: one
+  tensor read at a time. The leaves and their shapes are checked before the first tensor."""
   flat = _flatten(params)
   _check_leaves(keymap, {k: tuple(np.shape(v)) for k, v in flat.items()})
 
   def tensors():
     for path, index, template, t in _walk(keymap):
       leaf = flat[path]
-      w = np.asarray(leaf[index] if index else leaf)
+      w = leaf[index] if index else leaf
       for key, e, piece in _pieces(template, t):
-        yield key, np.ascontiguousarray(piece.to_hf(w[e]))
+        yield key, np.asarray(piece.to_hf(np.asarray(w[e])), dtype, order="C")
 
   return tensors()
 
@@ -329,6 +332,47 @@ def to_hf(params: Mapping, keymap: KeyMap) -> dict[str, Array]:
   return dict(iter_to_hf(params, keymap))
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """Where one transformers tensor goes: `index` (layer, expert) into omnijax leaf `path`, a
+  part of omnijax shape `shape`, converted by `transform`."""
+
+  key: str
+  path: str
+  index: tuple[int, ...]
+  shape: Shape
+  transform: Transform
+
+  def from_hf(self, w: Array) -> Array:
+    """The checkpoint tensor `w` of `key` as this slot's omnijax array (CheckpointError naming
+    the key when its shape is not the one the model config needs)."""
+    want = self.transform.hf_shape(self.shape)
+    if tuple(w.shape) != want:
+      where = list(self.index) if self.index else ""
+      raise CheckpointError(
+        f"checkpoint tensor {self.key!r} has shape {tuple(w.shape)}, but the model config needs "
+        f"{want} (for omnijax param {self.path}{where} of shape {self.shape})."
+      )
+    return self.transform.from_hf(w, self.shape)
+
+
+def slots(keymap: KeyMap, shapes: Mapping[str, Shape]) -> list[Slot]:
+  """The slot of every transformers key of `keymap` in omnijax leaves of `shapes` ('/'-joined
+  path -> shape; checked to be exactly the mapped leaves), in export order."""
+  _check_leaves(keymap, shapes)
+  out = []
+  for path, index, template, t in _walk(keymap):
+    for key, e, piece in _pieces(template, t):
+      where = index + e
+      out.append(Slot(key, path, where, tuple(shapes[path][len(where) :]), piece))
+  return out
+
+
+def leaf_shapes(abstract_params: Mapping) -> dict[str, tuple[Shape, np.dtype]]:
+  """'/'-joined path -> (shape, dtype) of each leaf of a (possibly boxed) params tree."""
+  return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _flatten(abstract_params).items()}
+
+
 def from_hf(get: Callable[[str], Array], abstract_params: Mapping, keymap: KeyMap) -> dict:
   """The inverse of `to_hf`: numpy params shaped and typed like `abstract_params` (possibly
   boxed ShapeDtypeStructs or arrays; every leaf must be mapped by `keymap`).
@@ -336,21 +380,10 @@ def from_hf(get: Callable[[str], Array], abstract_params: Mapping, keymap: KeyMa
   `get(key)` returns the checkpoint tensor of a transformers key (and raises CheckpointError
   naming the key when it is absent).
   """
-  leaves = _flatten(abstract_params)
-  _check_leaves(keymap, {k: tuple(v.shape) for k, v in leaves.items()})
-  out = {path: np.empty(tuple(v.shape), v.dtype) for path, v in leaves.items()}
-  for path, index, template, t in _walk(keymap):
-    for key, e, piece in _pieces(template, t):
-      where = index + e
-      shape = tuple(leaves[path].shape[len(where) :])
-      want = piece.hf_shape(shape)
-      w = np.asarray(get(key))
-      if tuple(w.shape) != want:
-        raise CheckpointError(
-          f"checkpoint tensor {key!r} has shape {tuple(w.shape)}, but the model config needs "
-          f"{want} (for omnijax param {path}{list(where) if where else ''} of shape {shape})."
-        )
-      out[path][where] = piece.from_hf(w, shape)  # cast to the leaf's dtype
+  leaves = leaf_shapes(abstract_params)
+  out = {path: np.empty(shape, dtype) for path, (shape, dtype) in leaves.items()}
+  for slot in slots(keymap, {path: shape for path, (shape, _) in leaves.items()}):
+    out[slot.path][slot.index] = slot.from_hf(np.asarray(get(slot.key)))  # cast to the leaf's dtype
   return traverse_util.unflatten_dict(out, sep="/")
 
 

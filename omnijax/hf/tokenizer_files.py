@@ -29,13 +29,15 @@ reads only from its call to compute ``video_second_per_grid`` (default 1.0).
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import pathlib
+import tempfile
 from typing import Any
 
 from data_pipelines import audio as audio_ops
 from data_pipelines import tokenizer as tok_lib
 from data_pipelines import video as video_ops
 from data_pipelines import vision as vision_ops
+from omnijax import paths
 from omnijax.errors import ConfigError
 from omnijax.models.config import ThinkerConfig
 
@@ -181,12 +183,15 @@ def processor_configs(cfg: ThinkerConfig) -> dict[str, dict[str, Any]]:
   )
 
 
-def write(out_dir: str | Path, tokenizer: tok_lib.TextTokenizer, cfg: ThinkerConfig) -> None:
+def write(out_dir: paths.PathLike, tokenizer: tok_lib.TextTokenizer, cfg: ThinkerConfig) -> None:
   """Writes the tokenizer and processor files (see the module doc) to out_dir."""
   check(tokenizer, cfg)
-  out_dir = Path(out_dir)
-  tokenizer.save(out_dir / TOKENIZER_JSON)
-  added = json.loads((out_dir / TOKENIZER_JSON).read_text())["added_tokens"]
+  out_dir = paths.path(out_dir)
+  with tempfile.TemporaryDirectory() as tmp:  # the tokenizer saves to a local file only
+    tokenizer.save(pathlib.Path(tmp) / TOKENIZER_JSON)
+    text = (pathlib.Path(tmp) / TOKENIZER_JSON).read_text()
+  (out_dir / TOKENIZER_JSON).write_text(text)
+  added = json.loads(text)["added_tokens"]
   subs = processor_configs(cfg)
   files = {
     TOKENIZER_CONFIG: tokenizer_config(added, cfg),

@@ -232,12 +232,12 @@ def load_tokenizer(workdir: paths.PathLike):
   return tok_lib.load_tokenizer(path) if path.exists() else None
 
 
-def save_code2wav(workdir: paths.PathLike, cfg: Code2WavConfig, params) -> None:
-  """Keeps a Code2Wav vocoder (released-form params) in workdir/code2wav/."""
+def save_code2wav(workdir: paths.PathLike, cfg: Code2WavConfig, params, save=save_params) -> None:
+  """Keeps a Code2Wav vocoder (released-form params, written by `save`) in workdir/code2wav/."""
   path = paths.path(workdir) / CODE2WAV
   path.mkdir(parents=True, exist_ok=True)
   (path / CODE2WAV_JSON).write_text(json.dumps(cfg.to_dict(), indent=2))
-  save_params(path / "params", params)
+  save(path / "params", params)
 
 
 def load_code2wav(workdir: paths.PathLike) -> tuple[Code2WavConfig, Any] | None:
