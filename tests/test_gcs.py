@@ -133,7 +133,26 @@ def test_local_omni_launch_eval_load_and_report_in_a_bucket(bucket, tmp_path):
   model = omnijax.load(run)
   assert model.step == 2 and model.tokenizer is not None
   ids = model.tokenizer.encode("a red cube")[None]
-  assert np.isfinite(model.logits(ids)).all()
+  logits = model.logits(ids)
+  assert np.isfinite(logits).all()
+
+  # to-hf from the bucket workdir into the bucket, from-hf from a local copy into the bucket
+  hf, back = f"{bucket}/omni_hf", f"{bucket}/omni_from_hf"
+  for cmd in (
+    ["to-hf", f"--workdir={run}", f"--out={hf}"],
+    ["from-hf", f"--hf={hf}", f"--workdir={back}"],
+  ):
+    proc = subprocess.run(
+      [sys.executable, "-m", "omnijax.export", *cmd],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (epath.Path(hf) / "config.json").exists()
+  np.testing.assert_allclose(omnijax.load(back).logits(ids), logits, rtol=1e-5, atol=1e-5)
 
   sweep = epath.Path(f"{bucket}/sweep")
   sweep.mkdir(parents=True)
