@@ -45,8 +45,9 @@ RESULTS = {
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-  """One OMNIJAX_CACHE (local corpora) for the module's benchmarks."""
-  return tmp_path_factory.mktemp("benchmark_cache")
+  """The session's OMNIJAX_CACHE (CI's, whose local corpora other tests build too), else one
+  for the module's benchmarks."""
+  return os.environ.get("OMNIJAX_CACHE") or tmp_path_factory.mktemp("benchmark_cache")
 
 
 # codec.py reads a codec run: the session's tiny one, which the slow tests train.
