@@ -123,7 +123,11 @@ def test_stage_chain(corpora, tmp_path, bucket):
   assert _changed(b0, b, llm) == set()
   assert len(_changed(b0, b, encoders - adapters)) >= len(encoders - adapters) // 2
 
-  trainer.train(_local("pretrain_general:local", corpora, 2, init_from=f"{s1b}:3"), s2)
+  # (the profiler writes locally; the trace is copied up to the bucket)
+  trainer.train(
+    _local("pretrain_general:local", corpora, 2, init_from=f"{s1b}:3", profile_steps=(0, 1)), s2
+  )
+  assert list(s2.glob("profile/plugins/profile/*/*.xplane.pb"))
   assert _changed(b, _params(s2, 1), b) == set()
   assert _changed(_params(s2, 1), _params(s2, 2), llm)  # now the LLM trains
 
