@@ -69,13 +69,14 @@ def check_reachable(p: PathLike, what: str) -> epath.Path:
 
 
 def staged(p: PathLike) -> pathlib.Path:
-  """Where a writer that only knows local files (the profiler) writes what belongs at `p`: `p`
-  itself when local, else a fresh local directory for `upload` to copy up."""
+  """Where a writer that only knows local files (the profiler, TensorBoard's) writes what
+  belongs at `p`: `p` itself when local, else a fresh local directory that `sync` / `upload`
+  copy up."""
   return local(p, "", "") if not is_url(p) else pathlib.Path(tempfile.mkdtemp(prefix="omnijax-"))
 
 
-def upload(stage: pathlib.Path, p: PathLike) -> None:
-  """Copies a `staged` directory's files to `p` (a URL) and removes it; nothing when local."""
+def sync(stage: pathlib.Path, p: PathLike) -> None:
+  """Copies a `staged` directory's files to `p` (a URL); nothing when local."""
   if not is_url(p):
     return
   for f in stage.rglob("*"):
@@ -83,4 +84,10 @@ def upload(stage: pathlib.Path, p: PathLike) -> None:
       target = path(p) / f.relative_to(stage).as_posix()
       target.parent.mkdir(parents=True, exist_ok=True)
       target.write_bytes(f.read_bytes())
-  shutil.rmtree(stage)
+
+
+def upload(stage: pathlib.Path, p: PathLike) -> None:
+  """`sync`, then removes the stage; nothing when local."""
+  if is_url(p):
+    sync(stage, p)
+    shutil.rmtree(stage)

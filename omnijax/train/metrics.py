@@ -4,9 +4,7 @@ JSONL log and console lines with progress."""
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
-import tempfile
 import time
 
 import jax
@@ -127,10 +125,8 @@ class MetricWriter:
     # tensorboardX's own bucket writer is broken: in a bucket, the event files are written
     # locally and copied up at each flush.
     self.tb_dir = workdir / "tensorboard"
-    self.tb_stage = (
-      tempfile.TemporaryDirectory(prefix="omnijax-tb-") if paths.is_url(workdir) else None
-    )
-    self.tb = SummaryWriter(self.tb_stage.name if self.tb_stage else str(self.tb_dir))
+    self.tb_stage = paths.staged(self.tb_dir)
+    self.tb = SummaryWriter(str(self.tb_stage))
     self.progress = Progress(
       TextColumn("[bold]train"),
       BarColumn(),
@@ -165,19 +161,14 @@ class MetricWriter:
 
   def _flush_tb(self) -> None:
     self.tb.flush()
-    if self.tb_stage:
-      self.tb_dir.mkdir(parents=True, exist_ok=True)
-      for f in pathlib.Path(self.tb_stage.name).iterdir():
-        (self.tb_dir / f.name).write_bytes(f.read_bytes())
+    paths.sync(self.tb_stage, self.tb_dir)
 
   def close(self) -> None:
     if self.enabled:
       self.progress.stop()
-      self._flush_tb()
       self.tb.close()
       self.jsonl.close()
-      if self.tb_stage:
-        self.tb_stage.cleanup()
+      paths.upload(self.tb_stage, self.tb_dir)
 
 
 class _GrowingFile:
